@@ -1,0 +1,97 @@
+"""MAR-style iterative unmasking for JEPA-T, with classifier-free guidance on the flow velocity.
+
+All L tokens start hidden, in a random order per image. Step k of K runs the conditioning
+(once per batch, not per step), encoder, predictor and text fusion on the tokens known so far,
+with the conditional and null-condition rows in one batch; floor(L * cos(pi/2 * k/K)) tokens
+stay hidden after step k (at least one fewer each step); the tokens that leave the mask are
+drawn by integrating the flow head's ODE from temperature-scaled noise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from models.flow_head import SAMPLERS, sample_tokens_from_head
+from models.jepat import JEPAT, random_orders
+from models.text_encoders import TextEmbeddings
+
+CFG_SCHEDULES = ("constant", "linear")
+
+
+@dataclass
+class SamplingConfig:
+    num_iter: int = 64            # K unmasking steps
+    cfg: float = 3.0              # guidance scale; 1.0 = conditional branch only
+    cfg_schedule: str = "linear"  # constant g, or 1 + (cfg - 1) * share of tokens already known
+    temperature: float = 0.95     # scale of the flow's initial noise
+    ode_steps: int = 25           # flow ODE steps per token
+    sampler: str = "heun"         # euler | heun
+
+    def validate(self, seq_len: int) -> None:
+        if self.cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"unknown cfg schedule {self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown ODE sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if not 1 <= self.num_iter <= seq_len:
+            raise ValueError(f"num_iter must be in [1, {seq_len}] (the number of tokens), got {self.num_iter}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {self.temperature}")
+
+
+def num_hidden_after(step: int, num_iter: int, seq_len: int, hidden_now: int) -> int:
+    """Tokens still hidden after step ``step`` (0-based) of ``num_iter``: the cosine schedule,
+    at least one fewer than now, and 0 after the last step."""
+    if step == num_iter - 1:
+        return 0
+    target = int(math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter)))
+    return max(1, min(hidden_now - 1, target))
+
+
+@torch.no_grad()
+def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: SamplingConfig,
+                  generator: Optional[torch.Generator] = None, batch_null: Optional[bool] = None) -> torch.Tensor:
+    """Generate image tokens for a batch of captions.
+
+    Args:
+        text: caption embeddings [B, ...] (computed once for the batch by the caller).
+        null: [B] bool, True where the prompt is empty and the image is unconditional.
+        generator: torch.Generator on the model's device; the same seed gives the same images.
+        batch_null: run the null-condition rows (CFG). Default: whenever cfg != 1.
+    Returns: tokens [B, L, d] (float32).
+    """
+    mc = model.cfg
+    B, L, d = text.pooled.shape[0], mc.seq_len, mc.token_dim
+    cfg.validate(L)
+    device = text.pooled.device
+    use_null = (cfg.cfg != 1.0) if batch_null is None else batch_null
+    orders = random_orders(B, L, device, generator)                                   # [B,L]
+    tokens = torch.zeros(B, L, d, device=device)                                      # [B,L,d]
+    if use_null:
+        text = TextEmbeddings.cat([text, text])
+        drop = torch.cat([null, torch.ones_like(null)])                               # [2B]
+    else:
+        drop = null
+    cond = model.condition(text, drop)                                                # once per batch
+    rows = 2 if use_null else 1
+    hidden = L
+    for step in range(cfg.num_iter):
+        x_in = torch.cat([tokens] * rows)                                             # [rB,L,d]
+        z = model(x_in, cond, torch.cat([orders] * rows), hidden)                     # [rB,L,D]
+        hidden_next = num_hidden_after(step, cfg.num_iter, L, hidden)
+        reveal = orders[:, hidden_next:hidden]                                        # [B,n]
+        n = reveal.shape[1]
+        idx = torch.cat([reveal] * rows)[..., None].expand(-1, -1, z.shape[-1])       # [rB,n,D]
+        z_sel = z.gather(1, idx).flatten(0, 1)                                        # [rB*n,D]
+        guidance = None
+        if use_null:
+            known = (L - hidden_next) / L if cfg.cfg_schedule == "linear" else 1.0
+            g = 1.0 + (cfg.cfg - 1.0) * known
+            guidance = torch.full((B * n,), g, device=device)
+        new = sample_tokens_from_head(model.flow_head, z_sel, cfg.temperature, cfg.ode_steps,
+                                      cfg.sampler, guidance, generator)               # [B*n,d]
+        tokens = tokens.scatter(1, reveal[..., None].expand(-1, -1, d), new.view(B, n, d).float())
+        hidden = hidden_next
+    return tokens

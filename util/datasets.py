@@ -1,0 +1,71 @@
+"""Training data: dataset registry and a resumable, rank-aware sampler.
+
+A dataset item is ``(image [3,H,W] float in [-1,1], caption str)``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from util.shapes import ShapesDataset
+
+
+def _shapes(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
+    del data_path  # procedural: nothing to read
+    return ShapesDataset(split="train", num_samples=num_samples, resolution=img_size, seed=seed)
+
+
+DATASETS: Dict[str, Callable[..., Dataset]] = {
+    "shapes": _shapes,
+}
+
+
+def build_dataset(name: str, data_path: str = "", img_size: int = 32, num_samples: int = 20000,
+                  seed: int = 0) -> Dataset:
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+    return DATASETS[name](data_path, img_size, num_samples, seed)
+
+
+def collate(batch: List[Tuple[torch.Tensor, str]]) -> Tuple[torch.Tensor, List[str]]:
+    images = torch.stack([b[0] for b in batch])                                       # [B,3,H,W]
+    return images, [b[1] for b in batch]
+
+
+class ResumableSampler(Sampler[int]):
+    """Shuffled indices, one permutation per (seed, epoch), split across ranks, that can start
+    part-way through an epoch (``set_position``) so a resumed run sees exactly the data an
+    uninterrupted one would have seen. Drops the tail so every rank gets the same count.
+    """
+
+    def __init__(self, dataset_len: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True) -> None:
+        self.n, self.batch_size, self.seed = dataset_len, batch_size, seed
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
+        self.epoch, self.start_batch = 0, 0
+        self.num_batches = dataset_len // (batch_size * world_size)
+        if self.num_batches == 0:
+            raise ValueError(f"dataset of {dataset_len} items is smaller than one global batch "
+                             f"({batch_size} x {world_size} ranks); lower --batch_size")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.start_batch = epoch, 0
+
+    def set_position(self, epoch: int, batch_in_epoch: int) -> None:
+        self.epoch, self.start_batch = epoch, batch_in_epoch
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            perm = torch.randperm(self.n, generator=g)
+        else:
+            perm = torch.arange(self.n)
+        per_rank = self.num_batches * self.batch_size
+        mine = perm[: per_rank * self.world_size].view(self.num_batches, self.world_size, self.batch_size)
+        mine = mine[self.start_batch:, self.rank].reshape(-1)
+        return iter(mine.tolist())
+
+    def __len__(self) -> int:
+        return (self.num_batches - self.start_batch) * self.batch_size
