@@ -46,7 +46,8 @@ class TextEmbeddingTable:
 
     def lookup(self, captions: Sequence[str]) -> TextEmbeddings:
         """Embeddings of a batch of captions: tokens [B,S,Dt], mask [B,S], pooled [B,Du]."""
-        return self.table[self.ids(captions)]
+        ids = self.ids(captions)  # may grow the table
+        return self.table[ids]
 
     def captions(self) -> List[str]:
         return list(self.index)

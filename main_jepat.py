@@ -1,0 +1,293 @@
+"""Train (or evaluate) JEPA-T. With no arguments: the tiny preset on the built-in ``shapes``
+set, on the CPU (or the GPU when there is one), followed by the judged shapes evaluation.
+
+    python main_jepat.py                                  # the built-in default
+    python main_jepat.py --resume output/x/checkpoint-last.pth   # continue exactly
+    python main_jepat.py --evaluate --resume output/x/checkpoint-last.pth
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Dict
+
+import torch
+from torch.utils.data import DataLoader
+
+from engine_jepat import Schedules, TrainState, autocast_context, param_groups, train_one_epoch
+from models.jepat import FUSION_MODES, JEPAT, JEPAT_MODELS, build_model, config_dict
+from models.sampler import CFG_SCHEDULES, SamplingConfig
+from models.flow_head import SAMPLERS
+from models.text_encoders import TEXT_ENCODERS, build_text_encoder
+from models.tokenizers import TOKENIZERS, build_tokenizer
+from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from util.datasets import DATASETS, ResumableSampler, build_dataset, collate
+from util.metrics import evaluate_shapes
+from util.schedules import CosineValue, LRSchedule, WeightDecaySchedule
+from util.text_cache import TextEmbeddingTable
+
+log = logging.getLogger("jepat")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("JEPA-T training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="tiny", choices=sorted(JEPAT_MODELS), help="preset")
+    g.add_argument("--img_size", type=int, default=32)
+    g.add_argument("--patch_size", type=int, default=4, help="latent patch size")
+    g.add_argument("--tokenizer", default="pixels", choices=sorted(TOKENIZERS))
+    g.add_argument("--buffer_size", type=int, default=None, help="buffer tokens (default: the preset's)")
+    g.add_argument("--mask_ratio_min", type=float, default=0.7)
+    g.add_argument("--cond_drop_prob", type=float, default=0.1, help="CFG dropout probability")
+    g.add_argument("--diffusion_batch_mul", type=int, default=4)
+    g.add_argument("--qk_norm", action="store_true")
+    g.add_argument("--fusion", default="full", choices=FUSION_MODES)
+    g = p.add_argument_group("text encoder (frozen)")
+    g.add_argument("--text_encoder", default="minilm", choices=sorted(TEXT_ENCODERS))
+    g.add_argument("--text_encoder_path", default=None,
+                   help="clip: local open_clip checkpoint file or pretrained tag (e.g. openai)")
+    g.add_argument("--clip_model", default="ViT-L-14")
+    g.add_argument("--text_max_length", type=int, default=None, help="caption tokens (default: encoder's)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="shapes", choices=sorted(DATASETS))
+    g.add_argument("--data_path", default="")
+    g.add_argument("--num_samples", type=int, default=20000, help="shapes: images per epoch")
+    g.add_argument("--num_workers", type=int, default=0)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch_size", type=int, default=64, help="per process")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * batch / 256)")
+    g.add_argument("--blr", type=float, default=1e-4)
+    g.add_argument("--min_lr", type=float, default=0.0)
+    g.add_argument("--lr_schedule", default="constant", choices=("constant", "cosine"))
+    g.add_argument("--warmup_epochs", type=float, default=1.0)
+    g.add_argument("--weight_decay", type=float, default=0.02)
+    g.add_argument("--weight_decay_end", type=float, default=None, help="cosine wd schedule end (default: constant)")
+    g.add_argument("--grad_clip", type=float, default=3.0)
+    g.add_argument("--ema_rate", type=float, default=0.9999, help="final EMA momentum")
+    g.add_argument("--ema_rate_start", type=float, default=None, help="initial EMA momentum (default: ema_rate)")
+    g.add_argument("--flow_weight", type=float, default=1.0)
+    g.add_argument("--jepa_weight", type=float, default=1.0)
+    g = p.add_argument_group("sampling (evaluation and grids)")
+    g.add_argument("--num_iter", type=int, default=64)
+    g.add_argument("--cfg", type=float, default=3.0)
+    g.add_argument("--cfg_schedule", default="linear", choices=CFG_SCHEDULES)
+    g.add_argument("--temperature", type=float, default=0.95)
+    g.add_argument("--ode_steps", type=int, default=25)
+    g.add_argument("--sampler", default="heun", choices=SAMPLERS)
+    g.add_argument("--eval_per_combo", type=int, default=16, help="shapes evaluation: images per color-shape combination")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto: bf16 on GPUs that have it and on CPUs with AVX512/AMX, else fp32 (see README)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--output_dir", default="output/tiny_shapes")
+    g.add_argument("--resume", default="", help="checkpoint to resume from (model, EMA, optimizer, position)")
+    g.add_argument("--save_freq", type=int, default=5, help="keep checkpoint-<epoch>.pth every N epochs")
+    g.add_argument("--save_every_steps", type=int, default=0, help="also refresh checkpoint-last.pth every N steps")
+    g.add_argument("--log_freq", type=int, default=50, help="steps between loss read-backs / logs")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
+    g.add_argument("--no_eval", action="store_true", help="skip the evaluation after training")
+    return p
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto``: bf16 where it is fast. On CPUs without AVX512/AMX (AVX2 only), bf16 matmuls
+    are emulated and measured 10-100x slower than fp32 (benchmarks/README.md), so fp32."""
+    if device.type == "cuda":
+        if precision in ("auto", "bf16") and not torch.cuda.is_bf16_supported():
+            log.warning("this GPU has no bf16; using fp16 with a GradScaler")
+            return "fp16"
+        return "bf16" if precision == "auto" else precision
+    if precision == "auto":
+        capability = torch.backends.cpu.get_cpu_capability()
+        return "bf16" if ("AVX512" in capability or "AMX" in capability) else "fp32"
+    if precision == "fp16":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return precision
+
+
+def make_model(args: argparse.Namespace, tokenizer, text_encoder) -> JEPAT:
+    grid = args.img_size // tokenizer.stride // args.patch_size
+    kw = dict(token_dim=tokenizer.channels * args.patch_size ** 2, seq_len=grid * grid,
+              text_token_dim=text_encoder.token_dim, text_pooled_dim=text_encoder.pooled_dim,
+              mask_ratio_min=args.mask_ratio_min, cond_drop_prob=args.cond_drop_prob,
+              diffusion_batch_mul=args.diffusion_batch_mul, qk_norm=args.qk_norm, fusion=args.fusion)
+    if args.buffer_size is not None:
+        kw["buffer_size"] = args.buffer_size
+    return build_model(args.model, **kw)
+
+
+def sampling_config(args: argparse.Namespace) -> SamplingConfig:
+    return SamplingConfig(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
+                          temperature=args.temperature, ode_steps=args.ode_steps, sampler=args.sampler)
+
+
+def check_compatible(ckpt: Dict, model: JEPAT, path: str) -> None:
+    """A checkpoint must match the model built from the arguments (preset, tokens, text dims)."""
+    saved, now = ckpt["model_config"], config_dict(model)
+    if saved.get("preset") != now["preset"]:
+        raise ValueError(f"checkpoint {path} holds a '{saved.get('preset')}' model but --model is "
+                         f"'{now['preset']}'; pass --model {saved.get('preset')}")
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if diff:
+        raise ValueError(f"checkpoint {path} does not match the arguments: "
+                         + ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items()))
+
+
+def main(args: argparse.Namespace) -> Dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    args.precision = resolve_precision(device, args.precision)
+    log.info("device %s, precision %s", device, args.precision)
+
+    tokenizer = build_tokenizer(args.tokenizer).to(device)
+    text_encoder = build_text_encoder(args.text_encoder, path=args.text_encoder_path, clip_model=args.clip_model,
+                                      max_length=args.text_max_length, device=str(device))
+    text_table = TextEmbeddingTable(text_encoder, device)
+    model = make_model(args, tokenizer, text_encoder).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    log.info("model %s: %s", args.model, json.dumps(model.num_params()))
+
+    ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, expect_preset=args.model)
+        check_compatible(ckpt, model, args.resume)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+    if args.evaluate:
+        if ckpt is None:
+            raise SystemExit("--evaluate needs --resume CHECKPOINT")
+        return run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step=ckpt["state"]["step"])
+
+    dataset = build_dataset(args.dataset, args.data_path, args.img_size, args.num_samples, args.seed)
+    if hasattr(dataset, "caption_vocabulary"):
+        text_table.add(dataset.caption_vocabulary())
+        log.info("cached %d unique caption embeddings (%s)", len(text_table), args.text_encoder)
+    sampler = ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
+    loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
+                        num_workers=args.num_workers, drop_last=True, pin_memory=device.type == "cuda")
+    steps_per_epoch = sampler.num_batches
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps is not None:
+        total_steps = min(total_steps, args.max_steps)
+    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    optimizer = torch.optim.AdamW(param_groups(model), lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
+                                  fused=device.type == "cuda")
+    schedules = Schedules(
+        lr=LRSchedule(lr, int(args.warmup_epochs * steps_per_epoch), total_steps, args.lr_schedule, args.min_lr),
+        weight_decay=WeightDecaySchedule(args.weight_decay, args.weight_decay if args.weight_decay_end is None
+                                         else args.weight_decay_end, total_steps),
+        ema=CosineValue(args.ema_rate if args.ema_rate_start is None else args.ema_rate_start, args.ema_rate,
+                        total_steps))
+    scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
+    state = TrainState()
+    state.host_generator.manual_seed(args.seed)
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        s = ckpt["state"]
+        state.step, state.epoch, state.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
+        state.host_generator.set_state(s["host_generator"])
+        set_rng_state(ckpt["rng"])
+        log.info("resumed %s at epoch %d, batch %d, step %d", args.resume, state.epoch, state.batch_in_epoch, state.step)
+    with open(out_dir / "args.json", "w") as f:
+        json.dump({**vars(args), "resolved_lr": lr, "total_steps": total_steps,
+                   "model_config": config_dict(model)}, f, indent=2)
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(out_dir / "tb"))
+    history = []
+
+    def log_fn(step: int, values: Dict[str, float]) -> None:
+        for k, v in values.items():
+            writer.add_scalar(f"train/{k}", v, step)
+        history.append({"step": step, "elapsed_s": time.time() - start_time, **values})
+
+    def checkpoint(tag: str) -> None:
+        save_checkpoint(out_dir / f"checkpoint-{tag}.pth", {
+            "model": model.state_dict(), "ema": ema.state_dict(), "model_config": config_dict(model),
+            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "state": {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                      "host_generator": state.host_generator.get_state()},
+            "rng": rng_state(), "args": vars(args),
+            "text_encoder": {"name": args.text_encoder, "token_dim": text_encoder.token_dim,
+                             "pooled_dim": text_encoder.pooled_dim, "max_length": text_encoder.max_length},
+            "tokenizer": args.tokenizer, "patch_size": args.patch_size, "img_size": args.img_size,
+        })
+
+    stop = {"signal": None}
+
+    def on_signal(signum, frame) -> None:
+        stop["signal"] = signum
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
+
+    def step_hook(st: TrainState) -> bool:
+        if args.save_every_steps and st.step % args.save_every_steps == 0:
+            checkpoint("last")
+        return stop["signal"] is not None or (args.max_steps is not None and st.step >= args.max_steps)
+
+    start_time = time.time()
+    while state.epoch < args.epochs and state.step < total_steps and stop["signal"] is None:
+        sampler.set_position(state.epoch, state.batch_in_epoch)
+        train_one_epoch(model, ema, loader, optimizer, tokenizer, text_table, args.patch_size, schedules, state,
+                        device, args.precision, scaler, args.grad_clip, args.flow_weight, args.jepa_weight,
+                        args.log_freq, log_fn, max_steps=total_steps, step_hook=step_hook)
+        if state.batch_in_epoch >= steps_per_epoch:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            if args.save_freq and state.epoch % args.save_freq == 0:
+                checkpoint(str(state.epoch))
+        checkpoint("last")
+        if history:
+            h = history[-1]
+            log.info("epoch %d step %d loss %.4f (flow %.4f, jepa %.4f) lr %.2e  %.0fs",
+                     state.epoch, state.step, h["loss"], h["flow_loss"], h["jepa_loss"], h["lr"], h["elapsed_s"])
+    train_seconds = time.time() - start_time
+    with open(out_dir / "train_log.json", "w") as f:
+        json.dump(history, f, indent=1)
+    if stop["signal"] is not None:
+        log.info("stopped by signal %d at step %d; checkpoint-last.pth written", stop["signal"], state.step)
+        writer.close()
+        return {"stopped_by_signal": stop["signal"], "step": state.step}
+    result = {"train_seconds": train_seconds, "step": state.step}
+    if not args.no_eval:
+        result.update(run_evaluation(args, ema, text_table, tokenizer, device, out_dir, state.step, writer))
+    writer.close()
+    return result
+
+
+def run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step, writer=None) -> Dict:
+    if args.dataset != "shapes":
+        log.info("no built-in evaluation for dataset %s", args.dataset)
+        return {}
+    metrics = evaluate_shapes(ema, text_table, tokenizer, sampling_config(args), args.patch_size, out_dir,
+                              per_combo=args.eval_per_combo, seed=args.seed, device=device,
+                              precision=args.precision, step=step, checkpoint=args.resume or None)
+    if writer is not None:
+        for split in ("seen", "heldout"):
+            for k in ("color_acc", "shape_acc", "joint_acc"):
+                writer.add_scalar(f"eval/{split}_{k}", metrics[split][k], step)
+    return metrics
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,261 @@
+"""Tests for the procedural ``shapes`` dataset and its judge."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from util import shapes as S
+
+
+def _rendered(n: int, resolution: int, seed: int):
+    ds = S.ShapesDataset("all", num_samples=n, resolution=resolution, seed=seed)
+    metas = [ds.meta(i) for i in range(n)]
+    images = [ds.image(i) for i in range(n)]
+    targets = [(m["color"], m["shape"]) for m in metas]
+    return images, targets, metas
+
+
+def test_constants():
+    assert list(S.COLORS) == ["red", "green", "blue", "yellow", "purple", "orange"]
+    for rgb in S.COLORS.values():
+        assert len(rgb) == 3 and all(0 <= v <= 255 for v in rgb)
+    pal = np.array(list(S.COLORS.values()), dtype=float)
+    d = np.linalg.norm(pal[:, None] - pal[None], axis=2)
+    assert d[~np.eye(len(pal), dtype=bool)].min() > 80
+    assert S.SHAPES == ("circle", "square", "triangle")
+    assert S.BACKGROUND == (255, 255, 255)
+    assert S.HELDOUT_COMBOS == (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
+    assert len(S.SEEN_COMBOS) == 15 and len(set(S.SEEN_COMBOS)) == 15
+    assert not set(S.SEEN_COMBOS) & set(S.HELDOUT_COMBOS)
+    assert set(S.SEEN_COMBOS) | set(S.HELDOUT_COMBOS) == {
+        (c, s) for c in S.COLORS for s in S.SHAPES
+    }
+    for c, s in S.HELDOUT_COMBOS:
+        assert any(sc == c for sc, _ in S.SEEN_COMBOS)
+        assert any(ss == s for _, ss in S.SEEN_COMBOS)
+
+
+def test_captions():
+    assert len(S.TEMPLATES) >= 6
+    assert S.prompt("red", "circle") == "a red circle"
+    texts = {S.caption("green", "triangle", t) for t in range(len(S.TEMPLATES))}
+    assert len(texts) == len(S.TEMPLATES)
+    for t in texts:
+        assert "green" in t and "triangle" in t
+    caps = S.all_captions(S.HELDOUT_COMBOS)
+    assert len(caps) == 3 * len(S.TEMPLATES)
+    assert "a blue circle" in caps
+    assert not any("green" in c for c in caps)
+
+
+def test_render_basic():
+    img = S.render("blue", "square", 16.0, 16.0, 16.0, resolution=32)
+    assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+    assert tuple(img[0, 0]) == S.BACKGROUND
+    assert tuple(img[16, 16]) == S.COLORS["blue"]
+    assert (img[8:24, 8:24] == np.array(S.COLORS["blue"], np.uint8)).all()
+    assert (img[:7] == 255).all() and (img[25:] == 255).all()
+    edge = S.render("blue", "square", 16.0, 16.3, 16.0, resolution=32)
+    assert len(np.unique(edge[16, :, 0])) > 2
+
+
+def test_judge_accuracy_32():
+    images, targets, _ = _rendered(2000, 32, seed=11)
+    counts = {}
+    for t in targets:
+        counts[t] = counts.get(t, 0) + 1
+    assert len(counts) == 18
+    result = S.score(S.judge_batch(images), targets)
+    assert result["n"] == 2000
+    assert result["joint_acc"] >= 0.99, result
+
+
+@pytest.mark.parametrize("resolution", [24, 48])
+def test_judge_accuracy_other_resolutions(resolution):
+    images, targets, _ = _rendered(300, resolution, seed=5)
+    assert S.score(S.judge_batch(images), targets)["joint_acc"] >= 0.99
+
+
+def test_judge_extreme_sizes_and_positions():
+    res = 32
+    for color, shape in S.ALL_COMBOS:
+        for frac in S.SIZE_RANGE:
+            size = frac * res
+            lo, hi = S.MARGIN + size / 2, res - S.MARGIN - size / 2
+            for cx, cy in [(lo, lo), (hi, hi), (lo, hi), ((lo + hi) / 2, (lo + hi) / 2)]:
+                img = S.render(color, shape, size, cx, cy, res)
+                assert S.judge(img) == (color, shape), (color, shape, size, cx, cy)
+
+
+def test_judge_accepts_tensor():
+    ds = S.ShapesDataset("all", num_samples=50, seed=3)
+    x = torch.stack([ds[i][0] for i in range(50)])
+    targets = [(ds.meta(i)["color"], ds.meta(i)["shape"]) for i in range(50)]
+    assert S.judge_batch(x) == [S.judge(ds.image(i)) for i in range(50)]
+    assert S.score(S.judge_batch(x), targets)["joint_acc"] == 1.0
+    assert S.score(S.judge_batch(np.stack([ds.image(i) for i in range(50)])), targets)[
+        "joint_acc"
+    ] == 1.0
+
+
+def test_judge_deterministic():
+    images, _, _ = _rendered(20, 32, seed=2)
+    assert S.judge_batch(images) == S.judge_batch(images)
+
+
+def test_judge_rejects_two_blobs():
+    img = np.full((32, 32, 3), 255, np.uint8)
+    img[4:12, 4:12] = S.COLORS["red"]
+    img[20:28, 20:28] = S.COLORS["red"]
+    assert S.judge(img)[1] is None
+    img2 = S.render("green", "circle", 10.0, 8.0, 8.0)
+    img2 = np.minimum(img2, S.render("green", "circle", 10.0, 23.0, 23.0))
+    assert S.judge(img2)[1] is None
+
+
+def test_judge_rejects_noise_and_blank():
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    assert S.judge(noise)[1] is None
+    assert S.judge(np.full((32, 32, 3), 255, np.uint8)) == (None, None)
+    assert S.judge(torch.ones(3, 32, 32)) == (None, None)
+    assert S.judge(torch.rand(3, 32, 32) * 2 - 1)[1] is None
+    full = np.zeros((32, 32, 3), np.uint8) + np.array(S.COLORS["blue"], np.uint8)
+    assert S.judge(full)[1] is None
+    patch = np.full((32, 32, 3), 255, np.uint8)
+    patch[8:24, 8:24] = rng.integers(0, 160, size=(16, 16, 3), dtype=np.uint8)
+    assert S.judge(patch) == (None, None)
+    tiny = np.full((32, 32, 3), 255, np.uint8)
+    tiny[10:13, 10:13] = S.COLORS["red"]
+    assert S.judge(tiny)[1] is None
+
+
+def test_judge_rejects_wrong_geometry():
+    img = np.full((32, 32, 3), 255, np.uint8)
+    img[10:20, 3:29] = S.COLORS["green"]
+    assert S.judge(img) == ("green", None)
+    flipped = S.render("purple", "triangle", 18.0, 16.0, 16.0)[::-1].copy()
+    assert S.judge(flipped) == ("purple", None)
+
+
+def test_judge_off_palette_color():
+    img = S.render("red", "square", 16.0, 16.0, 16.0)
+    img[img[..., 1] < 100] = (120, 120, 120)
+    assert S.judge(img)[0] is None
+
+
+def test_judge_speed():
+    images, _, _ = _rendered(1000, 32, seed=9)
+    t0 = time.perf_counter()
+    S.judge_batch(images)
+    assert time.perf_counter() - t0 < 5.0
+
+
+def test_dataset_item_format():
+    ds = S.ShapesDataset("train", num_samples=20, resolution=32, seed=0)
+    assert len(ds) == 20
+    x, cap = ds[0]
+    assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
+    assert x.shape == (3, 32, 32)
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    assert x.max() == 1.0 and x.min() < 0.0
+    assert isinstance(cap, str)
+    m = ds.meta(0)
+    assert set(m) == {"color", "shape", "size", "cx", "cy", "template"}
+    assert torch.equal(x, S.to_tensor(ds.image(0)))
+    assert ds[-1][1] == ds[19][1]
+    x48, _ = S.ShapesDataset("all", num_samples=2, resolution=48)[1]
+    assert x48.shape == (3, 48, 48)
+
+
+def test_dataset_determinism():
+    a = S.ShapesDataset("train", num_samples=30, seed=4)
+    b = S.ShapesDataset("train", num_samples=30, seed=4)
+    for i in [0, 7, 29]:
+        xa, ca = a[i]
+        xb, cb = b[i]
+        assert torch.equal(xa, xb) and ca == cb
+    assert torch.equal(a[5][0], a[5][0])
+    c = S.ShapesDataset("train", num_samples=30, seed=5)
+    diffs = sum(not torch.equal(a[i][0], c[i][0]) for i in range(30))
+    assert diffs >= 28
+    big = S.ShapesDataset("train", num_samples=1000, seed=4)
+    assert torch.equal(big[7][0], a[7][0]) and big[7][1] == a[7][1]
+    torch.manual_seed(0)
+    np.random.seed(0)
+    x1 = a[3][0]
+    torch.manual_seed(1)
+    np.random.seed(1)
+    assert torch.equal(x1, a[3][0])
+
+
+def test_dataset_metadata_ranges_and_captions():
+    res = 32
+    ds = S.ShapesDataset("all", num_samples=600, resolution=res, seed=1)
+    templates, combos = set(), set()
+    for i in range(len(ds)):
+        m = ds.meta(i)
+        assert S.SIZE_RANGE[0] * res <= m["size"] <= S.SIZE_RANGE[1] * res
+        for c in (m["cx"], m["cy"]):
+            assert m["size"] / 2 + 1 <= c <= res - 1 - m["size"] / 2
+        _, cap = ds[i]
+        assert cap == S.caption(m["color"], m["shape"], m["template"])
+        assert m["color"] in cap and m["shape"] in cap
+        templates.add(m["template"])
+        combos.add((m["color"], m["shape"]))
+    assert templates == set(range(len(S.TEMPLATES)))
+    assert len(combos) == 18
+
+
+def test_splits():
+    train = S.ShapesDataset("train", num_samples=500, seed=0)
+    held = S.ShapesDataset("heldout", num_samples=200, seed=0)
+    seen = {(train.meta(i)["color"], train.meta(i)["shape"]) for i in range(len(train))}
+    assert seen == set(S.SEEN_COMBOS)
+    got = {(held.meta(i)["color"], held.meta(i)["shape"]) for i in range(len(held))}
+    assert got == set(S.HELDOUT_COMBOS)
+    for i in range(50):
+        _, cap = train[i]
+        for c, s in S.HELDOUT_COMBOS:
+            assert S.prompt(c, s) not in cap
+    every = S.ShapesDataset("all", num_samples=500, seed=0)
+    same = sum(train.meta(i)["size"] == every.meta(i)["size"] for i in range(100))
+    assert same == 0
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="heldout"):
+        S.ShapesDataset("val")
+    with pytest.raises(ValueError, match="num_samples"):
+        S.ShapesDataset("train", num_samples=0)
+    with pytest.raises(ValueError, match="resolution"):
+        S.ShapesDataset("train", resolution=2)
+    with pytest.raises(ValueError, match="seed"):
+        S.ShapesDataset("train", seed=-1)
+    with pytest.raises(ValueError, match="purple"):
+        S.render("pink", "circle", 10, 16, 16)
+    with pytest.raises(ValueError, match="triangle"):
+        S.render("red", "hexagon", 10, 16, 16)
+    with pytest.raises(ValueError, match="template_index"):
+        S.caption("red", "circle", len(S.TEMPLATES))
+    with pytest.raises(ValueError, match="orange"):
+        S.caption("teal", "circle")
+    with pytest.raises(IndexError):
+        S.ShapesDataset("train", num_samples=5)[5]
+    with pytest.raises(ValueError, match="targets"):
+        S.score([("red", "circle")], [])
+    with pytest.raises(ValueError):
+        S.judge(np.zeros((32, 32), np.uint8))
+    with pytest.raises(ValueError):
+        S.judge(torch.zeros(1, 32, 32))
+
+
+def test_score():
+    j = [("red", "circle"), ("red", None), (None, "square"), ("blue", "square")]
+    t = [("red", "circle"), ("red", "triangle"), ("green", "square"), ("blue", "square")]
+    r = S.score(j, t)
+    assert r == dict(color_acc=0.75, shape_acc=0.75, joint_acc=0.5, n=4)
