@@ -92,7 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_freq", type=int, default=5, help="keep checkpoint-<epoch>.pth every N epochs")
     g.add_argument("--save_every_steps", type=int, default=0, help="also refresh checkpoint-last.pth every N steps")
     g.add_argument("--log_freq", type=int, default=50, help="steps between loss read-backs / logs")
-    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
+    g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (schedules still span --epochs)")
     g.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--no_eval", action="store_true", help="skip the evaluation after training")
     return p
@@ -184,9 +184,7 @@ def main(args: argparse.Namespace) -> Dict:
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=args.num_workers, drop_last=True, pin_memory=device.type == "cuda")
     steps_per_epoch = sampler.num_batches
-    total_steps = steps_per_epoch * args.epochs
-    if args.max_steps is not None:
-        total_steps = min(total_steps, args.max_steps)
+    total_steps = steps_per_epoch * args.epochs  # the schedules' length; --max_steps only stops early
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model), lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
@@ -246,11 +244,12 @@ def main(args: argparse.Namespace) -> Dict:
         return stop["signal"] is not None or (args.max_steps is not None and st.step >= args.max_steps)
 
     start_time = time.time()
-    while state.epoch < args.epochs and state.step < total_steps and stop["signal"] is None:
+    stop_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
+    while state.epoch < args.epochs and state.step < stop_step and stop["signal"] is None:
         sampler.set_position(state.epoch, state.batch_in_epoch)
         train_one_epoch(model, ema, loader, optimizer, tokenizer, text_table, args.patch_size, schedules, state,
                         device, args.precision, scaler, args.grad_clip, args.flow_weight, args.jepa_weight,
-                        args.log_freq, log_fn, max_steps=total_steps, step_hook=step_hook)
+                        args.log_freq, log_fn, max_steps=args.max_steps, step_hook=step_hook)
         if state.batch_in_epoch >= steps_per_epoch:
             state.epoch += 1
             state.batch_in_epoch = 0

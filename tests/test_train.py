@@ -1,0 +1,149 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_jepat
+from tests.helpers import tiny_model
+from util.checkpoint import load_checkpoint, save_checkpoint
+from util.datasets import ResumableSampler
+from util.schedules import CosineValue, LRSchedule, WeightDecaySchedule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a run small enough for the CPU: 16 px shapes, 8 px patches (4 tokens), tiny preset
+SMALL = ["--img_size", "16", "--patch_size", "8", "--num_samples", "96", "--batch_size", "8",
+         "--lr", "1e-3", "--warmup_epochs", "0.5", "--log_freq", "2", "--no_eval", "--num_workers", "0",
+         "--precision", "fp32", "--device", "cpu", "--weight_decay_end", "0.1", "--ema_rate_start", "0.9",
+         "--ema_rate", "0.99", "--lr_schedule", "cosine"]
+
+
+def run_main(tmp_path: Path, *extra: str) -> dict:
+    args = main_jepat.get_args_parser().parse_args(SMALL + ["--output_dir", str(tmp_path)] + list(extra))
+    return main_jepat.main(args)
+
+
+def test_checkpoint_round_trip_is_bit_identical(tmp_path):
+    model = tiny_model()
+    state = {"model": model.state_dict(), "ema": model.state_dict(), "model_config": {"preset": "tiny"}}
+    save_checkpoint(tmp_path / "a.pth", state)
+    loaded = load_checkpoint(tmp_path / "a.pth")
+    fresh = tiny_model(seed=1)
+    fresh.load_state_dict(loaded["model"])
+    for (k, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not list(tmp_path.glob(".*tmp"))  # the temp file was renamed away
+    with pytest.raises(ValueError, match="'base'.*'tiny'|tiny.*base"):
+        load_checkpoint(tmp_path / "a.pth", expect_preset="base")
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_compiled_and_ddp_prefixes_are_stripped(tmp_path):
+    model = tiny_model()
+    prefixed = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}
+    save_checkpoint(tmp_path / "c.pth", {"model": prefixed, "model_config": {"preset": "tiny"}})
+    tiny_model(seed=2).load_state_dict(load_checkpoint(tmp_path / "c.pth")["model"])
+
+
+def test_resumed_run_continues_exactly(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run_main(full, "--epochs", "2")                      # 24 steps uninterrupted
+    run_main(part, "--epochs", "2", "--max_steps", "7")  # stopped mid-epoch ...
+    run_main(part, "--epochs", "2", "--resume", str(part / "checkpoint-last.pth"))  # ... and resumed
+    a = torch.load(full / "checkpoint-last.pth", weights_only=False)
+    b = torch.load(part / "checkpoint-last.pth", weights_only=False)
+    assert a["state"]["step"] == b["state"]["step"] == 24
+    for key in ("model", "ema"):
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), (key, k)
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+    log = json.loads((full / "train_log.json").read_text())
+    # the logged schedule values are the applied ones and they move
+    assert log[0]["weight_decay"] != log[-1]["weight_decay"] and log[0]["ema_momentum"] != log[-1]["ema_momentum"]
+    args = json.loads((full / "args.json").read_text())
+    assert args["model_config"]["preset"] == "tiny"
+
+
+def test_short_training_on_shapes_lowers_the_loss(tmp_path):
+    run_main(tmp_path, "--epochs", "3")
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    first = sum(r["flow_loss"] for r in log[:3]) / 3
+    last = sum(r["flow_loss"] for r in log[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+
+
+def test_checkpoint_of_another_preset_is_refused(tmp_path):
+    run_main(tmp_path, "--epochs", "1", "--max_steps", "1")
+    with pytest.raises(ValueError, match="tiny.*base|base.*tiny"):
+        run_main(tmp_path, "--model", "base", "--resume", str(tmp_path / "checkpoint-last.pth"))
+
+
+def test_schedules_apply_what_they_log():
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "decay": True},
+                             {"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.0, "decay": False}])
+    lr = LRSchedule(1e-3, warmup_steps=10, total_steps=100, kind="cosine")
+    assert lr(0) == pytest.approx(1e-4) and lr(9) == pytest.approx(1e-3) and lr(100) == pytest.approx(0.0)
+    assert lr.apply(opt, 50) == opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"]
+    wd = WeightDecaySchedule(0.02, 0.2, 100)
+    assert wd.apply(opt, 100) == pytest.approx(0.2) == opt.param_groups[0]["weight_decay"]
+    assert opt.param_groups[1]["weight_decay"] == 0.0
+    ema = CosineValue(0.99, 0.9999, 100)
+    assert ema(0) == pytest.approx(0.99) and ema(100) == pytest.approx(0.9999) and ema(0) < ema(50) < ema(100)
+
+
+def test_resumable_sampler_positions():
+    s = ResumableSampler(40, 4, seed=3)
+    s.set_epoch(1)
+    whole = list(s)
+    s.set_position(1, 3)
+    assert list(s) == whole[12:]
+    ranks = [ResumableSampler(40, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(1)
+    a, b = list(ranks[0]), list(ranks[1])
+    assert sorted(a[:2] + b[:2]) == sorted(whole[:4])  # two ranks of 2 = one process of 4
+
+
+@pytest.mark.parametrize("script", ["main_jepat.py", "main_sample.py"])
+def test_help_works(script):
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_unknown_choices_are_argparse_errors():
+    out = subprocess.run([sys.executable, "main_jepat.py", "--model", "gigantic"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "invalid choice" in out.stderr and "tiny" in out.stderr
+    for flag in ("--text_encoder", "--dataset"):
+        out = subprocess.run([sys.executable, "main_jepat.py", flag, "nope"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+def test_scripts_pass_bash_n():
+    scripts = sorted((ROOT / "scripts").glob("*.sh"))
+    assert scripts
+    for script in scripts:
+        out = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert out.returncode == 0, (script, out.stderr)
+
+
+def test_main_sample_writes_images_grid_and_manifest(tmp_path, caplog):
+    import main_sample
+    run_main(tmp_path / "run", "--epochs", "1", "--max_steps", "2")
+    out = tmp_path / "samples"
+    args = main_sample.get_args_parser().parse_args([
+        "--checkpoint", str(tmp_path / "run" / "checkpoint-last.pth"), "--prompt", "a red circle",
+        "--prompt", "", "--num_per_prompt", "2", "--out_dir", str(out), "--num_iter", "2", "--ode_steps", "2",
+        "--device", "cpu"])
+    with caplog.at_level("WARNING"):
+        rows = main_sample.main(args)
+    assert len(rows) == 4 and (out / "grid.png").is_file() and len(list(out.glob("0*.png"))) == 4
+    assert "null condition" in caplog.text
+    manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [m["prompt"] for m in manifest] == ["a red circle", "a red circle", "", ""]
