@@ -20,7 +20,9 @@ from typing import Dict
 import torch
 from torch.utils.data import DataLoader
 
-from engine_jepat import Schedules, TrainState, autocast_context, param_groups, train_one_epoch
+from torchvision.utils import make_grid
+
+from engine_jepat import Schedules, TrainState, generate_images, param_groups, train_one_epoch
 from models.jepat import FUSION_MODES, JEPAT, JEPAT_MODELS, build_model, config_dict
 from models.sampler import CFG_SCHEDULES, SamplingConfig
 from models.flow_head import SAMPLERS
@@ -47,6 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="CFG dropout probability")
     g.add_argument("--diffusion_batch_mul", type=int, default=4)
     g.add_argument("--qk_norm", action="store_true")
+    g.add_argument("--flow_prediction", default="v", choices=("v", "x"),
+                   help="flow head outputs the velocity or the clean token (x suits pixel patches)")
     g.add_argument("--fusion", default="full", choices=FUSION_MODES)
     g = p.add_argument_group("text encoder (frozen)")
     g.add_argument("--text_encoder", default="minilm", choices=sorted(TEXT_ENCODERS))
@@ -93,6 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_every_steps", type=int, default=0, help="also refresh checkpoint-last.pth every N steps")
     g.add_argument("--log_freq", type=int, default=50, help="steps between loss read-backs / logs")
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (schedules still span --epochs)")
+    g.add_argument("--grid_freq", type=int, default=1, help="epochs between TensorBoard sample grids (0: none)")
     g.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--no_eval", action="store_true", help="skip the evaluation after training")
     return p
@@ -125,7 +130,8 @@ def make_model(args: argparse.Namespace, tokenizer, text_encoder) -> JEPAT:
     kw = dict(token_dim=tokenizer.channels * args.patch_size ** 2, seq_len=grid * grid,
               text_token_dim=text_encoder.token_dim, text_pooled_dim=text_encoder.pooled_dim,
               mask_ratio_min=args.mask_ratio_min, cond_drop_prob=args.cond_drop_prob,
-              diffusion_batch_mul=args.diffusion_batch_mul, qk_norm=args.qk_norm, fusion=args.fusion)
+              diffusion_batch_mul=args.diffusion_batch_mul, qk_norm=args.qk_norm, fusion=args.fusion,
+              flow_prediction=args.flow_prediction)
     if args.buffer_size is not None:
         kw["buffer_size"] = args.buffer_size
     return build_model(args.model, **kw)
@@ -256,6 +262,8 @@ def main(args: argparse.Namespace) -> Dict:
             if args.save_freq and state.epoch % args.save_freq == 0:
                 checkpoint(str(state.epoch))
         checkpoint("last")
+        if args.grid_freq and state.batch_in_epoch == 0 and state.epoch % args.grid_freq == 0:
+            log_sample_grid(writer, ema, text_table, tokenizer, args, device, state.step)
         if history:
             h = history[-1]
             log.info("epoch %d step %d loss %.4f (flow %.4f, jepa %.4f) lr %.2e  %.0fs",
@@ -272,6 +280,20 @@ def main(args: argparse.Namespace) -> Dict:
         result.update(run_evaluation(args, ema, text_table, tokenizer, device, out_dir, state.step, writer))
     writer.close()
     return result
+
+
+def log_sample_grid(writer, ema: JEPAT, text_table: TextEmbeddingTable, tokenizer, args: argparse.Namespace,
+                    device: torch.device, step: int, max_prompts: int = 18) -> None:
+    """A TensorBoard grid from the EMA model: one image for each of a spread of known captions."""
+    captions = text_table.captions()
+    if not captions:
+        return
+    stride = max(1, len(captions) // max_prompts)
+    prompts = captions[::stride][:max_prompts]
+    images = generate_images(ema, text_table, tokenizer, prompts, sampling_config(args), args.patch_size,
+                             args.seed, device, args.precision)
+    writer.add_image("samples/ema", make_grid((images + 1) / 2, nrow=6, padding=1), step)
+    writer.add_text("samples/prompts", " | ".join(prompts), step)
 
 
 def run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step, writer=None) -> Dict:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from models.blocks import TimestepEmbedder, modulate
 
 SAMPLERS = ("euler", "heun")
+PREDICTIONS = ("v", "x")
 
 
 class AdaLNResBlock(nn.Module):
@@ -41,9 +42,14 @@ class FlowHead(nn.Module):
         depth: number of adaLN residual blocks.
     """
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int) -> None:
+    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, prediction: str = "v",
+                 min_one_minus_t: float = 0.05) -> None:
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"unknown flow head prediction {prediction!r}; choose one of {PREDICTIONS}")
         self.token_dim = token_dim
+        self.prediction = prediction
+        self.min_one_minus_t = min_one_minus_t
         self.input_proj = nn.Linear(token_dim, width)
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(cond_dim, width)
@@ -62,13 +68,22 @@ class FlowHead(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """x_t [N,d], t [N], z [N,Dz] -> velocity [N,d]."""
+        """x_t [N,d], t [N], z [N,Dz] -> velocity [N,d].
+
+        With ``prediction="x"`` the network outputs the clean token x_hat and the velocity is
+        (x_hat - x_t) / (1 - t), with 1 - t clamped at ``min_one_minus_t``; the loss stays the
+        velocity loss. For high-dimensional pixel patches this is much easier to learn than a
+        direct velocity (clean patches lie near a low-dimensional set; noise does not)."""
         h = self.input_proj(x_t)                                                        # [N,W]
         y = self.time_embed(t) + self.cond_embed(z)                                     # [N,W]
         for block in self.blocks:
             h = block(h, y)                                                             # [N,W]
         shift, scale = self.final_ada_ln(y).chunk(2, dim=-1)                            # [N,W] x2
-        return self.final_linear(modulate(self.final_norm(h), shift, scale))            # [N,d]
+        out = self.final_linear(modulate(self.final_norm(h), shift, scale))             # [N,d]
+        if self.prediction == "v":
+            return out
+        one_minus_t = (1 - t.float()).clamp(min=self.min_one_minus_t)[:, None]          # [N,1]
+        return (out.float() - x_t.float()) / one_minus_t                                # [N,d]
 
 
 def flow_matching_loss(head: FlowHead, x: torch.Tensor, z: torch.Tensor, repeat: int = 1) -> torch.Tensor:

@@ -39,6 +39,7 @@ class JEPATConfig:
     qk_norm: bool = False
     flow_width: int = 1024
     flow_depth: int = 6
+    flow_prediction: str = "v"       # the head outputs the velocity (v) or the clean token (x)
     buffer_size: int = 64            # n_buf buffer tokens carrying the pooled condition
     mask_ratio_min: float = 0.7
     mask_ratio_std: float = 0.25
@@ -90,7 +91,7 @@ class JEPAT(nn.Module):
         self.fuse = nn.Linear(2 * D, D)
         # heads
         self.head_pos = nn.Parameter(torch.zeros(1, L, D))
-        self.flow_head = FlowHead(cfg.token_dim, D, cfg.flow_width, cfg.flow_depth)
+        self.flow_head = FlowHead(cfg.token_dim, D, cfg.flow_width, cfg.flow_depth, cfg.flow_prediction)
         self.jepa_head = nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, D))
         self.initialize_weights()
 
@@ -211,7 +212,8 @@ class JEPAT(nn.Module):
     def num_params(self) -> Dict[str, int]:
         """Trainable parameter counts by part (the frozen encoders are not part of the model)."""
         parts = {
-            "conditioning (null, pooled MLP, token proj)": ["null_", "cond_mlp", "text_proj"],
+            "pooled condition (MLP, learned null)": ["null_", "cond_mlp"],
+            "caption token projection (feeds the token cross-attention)": ["text_proj"],
             "context encoder": ["z_proj", "encoder_"],
             "predictor": ["predictor_", "mask_token"],
             "token cross-attention": ["cross_"],
