@@ -46,9 +46,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default="pixels", choices=sorted(TOKENIZERS))
     g.add_argument("--buffer_size", type=int, default=None, help="buffer tokens (default: the preset's)")
     g.add_argument("--mask_ratio_min", type=float, default=0.7)
+    g.add_argument("--mask_ratio_std", type=float, default=0.25, help="std of the truncated normal (mean 1)")
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="CFG dropout probability")
     g.add_argument("--diffusion_batch_mul", type=int, default=4)
     g.add_argument("--qk_norm", action="store_true")
+    g.add_argument("--t_logit_mean", type=float, default=None, help="logit-normal flow times (default: uniform t)")
+    g.add_argument("--t_logit_std", type=float, default=1.0)
     g.add_argument("--flow_prediction", default="v", choices=("v", "x"),
                    help="flow head outputs the velocity or the clean token (x suits pixel patches)")
     g.add_argument("--fusion", default="full", choices=FUSION_MODES)
@@ -129,9 +132,9 @@ def make_model(args: argparse.Namespace, tokenizer, text_encoder) -> JEPAT:
     grid = args.img_size // tokenizer.stride // args.patch_size
     kw = dict(token_dim=tokenizer.channels * args.patch_size ** 2, seq_len=grid * grid,
               text_token_dim=text_encoder.token_dim, text_pooled_dim=text_encoder.pooled_dim,
-              mask_ratio_min=args.mask_ratio_min, cond_drop_prob=args.cond_drop_prob,
+              mask_ratio_min=args.mask_ratio_min, mask_ratio_std=args.mask_ratio_std, cond_drop_prob=args.cond_drop_prob,
               diffusion_batch_mul=args.diffusion_batch_mul, qk_norm=args.qk_norm, fusion=args.fusion,
-              flow_prediction=args.flow_prediction)
+              flow_prediction=args.flow_prediction, t_logit_mean=args.t_logit_mean, t_logit_std=args.t_logit_std)
     if args.buffer_size is not None:
         kw["buffer_size"] = args.buffer_size
     return build_model(args.model, **kw)
@@ -203,6 +206,7 @@ def main(args: argparse.Namespace) -> Dict:
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     state = TrainState()
     state.host_generator.manual_seed(args.seed)
+    prior_seconds = 0.0  # training time of the runs this one resumes
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
@@ -210,6 +214,7 @@ def main(args: argparse.Namespace) -> Dict:
         s = ckpt["state"]
         state.step, state.epoch, state.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
         state.host_generator.set_state(s["host_generator"])
+        prior_seconds = s.get("train_seconds", 0.0)
         set_rng_state(ckpt["rng"])
         log.info("resumed %s at epoch %d, batch %d, step %d", args.resume, state.epoch, state.batch_in_epoch, state.step)
     with open(out_dir / "args.json", "w") as f:
@@ -230,7 +235,8 @@ def main(args: argparse.Namespace) -> Dict:
             "model": model.state_dict(), "ema": ema.state_dict(), "model_config": config_dict(model),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
             "state": {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                      "host_generator": state.host_generator.get_state()},
+                      "host_generator": state.host_generator.get_state(),
+                      "train_seconds": prior_seconds + time.time() - start_time},
             "rng": rng_state(), "args": vars(args),
             "text_encoder": {"name": args.text_encoder, "token_dim": text_encoder.token_dim,
                              "pooled_dim": text_encoder.pooled_dim, "max_length": text_encoder.max_length},

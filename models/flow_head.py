@@ -86,18 +86,29 @@ class FlowHead(nn.Module):
         return (out.float() - x_t.float()) / one_minus_t                                # [N,d]
 
 
-def flow_matching_loss(head: FlowHead, x: torch.Tensor, z: torch.Tensor, repeat: int = 1) -> torch.Tensor:
+def sample_time(n: int, device: torch.device, logit_mean: Optional[float] = None,
+                logit_std: float = 1.0) -> torch.Tensor:
+    """Training times t in (0, 1): uniform, or logit-normal sigmoid(N(logit_mean, logit_std))
+    (a negative mean puts more weight on noisy inputs, where the head must rely on z)."""
+    if logit_mean is None:
+        return torch.rand(n, device=device, dtype=torch.float32)
+    return torch.sigmoid(torch.randn(n, device=device, dtype=torch.float32) * logit_std + logit_mean)
+
+
+def flow_matching_loss(head: FlowHead, x: torch.Tensor, z: torch.Tensor, repeat: int = 1,
+                       t_logit_mean: Optional[float] = None, t_logit_std: float = 1.0) -> torch.Tensor:
     """Mean squared velocity error over the given tokens.
 
     Args:
         x: clean target tokens [N, d] (only the tokens the loss is taken over).
         z: transformer predictions for those tokens [N, Dz].
         repeat: draws of (t, eps) per token (MAR's diffusion_batch_mul).
+        t_logit_mean / t_logit_std: logit-normal time sampling; None = uniform t.
     Returns: scalar loss (float32).
     """
     x = x.repeat(repeat, 1)                                                             # [rN,d]
     z = z.repeat(repeat, 1)                                                             # [rN,Dz]
-    t = torch.rand(x.shape[0], device=x.device, dtype=torch.float32)                   # [rN]
+    t = sample_time(x.shape[0], x.device, t_logit_mean, t_logit_std)                    # [rN]
     eps = torch.randn_like(x)                                                           # [rN,d]
     x_t = t[:, None] * x + (1 - t[:, None]) * eps                                       # [rN,d]
     v = head(x_t, t, z)                                                                 # [rN,d]

@@ -40,6 +40,8 @@ class JEPATConfig:
     flow_width: int = 1024
     flow_depth: int = 6
     flow_prediction: str = "v"       # the head outputs the velocity (v) or the clean token (x)
+    t_logit_mean: Optional[float] = None  # flow training times: None = uniform, else logit-normal
+    t_logit_std: float = 1.0
     buffer_size: int = 64            # n_buf buffer tokens carrying the pooled condition
     mask_ratio_min: float = 0.7
     mask_ratio_std: float = 0.25
@@ -100,6 +102,14 @@ class JEPAT(nn.Module):
         for p in (self.encoder_pos, self.predictor_pos, self.head_pos, self.mask_token,
                   self.null_pooled, self.null_token):
             nn.init.normal_(p, std=0.02)
+        # image positions start from a 2-D sin-cos table (still learned): a short run knows the
+        # layout from step 0 instead of having to discover it
+        n_buf = self.cfg.buffer_size
+        table = sincos_2d(self.cfg.width, self.cfg.seq_len).to(self.head_pos.device)
+        with torch.no_grad():
+            for p in (self.encoder_pos, self.predictor_pos):
+                p[0, n_buf:] = table
+            self.head_pos[0] = table
 
         def init(m: nn.Module) -> None:
             if isinstance(m, nn.Linear):
@@ -229,6 +239,22 @@ class JEPAT(nn.Module):
         return counts
 
 
+def sincos_2d(width: int, seq_len: int) -> torch.Tensor:
+    """[L, width] fixed 2-D sin-cos position table for a square grid of L tokens (raster order):
+    half the channels encode the row, half the column, each as sin | cos of geometric frequencies."""
+    grid = int(round(math.sqrt(seq_len)))
+    if grid * grid != seq_len or width % 4:
+        return torch.randn(seq_len, width) * 0.02  # not a square grid: keep the random init
+    quarter = width // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))          # [W/4]
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angles = coord[:, None].double() * freqs[None]                                       # [L,W/4]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()                                                   # [L,W]
+
+
 # -------------------------------------------------------------------- masking
 def sample_mask_ratio(batch_generator: torch.Generator, ratio_min: float, std: float) -> float:
     """r ~ N(1, std) truncated to [ratio_min, 1], drawn on the host (no device sync)."""
@@ -272,7 +298,8 @@ def training_losses(model: JEPAT, ema: JEPAT, x: torch.Tensor, text: TextEmbeddi
     hidden = orders[:, :num_masked]                                                   # [B,M]
     z_m = z.gather(1, hidden[..., None].expand(-1, -1, z.shape[-1]))                  # [B,M,D]
     x_m = x.gather(1, hidden[..., None].expand(-1, -1, x.shape[-1]))                  # [B,M,d]
-    flow = flow_matching_loss(model.flow_head, x_m.flatten(0, 1), z_m.flatten(0, 1), cfg.diffusion_batch_mul)
+    flow = flow_matching_loss(model.flow_head, x_m.flatten(0, 1), z_m.flatten(0, 1), cfg.diffusion_batch_mul,
+                              cfg.t_logit_mean, cfg.t_logit_std)
     if jepa_weight > 0:
         with torch.no_grad():
             target = ema.encode_full(x, ema.condition(text, drop))                    # [B,L,D]

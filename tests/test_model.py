@@ -247,3 +247,16 @@ def test_parameter_counts_within_one_percent_of_the_reference(preset):
         model = build_model(preset, token_dim=16, seq_len=256, text_token_dim=768, text_pooled_dim=768)
     total = model.num_params()["total"]
     assert abs(total / REFERENCE_COUNTS[preset] - 1) < 0.01, total
+
+
+def test_x_prediction_head_returns_the_implied_velocity():
+    torch.manual_seed(0)
+    v_head = FlowHead(TOKEN_DIM, 16, 32, 2, prediction="v")
+    x_head = FlowHead(TOKEN_DIM, 16, 32, 2, prediction="x")
+    x_head.load_state_dict(v_head.state_dict())
+    x_t, t, z = torch.randn(5, TOKEN_DIM), torch.tensor([0.0, 0.3, 0.5, 0.9, 1.0]), torch.randn(5, 16)
+    x_hat = v_head(x_t, t, z)  # same network: its raw output is x_hat for the x head
+    expected = (x_hat - x_t) / (1 - t[:, None]).clamp(min=0.05)
+    assert torch.allclose(x_head(x_t, t, z), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="prediction"):
+        FlowHead(TOKEN_DIM, 16, 32, 2, prediction="eps")

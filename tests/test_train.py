@@ -147,3 +147,20 @@ def test_main_sample_writes_images_grid_and_manifest(tmp_path, caplog):
     assert "null condition" in caplog.text
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [m["prompt"] for m in manifest] == ["a red circle", "a red circle", "", ""]
+
+
+def test_shapes_evaluation_writes_grids_manifest_and_metrics(tmp_path):
+    args = [a for a in SMALL if a != "--no_eval"]
+    ns = main_jepat.get_args_parser().parse_args(args + [
+        "--output_dir", str(tmp_path), "--epochs", "1", "--max_steps", "2", "--eval_per_combo", "2",
+        "--num_iter", "2", "--ode_steps", "2", "--grid_freq", "1"])
+    result = main_jepat.main(ns)
+    for name in ("grid_seen.png", "grid_heldout.png", "manifest.jsonl", "metrics.json"):
+        assert (tmp_path / name).is_file(), name
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["seen"]["n"] == 15 * 2 and metrics["heldout"]["n"] == 3 * 2
+    assert 0.0 <= metrics["seen"]["joint_acc"] <= 1.0 and result["seen"] == metrics["seen"]
+    rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 36 and all((tmp_path / r["file"]).is_file() for r in rows)
+    heldout_targets = {tuple(r["target"]) for r in rows if r["split"] == "heldout"}
+    assert heldout_targets == {("red", "triangle"), ("blue", "circle"), ("yellow", "square")}
