@@ -8,6 +8,7 @@ drawn by integrating the flow head's ODE from temperature-scaled noise.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -19,6 +20,8 @@ from models.jepat import JEPAT, random_orders
 from models.text_encoders import TextEmbeddings
 
 CFG_SCHEDULES = ("constant", "linear")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,8 +38,8 @@ class SamplingConfig:
             raise ValueError(f"unknown cfg schedule {self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown ODE sampler {self.sampler!r}; choose one of {SAMPLERS}")
-        if not 1 <= self.num_iter <= seq_len:
-            raise ValueError(f"num_iter must be in [1, {seq_len}] (the number of tokens), got {self.num_iter}")
+        if self.num_iter < 1:
+            raise ValueError(f"num_iter must be at least 1, got {self.num_iter}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
 
@@ -66,6 +69,10 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
     B, L, d = text.pooled.shape[0], mc.seq_len, mc.token_dim
     cfg.validate(L)
     device = text.pooled.device
+    num_iter = cfg.num_iter
+    if num_iter > L:
+        log.warning("num_iter %d is more than the %d tokens; using %d (one token per step)", num_iter, L, L)
+        num_iter = L
     use_null = (cfg.cfg != 1.0) if batch_null is None else batch_null
     orders = random_orders(B, L, device, generator)                                   # [B,L]
     tokens = torch.zeros(B, L, d, device=device)                                      # [B,L,d]
@@ -77,10 +84,10 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
     cond = model.condition(text, drop)                                                # once per batch
     rows = 2 if use_null else 1
     hidden = L
-    for step in range(cfg.num_iter):
+    for step in range(num_iter):
         x_in = torch.cat([tokens] * rows)                                             # [rB,L,d]
         z = model(x_in, cond, torch.cat([orders] * rows), hidden)                     # [rB,L,D]
-        hidden_next = num_hidden_after(step, cfg.num_iter, L, hidden)
+        hidden_next = num_hidden_after(step, num_iter, L, hidden)
         reveal = orders[:, hidden_next:hidden]                                        # [B,n]
         n = reveal.shape[1]
         idx = torch.cat([reveal] * rows)[..., None].expand(-1, -1, z.shape[-1])       # [rB,n,D]
