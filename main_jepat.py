@@ -232,6 +232,9 @@ def main(args: argparse.Namespace) -> Dict:
         history.append({"step": step, "elapsed_s": time.time() - start_time, **values})
 
     def checkpoint(tag: str) -> None:
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise FloatingPointError(f"non-finite weights at step {state.step}; not overwriting the last good "
+                                     f"checkpoint in {out_dir}. Lower --lr or use --precision fp32 to investigate")
         save_checkpoint(out_dir / f"checkpoint-{tag}.pth", {
             "model": model.state_dict(), "ema": ema.state_dict(), "model_config": config_dict(model),
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,

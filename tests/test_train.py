@@ -164,3 +164,21 @@ def test_shapes_evaluation_writes_grids_manifest_and_metrics(tmp_path):
     assert len(rows) == 36 and all((tmp_path / r["file"]).is_file() for r in rows)
     heldout_targets = {tuple(r["target"]) for r in rows if r["split"] == "heldout"}
     assert heldout_targets == {("red", "triangle"), ("blue", "circle"), ("yellow", "square")}
+
+
+def test_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    run_main(tmp_path, "--epochs", "2", "--max_steps", "3")
+    good = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    import engine_jepat
+    real = engine_jepat.training_losses
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+    monkeypatch.setattr(engine_jepat, "training_losses", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        run_main(tmp_path, "--epochs", "2", "--resume", str(tmp_path / "checkpoint-last.pth"),
+                 "--save_every_steps", "1")
+    kept = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    assert kept["state"]["step"] == good["state"]["step"] == 3
