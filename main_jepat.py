@@ -171,7 +171,7 @@ def main(args: argparse.Namespace) -> Dict:
                                       max_length=args.text_max_length or None, device=str(device))
     text_table = TextEmbeddingTable(text_encoder, device)
     model = make_model(args, tokenizer, text_encoder).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # targets and samples without dropout
     log.info("model %s: %s", args.model, json.dumps(model.num_params()))
 
     ckpt = None
