@@ -83,10 +83,11 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
         drop = null
     cond = model.condition(text, drop)                                                # once per batch
     rows = 2 if use_null else 1
+    orders_in = torch.cat([orders] * rows)                                            # [rB,L], fixed
     hidden = L
     for step in range(num_iter):
         x_in = torch.cat([tokens] * rows)                                             # [rB,L,d]
-        z = model(x_in, cond, torch.cat([orders] * rows), hidden)                     # [rB,L,D]
+        z = model(x_in, cond, orders_in, hidden)                                      # [rB,L,D]
         hidden_next = num_hidden_after(step, num_iter, L, hidden)
         reveal = orders[:, hidden_next:hidden]                                        # [B,n]
         n = reveal.shape[1]
