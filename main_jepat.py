@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_iter", type=int, default=16, help="published recipe: 64")
     g.add_argument("--cfg", type=float, default=3.0)
     g.add_argument("--cfg_schedule", default="linear", choices=CFG_SCHEDULES)
-    g.add_argument("--temperature", type=float, default=0.6)
+    g.add_argument("--temperature", type=float, default=0.15, help="initial-noise scale of the flow ODE (published: 0.95)")
     g.add_argument("--ode_steps", type=int, default=20)
     g.add_argument("--sampler", default="heun", choices=SAMPLERS)
     g.add_argument("--eval_per_combo", type=int, default=16, help="shapes evaluation: images per color-shape combination")
