@@ -29,7 +29,7 @@ from models.tokenizers import TOKENIZERS, Tokenizer, build_tokenizer
 from util.image_folders import DEFAULT_PROMPT, Listing, build_listing
 from util.latent_cache import (PENDING, ListingSource, ShapesSource, cache_shard, finalize_cache, num_shards,
                                prepare_cache, read_meta, shard_rows)
-from util.text_cache import save_text_cache, text_cache_key
+from util.text_cache import TextEmbeddingTable, save_text_cache, text_cache_key
 
 log = logging.getLogger("jepat.cache")
 
@@ -179,7 +179,9 @@ def cache_text(args: argparse.Namespace, cache_dir: Path, vocabulary, device: to
         return
     encoder = build_text_encoder(args.text_encoder, path=args.text_encoder_path, clip_model=args.clip_model,
                                  max_length=args.text_max_length or None, device=str(device))
-    save_text_cache(target, vocabulary, encoder)
+    table = TextEmbeddingTable(encoder, "cpu")
+    table.add(vocabulary)
+    save_text_cache(target, table)
     log.info("cached %d caption embeddings (%s) in %s", len(vocabulary), key, target)
 
 

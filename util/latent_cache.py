@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from models.tokenizers import Tokenizer
 from models.vae import latents_from_moments
 from util.image_folders import BadImage, Listing, load_image, to_tensor
 
@@ -329,3 +330,21 @@ class CachedLatentDataset(Dataset):
         group = self.groups[int(self.index[i]["group"])]
         caption = group[int(torch.randint(len(group), ()))] if len(group) > 1 else group[0]
         return z, caption
+
+
+class CachedLatentInput(Tokenizer):
+    """Training from a cache: the batches already are latents, so ``encode`` passes them through
+    (checking their shape); ``decode`` is the real tokenizer's, for sample grids."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        super().__init__()
+        self.inner = tokenizer
+        self.name, self.channels, self.stride = tokenizer.name, tokenizer.channels, tokenizer.stride
+
+    def encode(self, latents: torch.Tensor) -> torch.Tensor:
+        if latents.dim() != 4 or latents.shape[1] != self.channels:
+            raise ValueError(f"cached latents must be [B,{self.channels},h,w], got {tuple(latents.shape)}")
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode(latents)

@@ -82,22 +82,20 @@ class CachedTextEncoderInfo:
     max_length: int
 
 
-def save_text_cache(directory: str | Path, captions: Sequence[str], encoder: TextEncoder,
-                    batch_size: int = 256) -> Path:
-    """Encode every caption once and store tokens [U,S,Dt], mask [U,S], pooled [U,Dp] and the
-    caption list in ``directory`` (written to a temp folder, then renamed)."""
-    directory = Path(directory)
-    table = TextEmbeddingTable(encoder, "cpu", batch_size)
-    table.add(captions)
+def save_text_cache(directory: str | Path, table: TextEmbeddingTable) -> Path:
+    """Store a table's tokens [U,S,Dt], mask [U,S], pooled [U,Dp] and caption list in
+    ``directory`` (written to a temp folder, then renamed into place)."""
+    if table.encoder is None or table.table is None:
+        raise ValueError("save_text_cache needs a table filled by its encoder")
+    directory, enc, emb = Path(directory), table.encoder, table.table
     tmp = directory.with_name(f".{directory.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    emb = table.table
-    np.save(tmp / "tokens.npy", emb.tokens.float().numpy())
-    np.save(tmp / "mask.npy", emb.mask.numpy())
-    np.save(tmp / "pooled.npy", emb.pooled.float().numpy())
-    info = {"name": encoder.name, "token_dim": encoder.token_dim, "pooled_dim": encoder.pooled_dim,
-            "max_length": encoder.max_length, "captions": table.captions()}
+    np.save(tmp / "tokens.npy", emb.tokens.float().cpu().numpy())
+    np.save(tmp / "mask.npy", emb.mask.cpu().numpy())
+    np.save(tmp / "pooled.npy", emb.pooled.float().cpu().numpy())
+    info = {"name": enc.name, "token_dim": enc.token_dim, "pooled_dim": enc.pooled_dim,
+            "max_length": enc.max_length, "captions": table.captions()}
     (tmp / "captions.json").write_text(json.dumps(info))
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
