@@ -289,6 +289,7 @@ class CachedLatentDataset(Dataset):
             raise ValueError(f"latent cache {cache_dir} is incomplete ({c.get('pending', 'some')} entries pending); "
                              "rerun main_cache.py with the same arguments to finish it")
         self.index = np.load(self.dir / "index.npy", mmap_mode="r")
+        self._where = np.stack([self.index["shard"], self.index["row"], self.index["group"]], axis=1).astype(np.int64)
         listing = json.loads((self.dir / "listing.json").read_text())
         self.groups: List[List[str]] = listing["groups"]
         self.vocabulary: List[str] = listing["vocabulary"]
@@ -311,25 +312,45 @@ class CachedLatentDataset(Dataset):
                              f"--img_size {have[1]}, or cache again with main_cache.py --tokenizer {tokenizer} "
                              f"--img_size {img_size}")
 
+    def _shard(self, k: int) -> np.ndarray:
+        if k not in self._shards:
+            mm = np.load(self.dir / "shards" / f"shard-{k:05d}.npy", mmap_mode="r")
+            self._shards[k] = mm.view(np.ndarray)  # plain views index faster than np.memmap objects
+        return self._shards[k]
+
     def moments(self, i: int) -> np.ndarray:
         """[2, m, h, w] (plain, flipped) moments of item i."""
-        rec = self.index[i]
-        k = int(rec["shard"])
-        if k not in self._shards:
-            self._shards[k] = np.load(self.dir / "shards" / f"shard-{k:05d}.npy", mmap_mode="r")
-        return self._shards[k][int(rec["row"])]
+        return self._shard(int(self._where[i, 0]))[int(self._where[i, 1])]
+
+    def _latents(self, m: torch.Tensor) -> torch.Tensor:
+        """moments [B,m,h,w] -> latents [B,c,h,w]: sampled for a VAE, as stored for pixels."""
+        if self.meta["stochastic"]:                                                     # mean ++ log-variance
+            return latents_from_moments(m, torch.randn_like(m[:, :self.channels]), self.scaling, self.shift)
+        return (m - self.shift) * self.scaling
+
+    def _caption(self, i: int) -> str:
+        group = self.groups[int(self._where[i, 2])]
+        return group[int(torch.randint(len(group), ()))] if len(group) > 1 else group[0]
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, str]:
-        both = self.moments(i)
         side = int(torch.rand(()) < 0.5) if self.flip else 0
-        m = torch.from_numpy(np.array(both[side], dtype=np.float32))[None]              # [1,m,h,w]
-        if self.meta["stochastic"]:                                                     # mean ++ log-variance
-            z = latents_from_moments(m, torch.randn_like(m[:, :self.channels]), self.scaling, self.shift)[0]
-        else:                                                                           # the latent itself
-            z = ((m - self.shift) * self.scaling)[0]                                    # [c,h,w]
-        group = self.groups[int(self.index[i]["group"])]
-        caption = group[int(torch.randint(len(group), ()))] if len(group) > 1 else group[0]
-        return z, caption
+        m = torch.from_numpy(np.array(self.moments(i)[side], dtype=np.float32))[None]  # [1,m,h,w]
+        return self._latents(m)[0], self._caption(i)
+
+    def __getitems__(self, indices: Sequence[int]) -> List[Tuple[torch.Tensor, str]]:
+        """A whole batch at once (the DataLoader calls this when batching): rows are gathered
+        shard by shard in sorted order and the latents sampled in one call."""
+        idx = np.asarray(indices, dtype=np.int64)
+        sides = (torch.rand(len(idx)) < 0.5).long().numpy() if self.flip else np.zeros(len(idx), np.int64)
+        out = np.empty((len(idx),) + self._shard(int(self._where[idx[0], 0])).shape[2:], dtype=np.float32)
+        shard = self._where[idx, 0]
+        for k in np.unique(shard).tolist():
+            sel = np.flatnonzero(shard == k)
+            rows = self._where[idx[sel], 1]
+            order = np.argsort(rows, kind="stable")
+            out[sel[order]] = self._shard(k)[rows[order], sides[sel[order]]]
+        z = self._latents(torch.from_numpy(out))                                        # [B,c,h,w]
+        return [(z[j], self._caption(int(i))) for j, i in enumerate(idx.tolist())]
 
 
 class CachedLatentInput(Tokenizer):
