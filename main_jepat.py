@@ -32,7 +32,7 @@ from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng
 from util.datasets import DATASETS, ResumableSampler, build_dataset, collate
 from util.metrics import evaluate_shapes
 from util.schedules import CosineValue, LRSchedule, WeightDecaySchedule
-from util.latent_cache import CachedLatentDataset, CachedLatentInput
+from util.latent_cache import CachedLatentDataset, CachedLatentInput, read_meta
 from util.text_cache import TextEmbeddingTable, load_text_cache, save_text_cache, text_cache_key
 
 log = logging.getLogger("jepat")
@@ -330,7 +330,8 @@ def log_sample_grid(writer, ema: JEPAT, text_table: TextEmbeddingTable, tokenize
 
 
 def run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step, writer=None) -> Dict:
-    if args.dataset != "shapes":
+    shapes_cache = args.dataset == "cached" and read_meta(args.data_path)["root"].startswith("shapes(")
+    if args.dataset != "shapes" and not shapes_cache:
         log.info("no built-in evaluation for dataset %s", args.dataset)
         return {}
     metrics = evaluate_shapes(ema, text_table, tokenizer, sampling_config(args), args.patch_size, out_dir,
