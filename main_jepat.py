@@ -32,7 +32,8 @@ from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng
 from util.datasets import DATASETS, ResumableSampler, build_dataset, collate
 from util.metrics import evaluate_shapes
 from util.schedules import CosineValue, LRSchedule, WeightDecaySchedule
-from util.text_cache import TextEmbeddingTable
+from util.latent_cache import CachedLatentDataset, CachedLatentInput, read_meta
+from util.text_cache import TextEmbeddingTable, load_text_cache, save_text_cache, text_cache_key
 
 log = logging.getLogger("jepat")
 
@@ -66,6 +67,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_path", default="")
     g.add_argument("--num_samples", type=int, default=16000, help="shapes: images per epoch")
     g.add_argument("--num_workers", type=int, default=0)
+    g = p.add_argument_group("real data and caches (imagenet: class folders; captions: a JSON Lines manifest; "
+                             "cached: a main_cache.py folder as --data_path)")
+    g.add_argument("--vae_path", default=None, help="kl16: kl16.ckpt file; sd-vae: diffusers folder")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch_size", type=int, default=64, help="per process")
     g.add_argument("--epochs", type=int, default=5)
@@ -140,6 +144,14 @@ def make_model(args: argparse.Namespace, tokenizer, text_encoder) -> JEPAT:
     return build_model(args.model, **kw)
 
 
+def cached_text_dir(args: argparse.Namespace) -> Path | None:
+    """Where a latent cache keeps this text encoder's caption embeddings (None unless --dataset cached)."""
+    if args.dataset != "cached":
+        return None
+    key = text_cache_key(args.text_encoder, args.text_max_length, args.clip_model, args.text_encoder_path)
+    return Path(args.data_path) / "text" / key
+
+
 def sampling_config(args: argparse.Namespace) -> SamplingConfig:
     return SamplingConfig(num_iter=args.num_iter, cfg=args.cfg, cfg_schedule=args.cfg_schedule,
                           temperature=args.temperature, ode_steps=args.ode_steps, sampler=args.sampler)
@@ -166,10 +178,15 @@ def main(args: argparse.Namespace) -> Dict:
     args.precision = resolve_precision(device, args.precision)
     log.info("device %s, precision %s", device, args.precision)
 
-    tokenizer = build_tokenizer(args.tokenizer).to(device)
-    text_encoder = build_text_encoder(args.text_encoder, path=args.text_encoder_path, clip_model=args.clip_model,
-                                      max_length=args.text_max_length or None, device=str(device))
-    text_table = TextEmbeddingTable(text_encoder, device)
+    tokenizer = build_tokenizer(args.tokenizer, args.vae_path).to(device)
+    text_dir = cached_text_dir(args)
+    text_cache = load_text_cache(text_dir, device) if text_dir is not None else None
+    if text_cache is not None:  # cached caption embeddings: the text encoder is never built
+        text_table, text_encoder = text_cache
+    else:
+        text_encoder = build_text_encoder(args.text_encoder, path=args.text_encoder_path, clip_model=args.clip_model,
+                                          max_length=args.text_max_length or None, device=str(device))
+        text_table = TextEmbeddingTable(text_encoder, device)
     model = make_model(args, tokenizer, text_encoder).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # targets and samples without dropout
     log.info("model %s: %s", args.model, json.dumps(model.num_params()))
@@ -189,6 +206,12 @@ def main(args: argparse.Namespace) -> Dict:
     if hasattr(dataset, "caption_vocabulary"):
         text_table.add(dataset.caption_vocabulary())
         log.info("cached %d unique caption embeddings (%s)", len(text_table), args.text_encoder)
+    train_tokenizer = tokenizer
+    if isinstance(dataset, CachedLatentDataset):
+        dataset.check(args.tokenizer, args.img_size)  # refuses a cache of another tokenizer / resolution
+        train_tokenizer = CachedLatentInput(tokenizer)
+        if text_cache is None and text_dir is not None:
+            save_text_cache(text_dir, text_table)  # the next run reads it instead of building the encoder
     sampler = ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=args.num_workers, drop_last=True, pin_memory=device.type == "cuda",
@@ -263,7 +286,7 @@ def main(args: argparse.Namespace) -> Dict:
     stop_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
     while state.epoch < args.epochs and state.step < stop_step and stop["signal"] is None:
         sampler.set_position(state.epoch, state.batch_in_epoch)
-        train_one_epoch(model, ema, loader, optimizer, tokenizer, text_table, args.patch_size, schedules, state,
+        train_one_epoch(model, ema, loader, optimizer, train_tokenizer, text_table, args.patch_size, schedules, state,
                         device, args.precision, scaler, args.grad_clip, args.flow_weight, args.jepa_weight,
                         args.log_freq, log_fn, max_steps=args.max_steps, step_hook=step_hook)
         if state.batch_in_epoch >= steps_per_epoch:
@@ -307,7 +330,8 @@ def log_sample_grid(writer, ema: JEPAT, text_table: TextEmbeddingTable, tokenize
 
 
 def run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step, writer=None) -> Dict:
-    if args.dataset != "shapes":
+    shapes_cache = args.dataset == "cached" and read_meta(args.data_path)["root"].startswith("shapes(")
+    if args.dataset != "shapes" and not shapes_cache:
         log.info("no built-in evaluation for dataset %s", args.dataset)
         return {}
     metrics = evaluate_shapes(ema, text_table, tokenizer, sampling_config(args), args.patch_size, out_dir,

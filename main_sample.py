@@ -46,6 +46,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--text_encoder_path", default=None, help="override the CLIP weights used in training")
+    p.add_argument("--vae_path", default=None, help="VAE weights (default: the training run's --vae_path)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
@@ -80,7 +81,7 @@ def main(args: argparse.Namespace) -> List[dict]:
     if (encoder.token_dim, encoder.pooled_dim) != (te["token_dim"], te["pooled_dim"]):
         raise SystemExit(f"text encoder {te['name']} gives widths {(encoder.token_dim, encoder.pooled_dim)} but the "
                          f"checkpoint was trained with {(te['token_dim'], te['pooled_dim'])}; pass the same encoder")
-    tokenizer = build_tokenizer(ckpt["tokenizer"]).to(device)
+    tokenizer = build_tokenizer(ckpt["tokenizer"], args.vae_path or ckpt.get("args", {}).get("vae_path")).to(device)
     sampling = SamplingConfig(**{k: getattr(args, k) if getattr(args, k) is not None else targs[k]
                                  for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "ode_steps", "sampler")})
     table = TextEmbeddingTable(encoder, device)

@@ -6,7 +6,7 @@ and need nothing else from the model.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -48,15 +48,30 @@ class PixelTokenizer(Tokenizer):
         return latents.clamp(-1, 1)
 
 
+def _kl16(path: Optional[str] = None) -> Tokenizer:
+    from models.vae import mar_kl16  # diffusers is imported only when a VAE is built
+    return mar_kl16(path)
+
+
+def _sd_vae(path: Optional[str] = None) -> Tokenizer:
+    from models.vae import sd_vae
+    return sd_vae(path)
+
+
 TOKENIZERS: Dict[str, Callable[..., Tokenizer]] = {
     "pixels": PixelTokenizer,
+    "kl16": _kl16,      # MAR's KL-16 (models/vae.py); path: kl16.ckpt
+    "sd-vae": _sd_vae,  # Stable Diffusion's VAE; path: a local diffusers folder
 }
 
 
-def build_tokenizer(name: str) -> Tokenizer:
+def build_tokenizer(name: str, path: Optional[str] = None) -> Tokenizer:
+    """``path``: the VAE weights (ignored by ``pixels``; VAEs fall back to their default location)."""
     if name not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(TOKENIZERS)}")
-    return TOKENIZERS[name]().eval()
+    if name == "pixels":
+        return TOKENIZERS[name]().eval()
+    return TOKENIZERS[name](path).eval()
 
 
 def patchify(latents: torch.Tensor, patch: int) -> torch.Tensor:

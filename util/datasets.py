@@ -1,6 +1,7 @@
 """Training data: dataset registry and a resumable, rank-aware sampler.
 
-A dataset item is ``(image [3,H,W] float in [-1,1], caption str)``.
+A dataset item is ``(image [3,H,W] float in [-1,1], caption str)``; for ``cached`` it is
+``(latent [c,h,w], caption str)`` read from a main_cache.py folder.
 """
 from __future__ import annotations
 
@@ -17,8 +18,29 @@ def _shapes(data_path: str, img_size: int, num_samples: int, seed: int) -> Datas
     return ShapesDataset(split="train", num_samples=num_samples, resolution=img_size, seed=seed)
 
 
+def _imagenet(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
+    del num_samples, seed  # the files decide
+    from util.image_folders import RawImageDataset, list_class_folders  # class folders, VAE online
+    return RawImageDataset(list_class_folders(data_path), img_size)
+
+
+def _captions(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
+    del num_samples, seed  # the files decide
+    from util.image_folders import RawImageDataset, list_manifest  # data_path: the JSON Lines manifest
+    return RawImageDataset(list_manifest(data_path), img_size)
+
+
+def _cached(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
+    del img_size, num_samples, seed  # the cache decides (main_jepat checks its resolution)
+    from util.latent_cache import CachedLatentDataset  # data_path: a main_cache.py folder
+    return CachedLatentDataset(data_path)
+
+
 DATASETS: Dict[str, Callable[..., Dataset]] = {
     "shapes": _shapes,
+    "imagenet": _imagenet,
+    "captions": _captions,
+    "cached": _cached,
 }
 
 

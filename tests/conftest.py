@@ -1,0 +1,19 @@
+"""Session fixtures shared by the VAE and cache tests: one randomly initialised KL-16 of MAR's
+architecture, and the same weights written as an LDM-layout kl16.ckpt (as MAR ships it)."""
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def kl16_random():
+    from models.vae import random_vae
+    return random_vae("kl16", seed=3)
+
+
+@pytest.fixture(scope="session")
+def kl16_ckpt(kl16_random, tmp_path_factory):
+    from models.vae import diffusers_to_ldm
+    path = tmp_path_factory.mktemp("vae") / "kl16.ckpt"
+    ldm = diffusers_to_ldm(kl16_random.vae.state_dict(), levels=5)
+    torch.save({"model": {**ldm, "loss.logvar": torch.zeros(())}}, path)  # MAR's file also holds its loss
+    return path
