@@ -1,3 +1,4 @@
+import importlib
 import json
 import subprocess
 import sys
@@ -109,20 +110,28 @@ def test_resumable_sampler_positions():
     assert sorted(a[:2] + b[:2]) == sorted(whole[:4])  # two ranks of 2 = one process of 4
 
 
-@pytest.mark.parametrize("script", ["main_jepat.py", "main_sample.py"])
-def test_help_works(script):
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("script", ["main_jepat", "main_sample", "main_cache"])
+def test_help_works(script, capsys):
+    parser = importlib.import_module(script).get_args_parser()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_args(["--help"])
+    assert exit_.value.code == 0 and "usage" in capsys.readouterr().out
+
+
+def test_help_works_from_the_command_line():
+    out = subprocess.run([sys.executable, "main_jepat.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0 and "usage" in out.stdout
 
 
-def test_unknown_choices_are_argparse_errors():
-    out = subprocess.run([sys.executable, "main_jepat.py", "--model", "gigantic"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "invalid choice" in out.stderr and "tiny" in out.stderr
-    for flag in ("--text_encoder", "--dataset"):
-        out = subprocess.run([sys.executable, "main_jepat.py", flag, "nope"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 2 and "invalid choice" in out.stderr
+@pytest.mark.parametrize("flag", ["--model", "--text_encoder", "--dataset", "--tokenizer"])
+def test_unknown_choices_are_argparse_errors(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main_jepat.get_args_parser().parse_args([flag, "gigantic"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "invalid choice" in err
+    if flag == "--model":
+        assert "tiny" in err and "base" in err  # the choices are listed
 
 
 def test_scripts_pass_bash_n():
