@@ -43,9 +43,9 @@ def load_clip(model_name: str, weights: Optional[str], device: torch.device):
 
 
 @torch.no_grad()
-def clip_scores(model, preprocess, tokenizer, images: torch.Tensor, prompts: Sequence[str], device: torch.device,
-                batch_size: int = 64) -> torch.Tensor:
-    """Per-image CLIP score [N] for uint8 images [N,3,H,W] and their prompts."""
+def clip_similarity(model, preprocess, tokenizer, images: torch.Tensor, prompts: Sequence[str],
+                    device: torch.device, batch_size: int = 64) -> torch.Tensor:
+    """Cosine similarity [N] of each uint8 image [N,3,H,W] with its own prompt."""
     if images.dtype != torch.uint8:
         raise ValueError(f"expected uint8 images, got {images.dtype}")
     if len(prompts) != images.shape[0]:
@@ -56,8 +56,14 @@ def clip_scores(model, preprocess, tokenizer, images: torch.Tensor, prompts: Seq
         x = torch.stack([preprocess(p) for p in pil]).to(device)                                 # [b,3,224,224]
         img = F.normalize(model.encode_image(x).float(), dim=-1)                                  # [b,E]
         txt = F.normalize(model.encode_text(tokenizer(list(prompts[s:s + batch_size])).to(device)).float(), dim=-1)
-        out.append((100 * (img * txt).sum(-1)).clamp(min=0).cpu())                               # [b]
+        out.append((img * txt).sum(-1).cpu())                                                    # [b]
     return torch.cat(out)
+
+
+def clip_scores(model, preprocess, tokenizer, images: torch.Tensor, prompts: Sequence[str], device: torch.device,
+                batch_size: int = 64) -> torch.Tensor:
+    """Per-image CLIP score [N]: 100 * max(cosine, 0)."""
+    return 100 * clip_similarity(model, preprocess, tokenizer, images, prompts, device, batch_size).clamp(min=0)
 
 
 def clip_score(images: torch.Tensor, prompts: Sequence[str], model_name: str, weights: Optional[str],

@@ -158,7 +158,7 @@ def load_folder(folder: Path, num_images: int) -> torch.Tensor:
         path = Path(folder) / image_name(i)
         if not path.is_file():
             raise FileNotFoundError(f"missing sample {path}: a rank did not finish its share")
-        images.append(torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1))
+        images.append(torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1))
     return torch.stack(images)
 
 
