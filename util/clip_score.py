@@ -45,14 +45,16 @@ def load_clip(model_name: str, weights: Optional[str], device: torch.device):
 @torch.no_grad()
 def clip_similarity(model, preprocess, tokenizer, images: torch.Tensor, prompts: Sequence[str],
                     device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """Cosine similarity [N] of each uint8 image [N,3,H,W] with its own prompt."""
-    if images.dtype != torch.uint8:
-        raise ValueError(f"expected uint8 images, got {images.dtype}")
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {len(prompts)} prompts")
+    """Cosine similarity [N] of each uint8 image [3,H,W] of ``images`` (a tensor [N,3,H,W] or a
+    Dataset of such images) with its own prompt."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
     out = []
     for s in range(0, len(prompts), batch_size):
-        pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in images[s:s + batch_size]]
+        batch = [images[i] for i in range(s, min(s + batch_size, len(prompts)))]
+        if batch[0].dtype != torch.uint8:
+            raise ValueError(f"expected uint8 images, got {batch[0].dtype}")
+        pil = [Image.fromarray(im.permute(1, 2, 0).numpy()) for im in batch]
         x = torch.stack([preprocess(p) for p in pil]).to(device)                                 # [b,3,224,224]
         img = F.normalize(model.encode_image(x).float(), dim=-1)                                  # [b,E]
         txt = F.normalize(model.encode_text(tokenizer(list(prompts[s:s + batch_size])).to(device)).float(), dim=-1)
@@ -66,7 +68,7 @@ def clip_scores(model, preprocess, tokenizer, images: torch.Tensor, prompts: Seq
     return 100 * clip_similarity(model, preprocess, tokenizer, images, prompts, device, batch_size).clamp(min=0)
 
 
-def clip_score(images: torch.Tensor, prompts: Sequence[str], model_name: str, weights: Optional[str],
+def clip_score(images, prompts: Sequence[str], model_name: str, weights: Optional[str],
                device: torch.device, batch_size: int = 64) -> Dict:
     """Mean CLIP score with its sample count, model and weights."""
     model, preprocess, tokenizer = load_clip(model_name, weights, device)

@@ -151,15 +151,25 @@ def generate_to_folder(model: JEPAT, text_table: TextEmbeddingTable, tokenizer: 
     return mine
 
 
-def load_folder(folder: Path, num_images: int) -> torch.Tensor:
-    """uint8 [N,3,H,W] of ids 0..N-1 (an error names the first missing file)."""
-    images = []
-    for i in range(num_images):
-        path = Path(folder) / image_name(i)
-        if not path.is_file():
-            raise FileNotFoundError(f"missing sample {path}: a rank did not finish its share")
-        images.append(torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1))
-    return torch.stack(images)
+class SampleFolder(torch.utils.data.Dataset):
+    """The PNGs of ids 0..N-1 as uint8 [3,H,W] tensors, read on demand (50,000 images do not
+    have to fit in memory); files of other ids in the folder are ignored."""
+
+    def __init__(self, folder: Path, num_images: int) -> None:
+        self.files = [Path(folder) / image_name(i) for i in range(num_images)]
+        missing = [f for f in self.files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} samples missing, e.g. {missing[0]}: a rank did not finish its share")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(Image.open(self.files[i]).convert("RGB"))).permute(2, 0, 1)
+
+    def stack(self, count: Optional[int] = None) -> torch.Tensor:
+        """uint8 [n,3,H,W] of the first ``count`` images (all by default)."""
+        return torch.stack([self[i] for i in range(len(self) if count is None else min(count, len(self)))])
 
 
 def save_adm_npz(path: Path, images: torch.Tensor, labels: Optional[Sequence[int]] = None) -> None:
@@ -204,8 +214,9 @@ def evaluate_prompts(model: JEPAT, text_table: TextEmbeddingTable, tokenizer: To
                      "num_samples": n, "ranks": world, "prompts": prompt_set.source,
                      "num_classes": prompt_set.num_classes, **prompt_set.extra,
                      "generation_seconds": seconds, "seconds_per_image": seconds * world / n}
-    images = load_folder(out_dir / "samples", n)
-    save_image(images[:64].float() / 255, out_dir / "grid.png", nrow=8, padding=1, pad_value=0.5)
+    samples = SampleFolder(out_dir / "samples", n)
+    grid = samples.stack(64)
+    save_image(grid.float() / 255, out_dir / "grid.png", nrow=8, padding=1, pad_value=0.5)
     with open(out_dir / "manifest.jsonl", "w") as f:
         for i, p in enumerate(prompt_set.prompts):
             row = {"file": f"samples/{image_name(i)}", "id": i, "prompt": p, "seed": image_seed(seed, i)}
@@ -213,18 +224,20 @@ def evaluate_prompts(model: JEPAT, text_table: TextEmbeddingTable, tokenizer: To
                 row["label"] = prompt_set.labels[i]
             f.write(json.dumps(row) + "\n")
     if options.save_npz:
+        images = samples.stack()
         save_adm_npz(out_dir / f"samples_{n}x{images.shape[2]}x{images.shape[3]}x3.npz", images, prompt_set.labels)
+        del images
     wanted = [m for m in options.metrics if m == "isc" or options.fid_ref]
     if wanted:
         from util.fid import compute_metrics, describe
-        metrics["fidelity"] = compute_metrics(images, options.fid_ref, wanted, options.feature_extractor, device,
+        metrics["fidelity"] = compute_metrics(samples, options.fid_ref, wanted, options.feature_extractor, device,
                                               options.batch_size, options.inception_weights)
         log.info("%s", describe(metrics["fidelity"]))
     else:
         log.info("FID/IS skipped: no metrics requested")
     if options.clip_score_weights:
         from util.clip_score import clip_score
-        metrics["clip_score"] = clip_score(images, prompt_set.prompts, options.clip_score_model,
+        metrics["clip_score"] = clip_score(samples, prompt_set.prompts, options.clip_score_model,
                                            options.clip_score_weights, device, options.batch_size)
         log.info("CLIP score %.3f (%s, %d samples)", metrics["clip_score"]["clip_score"], options.clip_score_model, n)
     else:
@@ -233,7 +246,7 @@ def evaluate_prompts(model: JEPAT, text_table: TextEmbeddingTable, tokenizer: To
     with open(out_dir / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
     if writer is not None:
-        log_to_tensorboard(writer, metrics, step, images[:64])
+        log_to_tensorboard(writer, metrics, step, grid)
     barrier()
     return metrics
 
