@@ -54,10 +54,11 @@ def main() -> None:
             "--probe_test", str(a.probe_test)])
         t0 = time.time()
         m = main_jepat.main(args)
+        if "stopped_by_signal" in m:
+            raise SystemExit(f"the {mode} run was stopped by signal {m['stopped_by_signal']} at step {m['step']}")
         rows.append({"fusion": mode, "steps": m["step"], "train_seconds": m["train_seconds"],
                      "total_seconds": time.time() - t0, "seen": m["seen"], "heldout": m["heldout"], "probe": m["probe"]})
-    Path(a.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(a.output_dir) / "bench_fusion.json").write_text(json.dumps(rows, indent=2))
+        (Path(a.output_dir) / "bench_fusion.json").write_text(json.dumps(rows, indent=2))   # after every variant
     print(f"\nfusion ablation on shapes: {a.steps} steps of {batch} images each, seed {a.seed}, "
           f"{a.eval_per_combo} judged images per combination (240 seen / 48 held-out at 16)")
     print(f"{'fusion':>10} {'steps':>5} {'train s':>7} | {'seen joint':>10} {'color':>5} {'shape':>5} | "
