@@ -137,3 +137,16 @@ def test_linear_probe_learns_colors_from_pixels_and_reads_the_encoder(one_thread
     assert feats.shape == (4, model.cfg.width)
     with pytest.raises(ValueError, match="img_size"):
         probe.encoder_features(model, tokenizer, 2, torch.zeros(1, 3, 16, 16), torch.device("cpu"))
+
+
+def test_missing_weights_and_references_fail_before_generating(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(FileNotFoundError, match="no Inception weights at .*hub"):
+        evaluation.check_options(evaluation.EvalOptions(fid_ref=str(tmp_path)))
+    tiny = "jepat-test-tiny"
+    with pytest.raises(FileNotFoundError, match="no FID reference at .*nothing.npz"):
+        evaluation.check_options(evaluation.EvalOptions(fid_ref=str(tmp_path / "nothing.npz"), feature_extractor=tiny))
+    with pytest.raises(FileNotFoundError, match="no CLIP weights at .*clip.bin"):
+        evaluation.check_options(evaluation.EvalOptions(feature_extractor=tiny, clip_score_weights=str(tmp_path / "clip.bin")))
+    # without a reference only the Inception Score remains (and metrics.json says what was skipped)
+    assert evaluation.check_options(evaluation.EvalOptions(feature_extractor=tiny)) == ["isc"]

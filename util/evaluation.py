@@ -194,6 +194,24 @@ class EvalOptions:
     batch_size: int = 64
 
 
+def check_options(options: EvalOptions) -> List[str]:
+    """The metrics that will be computed; missing Inception weights, reference or CLIP weights
+    file are errors raised now (naming the path)."""
+    wanted = [m for m in options.metrics if m == "isc" or options.fid_ref]
+    if wanted:
+        from util.fid import METRICS, extractor_kwargs
+        unknown = set(options.metrics) - set(METRICS)
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
+        extractor_kwargs(options.feature_extractor, options.inception_weights)
+    if options.fid_ref and not Path(options.fid_ref).exists():
+        raise FileNotFoundError(f"no FID reference at {options.fid_ref} (a statistics .npz or an image folder)")
+    weights = options.clip_score_weights
+    if weights and (Path(weights).suffix or "/" in weights) and not Path(weights).expanduser().is_file():
+        raise FileNotFoundError(f"no CLIP weights at {weights} for the CLIP score; leave out --clip_score_weights to skip it")
+    return wanted
+
+
 def evaluate_prompts(model: JEPAT, text_table: TextEmbeddingTable, tokenizer: Tokenizer, prompt_set: PromptSet,
                      sampling: SamplingConfig, patch_size: int, out_dir: Path, seed: int, device: torch.device,
                      precision: str, step: int, options: EvalOptions, checkpoint: Optional[str] = None,
@@ -202,6 +220,7 @@ def evaluate_prompts(model: JEPAT, text_table: TextEmbeddingTable, tokenizer: To
     manifest, the optional .npz, the metrics and ``metrics.json``. Other ranks return {}."""
     out_dir = Path(out_dir)
     rank, world = rank_and_world()
+    wanted = check_options(options)           # fail before generating, on every rank, not after
     t0 = time.time()
     generate_to_folder(model, text_table, tokenizer, prompt_set.prompts, sampling, patch_size, seed, device,
                        out_dir / "samples", precision, options.batch_size)
@@ -227,7 +246,9 @@ def evaluate_prompts(model: JEPAT, text_table: TextEmbeddingTable, tokenizer: To
         images = samples.stack()
         save_adm_npz(out_dir / f"samples_{n}x{images.shape[2]}x{images.shape[3]}x3.npz", images, prompt_set.labels)
         del images
-    wanted = [m for m in options.metrics if m == "isc" or options.fid_ref]
+    if len(wanted) < len(options.metrics):
+        metrics["fidelity_skipped"] = {m: "no --fid_ref" for m in options.metrics if m not in wanted}
+        log.info("%s skipped: no --fid_ref", ", ".join(metrics["fidelity_skipped"]))
     if wanted:
         from util.fid import compute_metrics, describe
         metrics["fidelity"] = compute_metrics(samples, options.fid_ref, wanted, options.feature_extractor, device,
