@@ -30,6 +30,7 @@ from models.text_encoders import TEXT_ENCODERS, build_text_encoder
 from models.tokenizers import TOKENIZERS, build_tokenizer
 from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from util.datasets import DATASETS, ResumableSampler, build_dataset, collate
+from util.eval_cli import add_evaluation_args, evaluate_generation, finish_shapes, online_eval_dir
 from util.metrics import evaluate_shapes
 from util.schedules import CosineValue, LRSchedule, WeightDecaySchedule
 from util.latent_cache import CachedLatentDataset, CachedLatentInput, read_meta
@@ -107,6 +108,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--grid_freq", type=int, default=1, help="epochs between TensorBoard sample grids (0: none)")
     g.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--no_eval", action="store_true", help="skip the evaluation after training")
+    add_evaluation_args(p)
     return p
 
 
@@ -200,7 +202,9 @@ def main(args: argparse.Namespace) -> Dict:
     if args.evaluate:
         if ckpt is None:
             raise SystemExit("--evaluate needs --resume CHECKPOINT")
-        return run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step=ckpt["state"]["step"])
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(str(out_dir / "tb")) as eval_writer:
+            return run_evaluation(args, ema, text_table, tokenizer, device, out_dir, ckpt["state"]["step"], eval_writer)
 
     dataset = build_dataset(args.dataset, args.data_path, args.img_size, args.num_samples, args.seed)
     if hasattr(dataset, "caption_vocabulary"):
@@ -297,6 +301,9 @@ def main(args: argparse.Namespace) -> Dict:
         checkpoint("last")
         if args.grid_freq and state.batch_in_epoch == 0 and state.epoch % args.grid_freq == 0:
             log_sample_grid(writer, ema, text_table, tokenizer, args, device, state.step)
+        eval_dir = online_eval_dir(args, out_dir, state.epoch) if state.batch_in_epoch == 0 else None
+        if eval_dir is not None:
+            run_evaluation(args, ema, text_table, tokenizer, device, eval_dir, state.step, writer)
         if history:
             h = history[-1]
             log.info("epoch %d step %d loss %.4f (flow %.4f, jepa %.4f) lr %.2e  %.0fs",
@@ -330,6 +337,9 @@ def log_sample_grid(writer, ema: JEPAT, text_table: TextEmbeddingTable, tokenize
 
 
 def run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step, writer=None) -> Dict:
+    generated = evaluate_generation(args, ema, text_table, tokenizer, device, out_dir, step, sampling_config(args), writer)
+    if generated is not None:
+        return generated
     shapes_cache = args.dataset == "cached" and read_meta(args.data_path)["root"].startswith("shapes(")
     if args.dataset != "shapes" and not shapes_cache:
         log.info("no built-in evaluation for dataset %s", args.dataset)
@@ -341,7 +351,7 @@ def run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step, writ
         for split in ("seen", "heldout"):
             for k in ("color_acc", "shape_acc", "joint_acc"):
                 writer.add_scalar(f"eval/{split}_{k}", metrics[split][k], step)
-    return metrics
+    return finish_shapes(args, metrics, ema, tokenizer, device, out_dir, step, writer)
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ def integrate_flow(velocity: VelocityFn, noise: torch.Tensor, steps: int, sample
 
 def sample_tokens_from_head(head: FlowHead, z: torch.Tensor, temperature: float, steps: int,
                             sampler: str, guidance: Optional[torch.Tensor] = None,
-                            generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                            generator: Optional[torch.Generator] = None,
+                            noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Draw one token per row of z by integrating the head's ODE.
 
     Args:
@@ -154,10 +155,13 @@ def sample_tokens_from_head(head: FlowHead, z: torch.Tensor, temperature: float,
            null-condition rows) when ``guidance`` is given.
         temperature: scale of the initial noise (1 = the training distribution).
         guidance: [N] CFG scale per token; v = v_null + g * (v_cond - v_null).
+        noise: [N, d] unit-variance starting noise drawn by the caller (then ``generator`` is unused).
     Returns: tokens [N, d].
     """
     n = z.shape[0] if guidance is None else z.shape[0] // 2
-    noise = torch.randn(n, head.token_dim, device=z.device, generator=generator) * temperature   # [N,d]
+    if noise is None:
+        noise = torch.randn(n, head.token_dim, device=z.device, generator=generator)            # [N,d]
+    noise = noise.float() * temperature                                                          # [N,d]
     if guidance is None:
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return head(x, t, z).float()

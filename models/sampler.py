@@ -55,7 +55,8 @@ def num_hidden_after(step: int, num_iter: int, seq_len: int, hidden_now: int) ->
 
 @torch.no_grad()
 def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: SamplingConfig,
-                  generator: Optional[torch.Generator] = None, batch_null: Optional[bool] = None) -> torch.Tensor:
+                  generator: Optional[torch.Generator] = None, batch_null: Optional[bool] = None,
+                  orders: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Generate image tokens for a batch of captions.
 
     Args:
@@ -63,6 +64,9 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
         null: [B] bool, True where the prompt is empty and the image is unconditional.
         generator: torch.Generator on the model's device; the same seed gives the same images.
         batch_null: run the null-condition rows (CFG). Default: whenever cfg != 1.
+        orders, noise: the randomness drawn by the caller instead of from ``generator``: unmasking
+            orders [B, L] and the flow's unit starting noise per token position [B, L, d]. With
+            both, image b depends only on its own row (evaluation seeds every image by its id).
     Returns: tokens [B, L, d] (float32).
     """
     mc = model.cfg
@@ -74,7 +78,8 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
         log.warning("num_iter %d is more than the %d tokens; using %d (one token per step)", num_iter, L, L)
         num_iter = L
     use_null = (cfg.cfg != 1.0) if batch_null is None else batch_null
-    orders = random_orders(B, L, device, generator)                                   # [B,L]
+    if orders is None:
+        orders = random_orders(B, L, device, generator)                               # [B,L]
     tokens = torch.zeros(B, L, d, device=device)                                      # [B,L,d]
     if use_null:
         text = TextEmbeddings.cat([text, text])
@@ -98,8 +103,9 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
             known = (L - hidden_next) / L if cfg.cfg_schedule == "linear" else 1.0
             g = 1.0 + (cfg.cfg - 1.0) * known
             guidance = torch.full((B * n,), g, device=device)
+        eps = None if noise is None else noise.gather(1, reveal[..., None].expand(-1, -1, d)).flatten(0, 1)
         new = sample_tokens_from_head(model.flow_head, z_sel, cfg.temperature, cfg.ode_steps,
-                                      cfg.sampler, guidance, generator)               # [B*n,d]
+                                      cfg.sampler, guidance, generator, eps)          # [B*n,d]
         tokens = tokens.scatter(1, reveal[..., None].expand(-1, -1, d), new.view(B, n, d).float())
         hidden = hidden_next
     return tokens
