@@ -165,9 +165,12 @@ def main(args: argparse.Namespace) -> Dict:
     env = init_distributed(args.device, args.dist_timeout_min)
     if not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs, writes grids and checkpoints
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         return train(args, env)
     finally:
+        for sig, handler in handlers.items():  # the preemption handlers live only as long as the run
+            signal.signal(sig, handler)
         destroy_distributed(env)
 
 

@@ -135,10 +135,12 @@ def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_iden
     assert_same(load(ddp_run / "checkpoint-last.pth"), resumed, exact=True)
 
 
-def test_fsdp_with_activation_checkpointing_matches_ddp_and_writes_a_plain_checkpoint(ddp_run, tmp_path):
+def test_fsdp_with_activation_checkpointing_resumes_matches_ddp_and_writes_a_plain_checkpoint(ddp_run, tmp_path):
     out = tmp_path / "fsdp"
-    run_ranks(COMMON + ["--batch_size", "4", "--output_dir", str(out), "--strategy", "fsdp",
-                        "--grad_checkpointing", "--max_steps", "6"])
+    argv = COMMON + ["--batch_size", "4", "--output_dir", str(out), "--strategy", "fsdp", "--grad_checkpointing"]
+    run_ranks(argv + ["--max_steps", "3"])
+    # resumed (the full optimizer state is re-sharded) up to the DDP run's first checkpoint
+    run_ranks(argv + ["--max_steps", "6", "--resume", str(out / "checkpoint-last.pth")])
     a, b = load(ddp_run / "checkpoint-1.pth"), load(out / "checkpoint-last.pth")
     assert b["state"]["step"] == 6
     assert all(type(v) is torch.Tensor for v in b["model"].values())   # full tensors, not shards
