@@ -65,7 +65,12 @@ def run_ranks(argv: List[str], world: int = 2) -> None:
 
 
 def run_single(out: Path, *extra: str) -> dict:
-    return main_jepat.main(main_jepat.get_args_parser().parse_args(COMMON + ["--output_dir", str(out)] + list(extra)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # like each rank; a shared, busy machine punishes spinning intra-op threads
+    try:
+        return main_jepat.main(main_jepat.get_args_parser().parse_args(COMMON + ["--output_dir", str(out)] + list(extra)))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def load(path: Path) -> dict:
