@@ -21,8 +21,8 @@ import main_jepat
 COMMON = ["--img_size", "16", "--patch_size", "8", "--num_samples", "48", "--lr", "1e-3", "--warmup_epochs", "0.5",
           "--log_freq", "3", "--no_eval", "--grid_freq", "0", "--num_workers", "0", "--precision", "fp32",
           "--device", "cpu", "--weight_decay_end", "0.1", "--ema_rate_start", "0.9", "--ema_rate", "0.99",
-          "--epochs", "2", "--text_max_length", "8"]
-STEPS = 2 * 6
+          "--epochs", "4", "--text_max_length", "8"]
+STEPS = 4 * 6   # long enough that the preemption signal lands before the end on a busy machine
 
 
 def _free_port() -> int:
@@ -97,7 +97,7 @@ def assert_same(a: dict, b: dict, exact: bool) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory) -> Path:
-    """Two gloo ranks, batch 4 each, uninterrupted: checkpoint-1.pth after 6 steps, -last after 12."""
+    """Two gloo ranks, batch 4 each, uninterrupted: checkpoint-1.pth after 6 steps, -last after 24."""
     out = tmp_path_factory.mktemp("ddp")
     run_ranks(COMMON + ["--batch_size", "4", "--output_dir", str(out)])
     return out
