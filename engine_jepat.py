@@ -14,6 +14,7 @@ from tqdm import tqdm
 from models.jepat import JEPAT, training_losses
 from models.sampler import SamplingConfig, sample_tokens
 from models.tokenizers import Tokenizer, patchify, unpatchify
+from util.dist import grad_norm_value, seed_step
 from util.schedules import CosineValue, LRSchedule, WeightDecaySchedule
 from util.text_cache import TextEmbeddingTable
 
@@ -71,13 +72,23 @@ def train_one_epoch(model: JEPAT, ema: JEPAT, loader: Iterable, optimizer: torch
                     scaler: Optional[torch.amp.GradScaler], grad_clip: float, flow_weight: float,
                     jepa_weight: float, log_every: int, log_fn: Callable[[int, Dict[str, float]], None],
                     max_steps: Optional[int] = None,
-                    step_hook: Optional[Callable[[TrainState], bool]] = None) -> Dict[str, float]:
+                    step_hook: Optional[Callable[[TrainState], bool]] = None,
+                    accum_iter: int = 1, train_module: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
+                    grad_sync: Optional[Callable[[bool], contextlib.AbstractContextManager]] = None,
+                    reduce_sum_: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    seed: Optional[int] = None, shard: int = 0) -> Dict[str, float]:
     """One pass over ``loader`` (which starts at ``state.batch_in_epoch``).
 
     Losses are accumulated on the device and read back every ``log_every`` steps. A non-finite
     loss raises FloatingPointError naming the step (checked at those same points, before any
     checkpoint can be written). ``step_hook(state)`` runs after every step; returning True stops
     the epoch early (periodic checkpoints, time budgets, preemption).
+
+    Distributed / accumulation (``util/dist.py``): ``accum_iter`` micro-batches make one optimizer
+    step (their losses divided by ``accum_iter``; ``grad_sync(False)`` on all but the last);
+    ``train_module`` computes the losses in one forward (DDP, FSDP, compile); ``reduce_sum_``
+    sums the logged values over ranks at log intervals only; with ``seed`` set, micro-batch m of
+    step s draws its randomness from ``seed_step(seed, s, shard * accum_iter + m)``.
     """
     model.train()
     sums = torch.zeros(4, device=device)          # loss, flow, jepa, count since the last flush
@@ -85,25 +96,46 @@ def train_one_epoch(model: JEPAT, ema: JEPAT, loader: Iterable, optimizer: torch
     last: Dict[str, float] = {}
     bar = tqdm(total=len(loader), desc=f"epoch {state.epoch}", leave=False, dynamic_ncols=True,
                disable=not log.isEnabledFor(logging.INFO))
+    accum = max(1, accum_iter)
+    epoch_end = (state.batch_in_epoch + len(loader)) // accum * accum   # micro-batches that make whole steps
+    micro = 0
     for images, captions in loader:
-        if max_steps is not None and state.step >= max_steps:
+        if (max_steps is not None and state.step >= max_steps) or state.batch_in_epoch >= epoch_end:
             break
-        lr = schedules.lr.apply(optimizer, state.step)
-        wd = schedules.weight_decay.apply(optimizer, state.step)
-        momentum = schedules.ema(state.step)
+        if micro == 0:
+            lr = schedules.lr.apply(optimizer, state.step)
+            wd = schedules.weight_decay.apply(optimizer, state.step)
+            momentum = schedules.ema(state.step)
+            optimizer.zero_grad(set_to_none=True)
+        if seed is not None:
+            seed_step(seed, state.step, shard * accum + micro, state.host_generator)
         images = images.to(device, non_blocking=True)
         text = text_table.lookup(captions)
         with torch.no_grad():
             x = patchify(tokenizer.encode(images), patch_size).float()                 # [B,L,d]
-        with autocast_context(device, precision):
-            out = training_losses(model, ema, x, text, state.host_generator, flow_weight, jepa_weight)
-        loss = out["loss"]
-        optimizer.zero_grad(set_to_none=True)
+        sync = micro == accum - 1
+        with grad_sync(sync) if grad_sync is not None else contextlib.nullcontext():
+            with autocast_context(device, precision):
+                if train_module is not None:
+                    out = train_module(x, text, state.host_generator, flow_weight, jepa_weight)
+                else:
+                    out = training_losses(model, ema, x, text, state.host_generator, flow_weight, jepa_weight)
+            loss = out["loss"]
+            micro_loss = loss / accum if accum > 1 else loss
+            if scaler is not None:
+                scaler.scale(micro_loss).backward()
+            else:
+                micro_loss.backward()
+        state.batch_in_epoch += 1
+        sums += torch.stack([loss.detach().float(), out["flow"].float(), out["jepa"].float(),
+                             torch.ones((), device=device)])
+        bad |= ~torch.isfinite(loss.detach())
+        if not sync:
+            micro += 1
+            continue
+        micro = 0
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
         if scaler is not None:
             scaler.step(optimizer)
@@ -112,25 +144,28 @@ def train_one_epoch(model: JEPAT, ema: JEPAT, loader: Iterable, optimizer: torch
             optimizer.step()
         update_ema(ema, model, momentum)
         state.step += 1
-        state.batch_in_epoch += 1
-        sums += torch.stack([loss.detach().float(), out["flow"].float(), out["jepa"].float(),
-                             torch.ones((), device=device)])
-        bad |= ~torch.isfinite(loss.detach())
-        bar.update(1)
+        bar.update(accum)
         if state.step % log_every == 0:
-            last = _flush(sums, bad, state, lr, wd, momentum, grad_norm, out["mask_ratio"], log_fn, bar)
+            last = _flush(sums, bad, state, lr, wd, momentum, grad_norm, out["mask_ratio"], log_fn, bar, reduce_sum_)
         if step_hook is not None and step_hook(state):
             break
-    if sums[3] > 0:
-        last = _flush(sums, bad, state, lr, wd, momentum, grad_norm, out["mask_ratio"], log_fn, bar)
+    if sums[3] > 0:   # the same count on every rank
+        last = _flush(sums, bad, state, lr, wd, momentum, grad_norm, out["mask_ratio"], log_fn, bar, reduce_sum_)
     bar.close()
     return last
 
 
 def _flush(sums: torch.Tensor, bad: torch.Tensor, state: TrainState, lr: float, wd: float, momentum: float,
            grad_norm: torch.Tensor, mask_ratio: torch.Tensor,
-           log_fn: Callable[[int, Dict[str, float]], None], bar: tqdm) -> Dict[str, float]:
-    """Read the accumulated losses back (the only host sync), check finiteness, log."""
+           log_fn: Callable[[int, Dict[str, float]], None], bar: tqdm,
+           reduce_sum_: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
+    """Read the accumulated losses back (the only host sync), check finiteness, log.
+    With ``reduce_sum_`` the sums and the non-finite flag are first summed over ranks, so every
+    rank logs the same values and stops together."""
+    if reduce_sum_ is not None:
+        packed = reduce_sum_(torch.cat([sums, bad.float()[None]]))
+        sums.copy_(packed[:4])
+        bad.copy_(packed[4] > 0)
     count = int(sums[3].item())
     loss, flow, jepa, _ = (sums / max(count, 1)).tolist()
     if bool(bad) or not math.isfinite(loss):
@@ -139,7 +174,7 @@ def _flush(sums: torch.Tensor, bad: torch.Tensor, state: TrainState, lr: float, 
             "was written before it and is kept. Lower --lr or use --precision fp32 to investigate")
     sums.zero_()
     values = {"loss": loss, "flow_loss": flow, "jepa_loss": jepa, "lr": lr, "weight_decay": wd,
-              "ema_momentum": momentum, "grad_norm": float(grad_norm), "mask_ratio": float(mask_ratio)}
+              "ema_momentum": momentum, "grad_norm": grad_norm_value(grad_norm), "mask_ratio": float(mask_ratio)}
     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
     log_fn(state.step, values)
     return values

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -30,7 +30,8 @@ from models.text_encoders import TEXT_ENCODERS, build_text_encoder
 from models.tokenizers import TOKENIZERS, build_tokenizer
 from util.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from util.datasets import DATASETS, ResumableSampler, build_dataset, collate
-from util.eval_cli import add_evaluation_args, evaluate_generation, finish_shapes, online_eval_dir
+from util.eval_cli import add_evaluation_args, evaluate_generation, finish_shapes, online_eval_dir, prompt_set
+from util.dist import DistEnv, Parallel, add_distributed_args, destroy_distributed, init_distributed
 from util.metrics import evaluate_shapes
 from util.schedules import CosineValue, LRSchedule, WeightDecaySchedule
 from util.latent_cache import CachedLatentDataset, CachedLatentInput, read_meta
@@ -109,6 +110,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--no_eval", action="store_true", help="skip the evaluation after training")
     add_evaluation_args(p)
+    add_distributed_args(p)
     return p
 
 
@@ -172,9 +174,23 @@ def check_compatible(ckpt: Dict, model: JEPAT, path: str) -> None:
 
 
 def main(args: argparse.Namespace) -> Dict:
+    """One process, or one rank of a torchrun launch (see util/dist.py)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
+    env = init_distributed(args.device, args.dist_timeout_min)
+    if not env.is_main:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs, writes grids and checkpoints
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return train(args, env)
+    finally:
+        for sig, handler in handlers.items():  # the preemption handlers live only as long as the run
+            signal.signal(sig, handler)
+        destroy_distributed(env)
+
+
+def train(args: argparse.Namespace, env: DistEnv) -> Dict:
+    device = env.device
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     args.precision = resolve_precision(device, args.precision)
@@ -202,10 +218,19 @@ def main(args: argparse.Namespace) -> Dict:
     if args.evaluate:
         if ckpt is None:
             raise SystemExit("--evaluate needs --resume CHECKPOINT")
-        from torch.utils.tensorboard import SummaryWriter
-        with SummaryWriter(str(out_dir / "tb")) as eval_writer:
-            return run_evaluation(args, ema, text_table, tokenizer, device, out_dir, ckpt["state"]["step"], eval_writer)
+        writer = None
+        if env.is_main:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(str(out_dir / "tb"))
+        try:
+            return evaluate_on_ranks(args, env, ema, text_table, tokenizer, device, out_dir, ckpt["state"]["step"], writer)
+        finally:
+            if writer is not None:
+                writer.close()
 
+    if args.strategy == "fsdp" and env.world_size > 1 and not args.no_eval and prompt_set(args) is not None:
+        raise SystemExit("a prompt-set evaluation needs the whole EMA on every rank: with --strategy fsdp pass "
+                         "--no_eval and evaluate the saved (consolidated) checkpoint with --evaluate --resume")
     dataset = build_dataset(args.dataset, args.data_path, args.img_size, args.num_samples, args.seed)
     if hasattr(dataset, "caption_vocabulary"):
         text_table.add(dataset.caption_vocabulary())
@@ -214,15 +239,21 @@ def main(args: argparse.Namespace) -> Dict:
     if isinstance(dataset, CachedLatentDataset):
         dataset.check(args.tokenizer, args.img_size)  # refuses a cache of another tokenizer / resolution
         train_tokenizer = CachedLatentInput(tokenizer)
-        if text_cache is None and text_dir is not None:
+        if text_cache is None and text_dir is not None and env.is_main:
             save_text_cache(text_dir, text_table)  # the next run reads it instead of building the encoder
-    sampler = ResumableSampler(len(dataset), args.batch_size, seed=args.seed)
+    sampler = ResumableSampler(len(dataset), args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=args.num_workers, drop_last=True, pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
-    steps_per_epoch = sampler.num_batches
+    steps_per_epoch = sampler.num_batches // args.accum_iter  # optimizer steps
+    if steps_per_epoch < 1:
+        raise SystemExit(f"--accum_iter {args.accum_iter} exceeds the {sampler.num_batches} batches of an epoch")
     total_steps = steps_per_epoch * args.epochs  # the schedules' length; --max_steps only stops early
-    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
+    global_batch = args.batch_size * env.world_size * args.accum_iter
+    lr = args.lr if args.lr is not None else args.blr * global_batch / 256
+    parallel = Parallel(env, model, ema, args.strategy, args.precision, args.grad_checkpointing, args.compile,
+                        args.compile_backend, find_unused_parameters=args.fusion != "full"
+                        or not (args.flow_weight > 0 and args.jepa_weight > 0))
     optimizer = torch.optim.AdamW(param_groups(model), lr=lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                                   fused=device.type == "cuda")
     schedules = Schedules(
@@ -236,7 +267,7 @@ def main(args: argparse.Namespace) -> Dict:
     state.host_generator.manual_seed(args.seed)
     prior_seconds = 0.0  # training time of the runs this one resumes
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        parallel.load_optimizer_state(optimizer, ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         s = ckpt["state"]
@@ -245,26 +276,36 @@ def main(args: argparse.Namespace) -> Dict:
         prior_seconds = s.get("train_seconds", 0.0)
         set_rng_state(ckpt["rng"])
         log.info("resumed %s at epoch %d, batch %d, step %d", args.resume, state.epoch, state.batch_in_epoch, state.step)
-    with open(out_dir / "args.json", "w") as f:
-        json.dump({**vars(args), "resolved_lr": lr, "total_steps": total_steps,
-                   "model_config": config_dict(model)}, f, indent=2)
+    log.info("%d process(es) x batch %d x accum %d = global batch %d, lr %.3g, strategy %s",
+             env.world_size, args.batch_size, args.accum_iter, global_batch, lr, parallel.strategy)
+    if env.is_main:
+        with open(out_dir / "args.json", "w") as f:
+            json.dump({**vars(args), "resolved_lr": lr, "total_steps": total_steps, "world_size": env.world_size,
+                       "global_batch": global_batch, "model_config": config_dict(model)}, f, indent=2)
 
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(out_dir / "tb"))
+    writer = SummaryWriter(str(out_dir / "tb")) if env.is_main else None
     history = []
 
     def log_fn(step: int, values: Dict[str, float]) -> None:
+        if writer is None:
+            return
         for k, v in values.items():
             writer.add_scalar(f"train/{k}", v, step)
         history.append({"step": step, "elapsed_s": time.time() - start_time, **values})
 
     def checkpoint(tag: str) -> None:
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
+        if not parallel.all_finite():
             raise FloatingPointError(f"non-finite weights at step {state.step}; not overwriting the last good "
                                      f"checkpoint in {out_dir}. Lower --lr or use --precision fp32 to investigate")
+        parallel.check_replicas()
+        # full state dicts on rank 0 (FSDP gathers shards: every rank takes part); plain for any strategy
+        model_sd, ema_sd, optim_sd = parallel.model_state(), parallel.ema_state(), parallel.optimizer_state(optimizer)
+        if not env.is_main:
+            return
         save_checkpoint(out_dir / f"checkpoint-{tag}.pth", {
-            "model": model.state_dict(), "ema": ema.state_dict(), "model_config": config_dict(model),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+            "model": model_sd, "ema": ema_sd, "model_config": config_dict(model),
+            "optimizer": optim_sd, "scaler": scaler.state_dict() if scaler else None,
             "state": {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
                       "host_generator": state.host_generator.get_state(),
                       "train_seconds": prior_seconds + time.time() - start_time},
@@ -281,44 +322,63 @@ def main(args: argparse.Namespace) -> Dict:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, on_signal)
 
+    def stopping() -> bool:
+        """Whether any rank got a signal; all ranks agree (a host-side all-reduce, no GPU sync)."""
+        stop["signal"] = env.max_over_ranks(stop["signal"] or 0) or None
+        return stop["signal"] is not None
+
     def step_hook(st: TrainState) -> bool:
         if args.save_every_steps and st.step % args.save_every_steps == 0:
             checkpoint("last")
-        return stop["signal"] is not None or (args.max_steps is not None and st.step >= args.max_steps)
+        return stopping() or (args.max_steps is not None and st.step >= args.max_steps)
+
+    def eval_model() -> Optional[JEPAT]:
+        """The EMA to sample from: every rank's own copy (one process, DDP), or under FSDP a
+        consolidated copy on rank 0 (a collective; None elsewhere)."""
+        return parallel.plain_ema() if args.strategy == "fsdp" else parallel.ema
 
     start_time = time.time()
     stop_step = total_steps if args.max_steps is None else min(total_steps, args.max_steps)
-    while state.epoch < args.epochs and state.step < stop_step and stop["signal"] is None:
+    while state.epoch < args.epochs and state.step < stop_step and not stopping():
         sampler.set_position(state.epoch, state.batch_in_epoch)
         train_one_epoch(model, ema, loader, optimizer, train_tokenizer, text_table, args.patch_size, schedules, state,
                         device, args.precision, scaler, args.grad_clip, args.flow_weight, args.jepa_weight,
-                        args.log_freq, log_fn, max_steps=args.max_steps, step_hook=step_hook)
-        if state.batch_in_epoch >= steps_per_epoch:
+                        args.log_freq, log_fn, max_steps=args.max_steps, step_hook=step_hook,
+                        accum_iter=args.accum_iter, train_module=parallel.train_module, grad_sync=parallel.grad_sync,
+                        reduce_sum_=parallel.reduce_sum_ if env.initialized else None, seed=args.seed,
+                        shard=env.rank)
+        if state.batch_in_epoch >= steps_per_epoch * args.accum_iter:
             state.epoch += 1
             state.batch_in_epoch = 0
             if args.save_freq and state.epoch % args.save_freq == 0:
                 checkpoint(str(state.epoch))
         checkpoint("last")
         if args.grid_freq and state.batch_in_epoch == 0 and state.epoch % args.grid_freq == 0:
-            log_sample_grid(writer, ema, text_table, tokenizer, args, device, state.step)
+            grid_ema = parallel.plain_ema()  # FSDP: consolidated on rank 0
+            if env.is_main:
+                log_sample_grid(writer, grid_ema, text_table, tokenizer, args, device, state.step)
         eval_dir = online_eval_dir(args, out_dir, state.epoch) if state.batch_in_epoch == 0 else None
         if eval_dir is not None:
-            run_evaluation(args, ema, text_table, tokenizer, device, eval_dir, state.step, writer)
+            evaluate_on_ranks(args, env, eval_model(), text_table, tokenizer, device, eval_dir, state.step, writer)
         if history:
             h = history[-1]
             log.info("epoch %d step %d loss %.4f (flow %.4f, jepa %.4f) lr %.2e  %.0fs",
                      state.epoch, state.step, h["loss"], h["flow_loss"], h["jepa_loss"], h["lr"], h["elapsed_s"])
     train_seconds = time.time() - start_time
-    with open(out_dir / "train_log.json", "w") as f:
-        json.dump(history, f, indent=1)
+    if env.is_main:
+        with open(out_dir / "train_log.json", "w") as f:
+            json.dump(history, f, indent=1)
     if stop["signal"] is not None:
         log.info("stopped by signal %d at step %d; checkpoint-last.pth written", stop["signal"], state.step)
-        writer.close()
+        if writer is not None:
+            writer.close()
         return {"stopped_by_signal": stop["signal"], "step": state.step}
     result = {"train_seconds": train_seconds, "step": state.step}
     if not args.no_eval:
-        result.update(run_evaluation(args, ema, text_table, tokenizer, device, out_dir, state.step, writer))
-    writer.close()
+        result.update(evaluate_on_ranks(args, env, eval_model(), text_table, tokenizer, device, out_dir, state.step,
+                                        writer))
+    if writer is not None:
+        writer.close()
     return result
 
 
@@ -334,6 +394,20 @@ def log_sample_grid(writer, ema: JEPAT, text_table: TextEmbeddingTable, tokenize
                              args.seed, device, args.precision)
     writer.add_image("samples/ema", make_grid((images + 1) / 2, nrow=6, padding=1), step)
     writer.add_text("samples/prompts", " | ".join(prompts), step)
+
+
+def evaluate_on_ranks(args, env: DistEnv, ema: Optional[JEPAT], text_table, tokenizer, device, out_dir, step,
+                      writer=None) -> Dict:
+    """A prompt-set evaluation (class names, prompts file) is shared by all ranks, each with the
+    whole EMA; the dataset's own evaluation (shapes) runs on rank 0 alone."""
+    if env.world_size > 1 and prompt_set(args) is not None:
+        if ema is None:
+            raise SystemExit("a prompt-set evaluation needs the whole EMA on every rank; with --strategy fsdp "
+                             "evaluate the saved (consolidated) checkpoint with --evaluate --resume instead")
+        return run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step, writer if env.is_main else None)
+    if not env.is_main:
+        return {}
+    return run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step, writer)
 
 
 def run_evaluation(args, ema, text_table, tokenizer, device, out_dir, step, writer=None) -> Dict:

@@ -1,0 +1,172 @@
+"""Training throughput of one process: images/s, tokens/s, peak memory and achieved FLOP/s as a
+share of this device's measured matmul rate, per preset x precision x torch.compile.
+
+    python benchmarks/bench_train.py                                  # short CPU-sized default
+    python benchmarks/bench_train.py --presets base --precisions bf16 --compile off,on \\
+        --batch_size 64 --seq_len 256 --token_dim 16 --steps 20      # the published base shape, on a GPU
+
+A step is what train_one_epoch does: autocast forward of training_losses (flow + JEPA against
+the EMA), backward, grad clip, AdamW (fused on GPUs), EMA update. The caption embeddings are
+random (CLIP ViT-L-14 widths), so no text encoder runs. FLOPs come from
+torch.utils.flop_counter over one eager step (matmuls and attention, forward and backward);
+every timed step uses the same seed, so the same mask ratio and the same FLOPs. The matmul rate
+is the best of a few square matmuls in the step's dtype. Each configuration runs in its own
+process (clean peak memory, no compile cache shared). This prints; it asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from engine_jepat import autocast_context, param_groups, update_ema  # noqa: E402
+from models.jepat import build_model  # noqa: E402
+from models.text_encoders import TextEmbeddings  # noqa: E402
+from util.dist import TrainingLoss, seed_step  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("JEPA-T training benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--presets", default="tiny,base")
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--compile", default="off,on", help="off, on, or both")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--seq_len", type=int, default=16, help="image tokens (published: 256)")
+    p.add_argument("--token_dim", type=int, default=16, help="latent channels x patch^2 (KL-16, patch 1: 16)")
+    p.add_argument("--buffer_size", type=int, default=None, help="buffer tokens (default: the preset's)")
+    p.add_argument("--text_len", type=int, default=16, help="caption tokens")
+    p.add_argument("--steps", type=int, default=2, help="timed steps")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation happens here)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # preset,precision,compile: run in this process
+    return p
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 3) -> float:
+    """Best FLOP/s of an n x n matmul in ``dtype``."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = math.inf
+    for _ in range(repeats + 1):
+        sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(args: argparse.Namespace, preset: str, precision: str, compiled: bool) -> Dict:
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    torch.manual_seed(0)
+    kw = dict(token_dim=args.token_dim, seq_len=args.seq_len, text_token_dim=768, text_pooled_dim=768)
+    if args.buffer_size is not None:
+        kw["buffer_size"] = args.buffer_size
+    model = build_model(preset, **kw).to(device)
+    ema = build_model(preset, **kw).to(device).requires_grad_(False).eval()
+    ema.load_state_dict(model.state_dict())
+    model.train()
+    B = args.batch_size
+    x = torch.randn(B, args.seq_len, args.token_dim, device=device)
+    mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)
+    text = TextEmbeddings(torch.randn(B, args.text_len, 768, device=device), mask, torch.randn(B, 768, device=device))
+    opt = torch.optim.AdamW(param_groups(model), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    loss_module = TrainingLoss(model, ema)
+    step_fn = torch.compile(loss_module) if compiled else loss_module
+    host = torch.Generator()
+
+    def step(fn) -> None:
+        seed_step(0, 0, 0, host)  # the same mask ratio (and FLOPs) every step
+        with autocast_context(device, precision):
+            out = fn(x, text, host, 1.0, 1.0)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        opt.step()
+        update_ema(ema, model, 0.9999)
+
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(loss_module)
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step(step_fn)
+    sync(device)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step(step_fn)
+    sync(device)
+    step_s = (time.perf_counter() - t0) / args.steps
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        name = torch.cuda.get_device_name(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # process peak RSS
+        name = f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    rate = matmul_rate(device, dtype, 4096 if device.type == "cuda" else 1024)
+    return {"preset": preset, "precision": precision, "compile": compiled, "device": name,
+            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "batch": B,
+            "tokens_per_image": args.seq_len, "step_s": step_s, "warmup_s": warmup_s,
+            "images_per_s": B / step_s, "tokens_per_s": B * args.seq_len / step_s,
+            "peak_mem_GiB": peak / 2 ** 30, "step_GFLOP": flops / 1e9, "achieved_TFLOPs": flops / step_s / 1e12,
+            "matmul_TFLOPs": rate / 1e12, "share_of_matmul": flops / step_s / rate}
+
+
+def main(args: argparse.Namespace) -> List[Dict]:
+    if args.one:
+        preset, precision, compiled = args.one.split(",")
+        print(json.dumps(run_one(args, preset, precision, compiled == "on")))
+        return []
+    rows = []
+    passthrough = [a for a in sys.argv[1:]]
+    for preset in args.presets.split(","):
+        for precision in args.precisions.split(","):
+            for compiled in args.compile.split(","):
+                cmd = [sys.executable, __file__, *passthrough, "--one", f"{preset},{precision},{compiled}"]
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
+                lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+                if out.returncode != 0 or not lines:
+                    print(f"{preset} {precision} compile={compiled}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+                    continue
+                row = json.loads(lines[-1])
+                rows.append(row)
+                print(f"{row['preset']:>5} {row['precision']:>4} compile={'on ' if row['compile'] else 'off'} "
+                      f"{row['images_per_s']:9.2f} img/s {row['tokens_per_s']:10.1f} tok/s "
+                      f"peak {row['peak_mem_GiB']:6.2f} GiB  {row['achieved_TFLOPs'] * 1e3:8.1f} GFLOP/s "
+                      f"= {100 * row['share_of_matmul']:5.1f}% of matmul {row['matmul_TFLOPs'] * 1e3:.0f} GFLOP/s  "
+                      f"(step {row['step_s']:.3f} s, warm-up {row['warmup_s']:.1f} s)", flush=True)
+    if rows:
+        print(f"device: {rows[0]['device']}; batch {args.batch_size}, {args.seq_len} tokens/image, "
+              f"{args.steps} timed steps")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

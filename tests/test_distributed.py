@@ -1,0 +1,217 @@
+"""Distributed training on the CPU: two gloo processes (spawned here, with the environment torchrun
+would give them) against one process with the same global batch; exact resume after a preemption
+signal; FSDP2; accumulation against a larger batch; compile without ``_orig_mod.`` keys."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import main_jepat
+
+# 16 px shapes, 8 px patches (4 tokens); 48 images = 6 steps of a global batch of 8 per epoch
+COMMON = ["--img_size", "16", "--patch_size", "8", "--num_samples", "48", "--lr", "1e-3", "--warmup_epochs", "0.5",
+          "--log_freq", "3", "--no_eval", "--grid_freq", "0", "--num_workers", "0", "--precision", "fp32",
+          "--device", "cpu", "--weight_decay_end", "0.1", "--ema_rate_start", "0.9", "--ema_rate", "0.99",
+          "--epochs", "4", "--text_max_length", "8"]
+STEPS = 4 * 6   # long enough that the preemption signal lands before the end on a busy machine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, argv: List[str]) -> None:
+    """One rank, with the environment torchrun sets (env:// rendezvous)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    main_jepat.main(main_jepat.get_args_parser().parse_args(argv))
+
+
+def start_ranks(argv: List[str], world: int = 2) -> List[mp.Process]:
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, argv)) for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def join_ranks(procs: List[mp.Process], timeout: float = 240) -> List[int]:
+    deadline = time.time() + timeout
+    for p in procs:
+        p.join(max(1.0, deadline - time.time()))
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return codes
+
+
+def run_ranks(argv: List[str], world: int = 2) -> None:
+    codes = join_ranks(start_ranks(argv, world))
+    assert codes == [0] * world, f"ranks exited with {codes}"
+
+
+def run_single(out: Path, *extra: str) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # like each rank; a shared, busy machine punishes spinning intra-op threads
+    try:
+        return main_jepat.main(main_jepat.get_args_parser().parse_args(COMMON + ["--output_dir", str(out)] + list(extra)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, weights_only=False)
+
+
+def assert_same(a: dict, b: dict, exact: bool) -> None:
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            if exact:
+                assert torch.equal(a[key][k], b[key][k]), (key, k)
+            else:   # float summation order differs; Adam turns the ~0 gradient of key biases into noise
+                torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-4, atol=5e-5, msg=f"{key}.{k}")
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in ("exp_avg", "exp_avg_sq"):
+            if exact:
+                assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+            else:
+                torch.testing.assert_close(sa[i][k], sb[i][k], rtol=1e-3, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """Two gloo ranks, batch 4 each, uninterrupted: checkpoint-1.pth after 6 steps, -last after 24."""
+    out = tmp_path_factory.mktemp("ddp")
+    run_ranks(COMMON + ["--batch_size", "4", "--output_dir", str(out)])
+    return out
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(ddp_run, tmp_path):
+    one = tmp_path / "one"
+    run_single(one, "--batch_size", "4", "--accum_iter", "2", "--max_steps", "6")
+    a, b = load(ddp_run / "checkpoint-1.pth"), load(one / "checkpoint-last.pth")
+    assert a["state"]["step"] == b["state"]["step"] == 6
+    assert a["args"]["batch_size"] * 2 == b["args"]["batch_size"] * b["args"]["accum_iter"]
+    assert_same(a, b, exact=False)
+    # the same losses and gradient norms were logged (rank 0 logs the mean over ranks)
+    log_a = json.loads((ddp_run / "train_log.json").read_text())
+    log_b = json.loads((one / "train_log.json").read_text())
+    for ra, rb in zip(log_a, log_b):
+        assert ra["step"] == rb["step"]
+        for k in ("loss", "flow_loss", "jepa_loss", "grad_norm"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4), (ra["step"], k)
+    # and the weights moved: the comparison is not between two untouched models
+    first = load(ddp_run / "checkpoint-last.pth")
+    assert not torch.allclose(first["model"]["z_proj.weight"], a["model"]["z_proj.weight"])
+    assert not any(k.startswith(("module.", "_orig_mod.", "model.")) for k in a["model"])
+
+
+def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_identical(ddp_run, tmp_path):
+    out = tmp_path / "pre"
+    argv = COMMON + ["--batch_size", "4", "--output_dir", str(out), "--save_every_steps", "1"]
+    procs = start_ranks(argv)
+    deadline = time.time() + 180
+    while not (out / "checkpoint-last.pth").exists() and time.time() < deadline and all(p.is_alive() for p in procs):
+        time.sleep(0.05)
+    os.kill(procs[1].pid, signal.SIGUSR1)   # only rank 1 is told; both must stop at the same step
+    assert join_ranks(procs) == [0, 0]
+    stopped = load(out / "checkpoint-last.pth")
+    assert 0 < stopped["state"]["step"] < STEPS
+    run_ranks(argv + ["--resume", str(out / "checkpoint-last.pth")])
+    resumed = load(out / "checkpoint-last.pth")
+    assert resumed["state"]["step"] == STEPS
+    assert_same(load(ddp_run / "checkpoint-last.pth"), resumed, exact=True)
+
+
+def test_fsdp_with_activation_checkpointing_resumes_matches_ddp_and_writes_a_plain_checkpoint(ddp_run, tmp_path):
+    out = tmp_path / "fsdp"
+    argv = COMMON + ["--batch_size", "4", "--output_dir", str(out), "--strategy", "fsdp", "--grad_checkpointing"]
+    run_ranks(argv + ["--max_steps", "3"])
+    # resumed (the full optimizer state is re-sharded) up to the DDP run's first checkpoint
+    run_ranks(argv + ["--max_steps", "6", "--resume", str(out / "checkpoint-last.pth")])
+    a, b = load(ddp_run / "checkpoint-1.pth"), load(out / "checkpoint-last.pth")
+    assert b["state"]["step"] == 6
+    assert all(type(v) is torch.Tensor for v in b["model"].values())   # full tensors, not shards
+    assert_same(a, b, exact=False)
+    # the consolidated checkpoint samples without any distributed setup
+    import main_sample
+    rows = main_sample.main(main_sample.get_args_parser().parse_args([
+        "--checkpoint", str(out / "checkpoint-last.pth"), "--prompt", "a red circle", "--num_per_prompt", "1",
+        "--out_dir", str(tmp_path / "samples"), "--num_iter", "2", "--ode_steps", "2", "--device", "cpu"]))
+    assert len(rows) == 1
+
+
+def test_accumulation_equals_a_larger_batch(tmp_path):
+    # a loss without random draws: every token hidden (mask ratio 1), no CFG dropout, JEPA loss only
+    det = ["--mask_ratio_min", "1.0", "--cond_drop_prob", "0", "--flow_weight", "0", "--max_steps", "4"]
+    run_single(tmp_path / "big", "--batch_size", "8", *det)
+    run_single(tmp_path / "acc", "--batch_size", "4", "--accum_iter", "2", *det)
+    big, acc = load(tmp_path / "big" / "checkpoint-last.pth"), load(tmp_path / "acc" / "checkpoint-last.pth")
+    assert big["state"]["step"] == acc["state"]["step"] == 4 and acc["state"]["batch_in_epoch"] == 8
+    assert_same(big, acc, exact=False)
+    # Adam hides a gradient scale; the logged (pre-clip) gradient norm does not
+    log_big = json.loads((tmp_path / "big" / "train_log.json").read_text())
+    log_acc = json.loads((tmp_path / "acc" / "train_log.json").read_text())
+    assert [r["step"] for r in log_big] == [r["step"] for r in log_acc] == [3, 4]
+    for a, b in zip(log_big, log_acc):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+
+
+def test_compiled_training_saves_plain_keys(tmp_path):
+    run_single(tmp_path, "--batch_size", "8", "--compile", "--compile_backend", "eager", "--max_steps", "2")
+    ckpt = load(tmp_path / "checkpoint-last.pth")
+    assert ckpt["state"]["step"] == 2
+    assert not any("_orig_mod" in k for key in ("model", "ema") for k in ckpt[key])
+    run_single(tmp_path, "--batch_size", "8", "--compile", "--compile_backend", "eager", "--max_steps", "3",
+               "--resume", str(tmp_path / "checkpoint-last.pth"))
+    assert load(tmp_path / "checkpoint-last.pth")["state"]["step"] == 3
+
+
+@pytest.mark.parametrize("preset", ["base", "large", "huge"])
+def test_recipe_scripts_launch_torchrun_with_flags_main_jepat_accepts(preset, tmp_path):
+    """Run scripts/jepat_<preset>.sh with a stand-in venv whose `torchrun` records its arguments."""
+    import hashlib
+    import subprocess
+    import sys
+    root = Path(main_jepat.__file__).resolve().parent
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / ".requirements.sha").write_text(hashlib.sha256((root / "requirements.txt").read_bytes()).hexdigest() + "\n")
+    record = tmp_path / "argv.txt"
+    (venv / "bin" / "torchrun").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
+    (venv / "bin" / "torchrun").chmod(0o755)
+    (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
+    env = {**os.environ, "JEPAT_VENV": str(venv), "GPUS_PER_NODE": "8", "NNODES": "4", "NODE_RANK": "1",
+           "MASTER_ADDR": "node0", "OUTPUT_DIR": str(tmp_path / "run")}
+    out = subprocess.run(["bash", str(root / "scripts" / f"jepat_{preset}.sh")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    argv = record.read_text().splitlines()
+    launcher, args = argv[:argv.index("main_jepat.py")], argv[argv.index("main_jepat.py") + 1:]
+    assert launcher[launcher.index("--nnodes") + 1] == "4" and launcher[launcher.index("--node_rank") + 1] == "1"
+    assert launcher[launcher.index("--master_addr") + 1] == "node0"
+    parser = main_jepat.get_args_parser()
+    assert args[args.index("--dataset") + 1] == "cached" and args[args.index("--tokenizer") + 1] == "kl16"
+    ns = parser.parse_args(args)
+    global_batch = ns.batch_size * ns.accum_iter * 32
+    assert global_batch == 2048 and ns.model == preset and ns.precision == "bf16" and ns.blr == 1e-4
+    assert (ns.strategy == "fsdp") == (preset == "huge") and ns.grad_checkpointing == (preset != "base")
