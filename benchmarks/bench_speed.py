@@ -89,10 +89,11 @@ class Trainer:
         self.host = torch.Generator().manual_seed(0)
         self.opt_fused = torch.optim.AdamW(param_groups(model), lr=1e-4, betas=(0.9, 0.95), fused=fused)
         self.opt_loop = torch.optim.AdamW(param_groups(model), lr=1e-4, betas=(0.9, 0.95), foreach=False)
+        self.opt_foreach = torch.optim.AdamW(param_groups(model), lr=1e-4, betas=(0.9, 0.95), foreach=True)
         self.sums = torch.zeros(2, device=device)
 
     def step(self, numpy_orders_: bool = False, encoder_each_step: bool = False, item_each_step: bool = False,
-             loop_adamw: bool = False) -> None:
+             loop_adamw: bool = False, foreach_adamw: bool = False) -> None:
         if encoder_each_step:  # published: the text encoder on every step, for the model and the EMA
             text = self.encoder.encode(self.captions).to(self.device)
             self.encoder.encode(self.captions)
@@ -105,7 +106,7 @@ class Trainer:
                 out = jepat.training_losses(self.model, self.ema, self.x, text, self.host)
         finally:
             jepat.random_orders = saved
-        opt = self.opt_loop if loop_adamw else self.opt_fused
+        opt = self.opt_loop if loop_adamw else self.opt_foreach if foreach_adamw else self.opt_fused
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 3.0)
@@ -189,6 +190,8 @@ def main() -> None:
     p.add_argument("--ode_steps", type=int, default=20, help="our Heun steps")
     p.add_argument("--ref_num_iter", type=int, default=64, help="published sampler: iterations")
     p.add_argument("--ref_ode_steps", type=int, default=100, help="published sampler: Euler steps")
+    p.add_argument("--variants", default="", help="comma list of train variants to time (default: all); "
+                   "'ours' and 'all' are the two ends")
     p.add_argument("--skip", default="", help="comma list of sections to skip: train, sample, reference_sample")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -228,9 +231,14 @@ def main() -> None:
             "+ text encoder every step (x2)": {"encoder_each_step": True},
             "+ loss.item() every step": {"item_each_step": True},
             "+ AdamW for-loop (not fused)": {"loop_adamw": True},
+            "+ AdamW foreach (not fused)": {"foreach_adamw": True},
             "all published habits": {"numpy_orders_": True, "encoder_each_step": True, "item_each_step": True,
                                      "loop_adamw": True},
         }
+        if a.variants:
+            keep = {v.strip() for v in a.variants.split(",")}
+            variants = {k: v for k, v in variants.items()
+                        if k == "ours" or (k == "all published habits" and "all" in keep) or k in keep}
         rows = {}
         for name, kw in variants.items():
             sec = time_steps(lambda: tr.step(**kw), a.steps, device)
