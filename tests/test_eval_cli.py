@@ -15,14 +15,6 @@ NO_EVAL_SMALL = [a for a in SMALL if a != "--no_eval"]
 FAST_SAMPLING = ["--num_iter", "2", "--ode_steps", "2"]
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_online_and_offline_evaluation_write_labelled_metrics(tmp_path, one_thread):
     ref = tmp_path / "ref"
     ref.mkdir()

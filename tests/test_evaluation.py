@@ -50,15 +50,6 @@ def read(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(evaluation.Image.open(folder / evaluation.image_name(i))) for i in range(len(PROMPTS))])
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run far faster on one thread on a busy machine (and the ranks use one each)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_one_rank_and_two_gloo_ranks_give_the_same_image_for_each_id(tmp_path, one_thread):
     generate(tmp_path / "one", batch_size=3)
     # fork: the children inherit the imports instead of re-importing torch and the models
