@@ -40,6 +40,16 @@ from util.text_cache import TextEmbeddingTable, load_text_cache, save_text_cache
 log = logging.getLogger("jepat")
 
 
+def float_or_none(text: str) -> float | None:
+    """argparse type: a float, or 'none' for None."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("JEPA-T training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
@@ -53,8 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cond_drop_prob", type=float, default=0.1, help="CFG dropout probability")
     g.add_argument("--diffusion_batch_mul", type=int, default=2, help="published recipe: 4")
     g.add_argument("--qk_norm", action="store_true")
-    g.add_argument("--t_logit_mean", type=float, default=None, help="logit-normal flow times (default: uniform t)")
-    g.add_argument("--t_logit_std", type=float, default=1.0)
+    g.add_argument("--t_logit_mean", type=float_or_none, default=-0.8,
+                   help="flow training times t ~ sigmoid(N(mean, std)); 'none': uniform t (published)")
+    g.add_argument("--t_logit_std", type=float, default=0.8)
     g.add_argument("--flow_prediction", default="x", choices=("v", "x"),
                    help="flow head outputs the velocity or the clean token (x suits pixel patches)")
     g.add_argument("--fusion", default="full", choices=FUSION_MODES)

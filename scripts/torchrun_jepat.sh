@@ -58,14 +58,14 @@ if [ -f "$OUTPUT_DIR/checkpoint-last.pth" ]; then
 fi
 
 # The published recipe (MAR / D-JEPA conventions): KL-16 latents at 256 px (patch 1: 256 tokens),
-# velocity flow head of the preset, diffusion_batch_mul 4, mask ratio N(1, 0.25) on [0.7, 1],
+# velocity flow head of the preset with uniform flow times, diffusion_batch_mul 4, mask ratio N(1, 0.25) on [0.7, 1],
 # 64 buffer tokens, condition drop 0.1, blr 1e-4 (lr = blr x 2048 / 256 = 8e-4), 100 warmup
 # epochs then constant lr, 400 epochs, wd 0.02, grad clip 3.0, EMA 0.9999, flow and JEPA
 # losses weighted 1 : 1, bf16 autocast, CLIP ViT-L-14 caption tokens.
 RECIPE=(
     --model "$MODEL" --img_size 256 --patch_size 1 --buffer_size 64
     --mask_ratio_min 0.7 --mask_ratio_std 0.25 --cond_drop_prob 0.1 --diffusion_batch_mul 4
-    --flow_prediction v --flow_weight 1.0 --jepa_weight 1.0
+    --flow_prediction v --t_logit_mean none --flow_weight 1.0 --jepa_weight 1.0
     --text_encoder clip --clip_model ViT-L-14 --text_encoder_path "$CLIP_PATH" --text_max_length 0
     --batch_size "$BATCH_PER_GPU" --accum_iter "$ACCUM_ITER" --epochs 400 --warmup_epochs 100
     --blr 1e-4 --lr_schedule constant --weight_decay 0.02 --grad_clip 3.0

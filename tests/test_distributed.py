@@ -214,4 +214,6 @@ def test_recipe_scripts_launch_torchrun_with_flags_main_jepat_accepts(preset, tm
     ns = parser.parse_args(args)
     global_batch = ns.batch_size * ns.accum_iter * 32
     assert global_batch == 2048 and ns.model == preset and ns.precision == "bf16" and ns.blr == 1e-4
+    # the published flow head: velocity output, uniform flow times (the CPU defaults differ)
+    assert ns.flow_prediction == "v" and ns.t_logit_mean is None
     assert (ns.strategy == "fsdp") == (preset == "huge") and ns.grad_checkpointing == (preset != "base")

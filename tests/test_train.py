@@ -134,6 +134,16 @@ def test_unknown_choices_are_argparse_errors(flag, capsys):
         assert "tiny" in err and "base" in err  # the choices are listed
 
 
+def test_flow_time_sampling_flag(capsys):
+    parser = main_jepat.get_args_parser()
+    assert parser.parse_args([]).t_logit_mean == -0.8  # the CPU recipe: logit-normal, towards noise
+    assert parser.parse_args(["--t_logit_mean", "none"]).t_logit_mean is None  # uniform t
+    assert parser.parse_args(["--t_logit_mean", "-1.5"]).t_logit_mean == -1.5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--t_logit_mean", "low"])
+    assert "expected a number or 'none'" in capsys.readouterr().err
+
+
 def test_scripts_pass_bash_n():
     scripts = sorted((ROOT / "scripts").glob("*.sh"))
     assert scripts
