@@ -65,6 +65,11 @@ MIN_COMPONENT_SHARE: float = 0.9
 MIN_HOMOGENEITY: float = 0.75
 HOMOGENEITY_RADIUS: float = 60.0
 MAX_COLOR_DIST: float = 70.0
+# a shape is read when its best-fitting ideal template overlaps it by this soft IoU (an L of three
+# equal blocks overlaps a square by 0.75 and is not read), and by this
+# margin more than the next shape's template (see shape_scores)
+TEMPLATE_MIN_IOU: float = 0.76
+TEMPLATE_MIN_MARGIN: float = 0.02
 
 ImageLike = Union[np.ndarray, torch.Tensor]
 
@@ -245,46 +250,78 @@ def _nearest_color(rgb: np.ndarray) -> str | None:
     return names[k] if d[k] <= MAX_COLOR_DIST else None
 
 
-def shape_features(alpha: np.ndarray) -> dict[str, float]:
-    """Geometric features of a soft coverage map ``alpha`` [H, W] in [0, 1].
+def template_coverage(
+    shape: str, sizes: np.ndarray, cxs: np.ndarray, cys: np.ndarray, height: int, width: int
+) -> np.ndarray:
+    """Anti-aliased coverage [P, H, W] of P ideal shapes, as ``render`` draws them.
 
-    ``fill``: area over soft bounding-box area; ``aspect``: width / height;
-    ``top_bottom``: mean row width of the top quarter over the bottom quarter;
-    ``centroid_y``: vertical centroid as a fraction of the box height.
+    ``sizes``, ``cxs``, ``cys`` are [P] arrays in pixels of an [H, W] canvas;
+    coverage is the share of ``SUPERSAMPLE`` x ``SUPERSAMPLE`` sub-pixels inside.
     """
-    rows = np.nonzero(alpha.max(axis=1) > 0)[0]
-    cols = np.nonzero(alpha.max(axis=0) > 0)[0]
-    if rows.size == 0:
-        return dict(fill=0.0, aspect=0.0, top_bottom=0.0, centroid_y=0.0)
-    a = alpha[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    height = float(a.max(axis=1).sum())
-    width = float(a.max(axis=0).sum())
-    area = float(a.sum())
-    fill = area / max(width * height, 1e-6)
-    row_w = a.sum(axis=1)
-    row_span = row_w / np.maximum(a.max(axis=1), 1e-6)
-    n = max(1, int(round(a.shape[0] / 4)))
-    top_bottom = float(row_span[:n].mean() / max(row_span[-n:].mean(), 1e-6))
-    ys = np.arange(a.shape[0], dtype=np.float64) + 0.5
-    top_off = 1.0 - float(a[0].max())
-    cy = float((row_w * ys).sum() / max(area, 1e-6))
-    centroid_y = (cy - top_off) / max(height, 1e-6)
-    return dict(
-        fill=fill, aspect=width / max(height, 1e-6), top_bottom=top_bottom, centroid_y=centroid_y
-    )
+    k = SUPERSAMPLE
+    xs = (np.arange(width * k) + 0.5) / k
+    ys = (np.arange(height * k) + 0.5) / k
+    x, y = xs[None, None, :], ys[None, :, None]
+    h = (np.asarray(sizes, np.float64) / 2.0)[:, None, None]
+    cx, cy = np.asarray(cxs, np.float64)[:, None, None], np.asarray(cys, np.float64)[:, None, None]
+    if shape == "circle":
+        inside = (x - cx) ** 2 + (y - cy) ** 2 <= h * h
+    elif shape == "square":
+        inside = (np.abs(x - cx) <= h) & (np.abs(y - cy) <= h)
+    elif shape == "triangle":  # apex up: half-width grows from 0 at the top to h at the base
+        t = (y - (cy - h)) / (2.0 * h)
+        inside = (t >= 0.0) & (t <= 1.0) & (np.abs(x - cx) <= h * t)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; choices: {SHAPES}")
+    p = inside.shape[0]
+    return inside.reshape(p, height, k, width, k).mean(axis=(2, 4), dtype=np.float32)
 
 
-def _classify_shape(f: dict[str, float]) -> str | None:
-    if not 0.75 <= f["aspect"] <= 1.33:
+def shape_scores(alpha: np.ndarray) -> dict[str, float]:
+    """Best soft IoU of a coverage map ``alpha`` [H, W] in [0, 1] with each ideal shape.
+
+    The fit searches sizes 0.8x to 1.2x the side of the solid part's box (alpha >= 0.5)
+    and centres within 1 px of that box's centre, coarse then fine.  IoU is
+    sum(min(alpha, template)) / sum(max(alpha, template)) over the whole image, so
+    faint halos cost little and stray pieces or missing corners cost what they cover.
+    """
+    solid = alpha >= 0.5
+    if not solid.any():
+        return {s: 0.0 for s in SHAPES}
+    rows, cols = np.nonzero(solid.any(axis=1))[0], np.nonzero(solid.any(axis=0))[0]
+    side = float(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
+    cx0, cy0 = (cols[0] + cols[-1] + 1) / 2.0, (rows[0] + rows[-1] + 1) / 2.0
+    # every template of the search lies inside this window; outside it only alpha counts
+    pad = int(np.ceil(0.1 * side + 1.5))
+    r0, r1 = max(0, rows[0] - pad), min(alpha.shape[0], rows[-1] + 1 + pad)
+    c0, c1 = max(0, cols[0] - pad), min(alpha.shape[1], cols[-1] + 1 + pad)
+    win = alpha[r0:r1, c0:c1].astype(np.float32)
+    outside = float(alpha.sum()) - float(win.sum())
+
+    def best(shape: str, sizes, dxs, dys) -> tuple[float, float, float, float]:
+        s, dx, dy = (a.ravel() for a in np.meshgrid(sizes, dxs, dys, indexing="ij"))
+        t = template_coverage(shape, s, cx0 + dx - c0, cy0 + dy - r0, r1 - r0, c1 - c0)
+        inter = np.minimum(t, win[None]).sum(axis=(1, 2))
+        union = np.maximum(t, win[None]).sum(axis=(1, 2)) + outside
+        iou = inter / np.maximum(union, 1e-6)
+        i = int(np.argmax(iou))
+        return float(iou[i]), float(s[i]), float(dx[i]), float(dy[i])
+
+    scores = {}
+    for shape in SHAPES:
+        _, s, dx, dy = best(shape, side * np.linspace(0.8, 1.2, 5), np.linspace(-1, 1, 3), np.linspace(-1, 1, 3))
+        step = 0.05 * side
+        scores[shape] = best(shape, s + np.array([-step, 0.0, step]),
+                             dx + np.array([-0.5, 0.0, 0.5]), dy + np.array([-0.5, 0.0, 0.5]))[0]
+    return scores
+
+
+def _classify_shape(scores: dict[str, float]) -> str | None:
+    ranked = sorted(scores, key=scores.get, reverse=True)
+    first, second = scores[ranked[0]], scores[ranked[1]]
+    if first < TEMPLATE_MIN_IOU or first - second < TEMPLATE_MIN_MARGIN:
         return None
-    fill, tb, cy = f["fill"], f["top_bottom"], f["centroid_y"]
-    if fill >= 0.9 and 0.8 <= tb <= 1.25 and 0.42 <= cy <= 0.58:
-        return "square"
-    if 0.72 <= fill < 0.9 and 0.6 <= tb <= 1.67 and 0.42 <= cy <= 0.58:
-        return "circle"
-    if 0.38 <= fill < 0.72 and tb <= 0.5 and 0.56 <= cy <= 0.76:
-        return "triangle"
-    return None
+    return ranked[0]
 
 
 def judge(image: ImageLike) -> tuple[str | None, str | None]:
@@ -328,7 +365,7 @@ def judge(image: ImageLike) -> tuple[str | None, str | None]:
         return color, None
     region = ndimage.binary_dilation(comp, structure=eight)
     alpha = np.clip((diff @ ref) / ref_norm2, 0.0, 1.0) * region
-    return color, _classify_shape(shape_features(alpha))
+    return color, _classify_shape(shape_scores(alpha))
 
 
 def judge_batch(images: Union[ImageLike, Sequence[ImageLike]]) -> list[tuple[str | None, str | None]]:
