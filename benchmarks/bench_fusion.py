@@ -7,7 +7,7 @@ color-shape prompts and the linear-probe accuracy of each frozen encoder side by
     late_only   cross-attention and injection, without the input-level condition
     none        unconditional (the caption never reaches the model)
 
-    python benchmarks/bench_fusion.py --steps 1250                    # the default recipe's budget
+    python benchmarks/bench_fusion.py                                 # the default recipe: 3000 steps
     python benchmarks/bench_fusion.py --steps 300 --modes full,late_only -- --device cuda
 
 The budget keeps the recipe's shape: ``--epochs`` epochs of ceil(steps / epochs) batches, so the
@@ -30,8 +30,8 @@ from models.jepat import FUSION_MODES  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1250, help="optimizer steps per variant (the budget)")
-    p.add_argument("--epochs", type=int, default=5, help="epochs the budget is spread over")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps per variant (the budget)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs the budget is spread over")
     p.add_argument("--modes", default=",".join(FUSION_MODES), help=f"comma-separated subset of {FUSION_MODES}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval_per_combo", type=int, default=16)
