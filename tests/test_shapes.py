@@ -301,7 +301,7 @@ def test_judge_reads_a_generated_square_through_its_halo():
     assert scores["square"] > 0.85 and scores["square"] - scores["circle"] > 0.05, scores
 
 
-def test_judge_rejects_blocky_and_notched_shapes():
+def test_judge_rejects_an_l_and_a_rectangle():
     ell = np.full((32, 32, 3), 255, np.uint8)
     ell[8:16, 8:24] = S.COLORS["red"]
     ell[16:24, 8:16] = S.COLORS["red"]  # three of a square's four quarters

@@ -280,8 +280,8 @@ def template_coverage(
 def shape_scores(alpha: np.ndarray) -> dict[str, float]:
     """Best soft IoU of a coverage map ``alpha`` [H, W] in [0, 1] with each ideal shape.
 
-    The fit searches sizes 0.8x to 1.2x the side of the solid part's box (alpha >= 0.5)
-    and centres within 1 px of that box's centre, coarse then fine.  IoU is
+    The fit searches sizes 0.75x to 1.25x the longer side of the solid part's box
+    (alpha >= 0.5) and centres within 1.5 px of that box's centre, coarse then fine.  IoU is
     sum(min(alpha, template)) / sum(max(alpha, template)) over the whole image, so
     faint halos cost little and stray pieces or missing corners cost what they cover.
     """
@@ -291,10 +291,11 @@ def shape_scores(alpha: np.ndarray) -> dict[str, float]:
     rows, cols = np.nonzero(solid.any(axis=1))[0], np.nonzero(solid.any(axis=0))[0]
     side = float(max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1))
     cx0, cy0 = (cols[0] + cols[-1] + 1) / 2.0, (rows[0] + rows[-1] + 1) / 2.0
-    # every template of the search lies inside this window; outside it only alpha counts
-    pad = int(np.ceil(0.1 * side + 1.5))
-    r0, r1 = max(0, rows[0] - pad), min(alpha.shape[0], rows[-1] + 1 + pad)
-    c0, c1 = max(0, cols[0] - pad), min(alpha.shape[1], cols[-1] + 1 + pad)
+    # The search reaches sizes up to 1.25 x side and centres up to 1.5 px off, so every template
+    # lies inside this window around the box centre; outside it only alpha counts.
+    reach = 0.625 * side + 1.5
+    r0, r1 = max(0, int(np.floor(cy0 - reach))), min(alpha.shape[0], int(np.ceil(cy0 + reach)))
+    c0, c1 = max(0, int(np.floor(cx0 - reach))), min(alpha.shape[1], int(np.ceil(cx0 + reach)))
     win = alpha[r0:r1, c0:c1].astype(np.float32)
     outside = float(alpha.sum()) - float(win.sum())
 
