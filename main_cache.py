@@ -7,29 +7,27 @@ caption embeddings, so that training reads latents instead of running the VAE an
 
 Rerunning the same command after a kill finishes what is missing (nothing twice, nothing left
 out); the end prints ``images seen = cached + skipped`` and writes skipped.jsonl with reasons.
-The format is described in util/latent_cache.py.
+The format is described in util/data/latent_cache.py.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from models.text_encoders import TEXT_ENCODERS, build_text_encoder
 from models.tokenizers import TOKENIZERS, Tokenizer, build_tokenizer
-from util.image_folders import DEFAULT_PROMPT, Listing, build_listing
-from util.latent_cache import (PENDING, ListingSource, ShapesSource, cache_shard, finalize_cache, num_shards,
-                               prepare_cache, read_meta, shard_rows)
-from util.text_cache import TextEmbeddingTable, save_text_cache, text_cache_key
+from util.data.captions import CaptionStore, save_text_cache, text_cache_key
+from util.data.image_folders import DEFAULT_PROMPT, Listing, build_listing
+from util.data.latent_cache import (PENDING, ListingSource, ShapesSource, cache_shard, finalize_cache, num_shards,
+                                    prepare_cache, read_meta, shard_rows)
+from util.runtime import init_runtime, interactive, setup_logging, shutdown_runtime
 
 log = logging.getLogger("jepat.cache")
 
@@ -64,26 +62,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def init_distributed(device: str) -> Tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun's environment; a single process without it."""
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "auto":
-        dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
-    return rank, world, dev
-
-
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
-
-
 def build_source(args: argparse.Namespace, cache_dir: Path, listed: bool):
     """The images to cache. Ranks other than 0 read the listing rank 0 wrote (``listed``)."""
     if args.dataset == "shapes":
@@ -106,8 +84,16 @@ def tokenizer_meta(tokenizer: Tokenizer, name: str, img_size: int) -> Dict:
 
 
 def main(args: argparse.Namespace) -> Dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    rank, world, device = init_distributed(args.device)
+    env = init_runtime(args.device, timeout_min=360)
+    setup_logging(env)
+    try:
+        return cache(args, env.rank, env.world_size, env.device, env.barrier)
+    finally:
+        shutdown_runtime(env)
+
+
+def cache(args: argparse.Namespace, rank: int, world: int, device: torch.device, barrier) -> Dict:
+    """Every rank caches its shards; rank 0 lists the images first and finalises at the end."""
     cache_dir = Path(args.cache_dir)
     tokenizer = build_tokenizer(args.tokenizer, args.vae_path).to(device)
     tmeta = tokenizer_meta(tokenizer, args.tokenizer, args.img_size)
@@ -117,7 +103,7 @@ def main(args: argparse.Namespace) -> Dict:
                              vae_source=str(getattr(tokenizer, "source", "")))
         log.info("%d entries to cache in %d shards of %d on %d rank(s), %s at %d px -> %s", len(source),
                  num_shards(meta), args.shard_size, world, args.tokenizer, args.img_size, cache_dir)
-    barrier(world)
+    barrier()
     if rank != 0:
         source, meta = build_source(args, cache_dir, listed=True), read_meta(cache_dir)
 
@@ -126,11 +112,13 @@ def main(args: argparse.Namespace) -> Dict:
     encode = tokenizer.moments if tmeta["stochastic"] else tokenizer.encode
     mine = [k for k in range(num_shards(meta)) if k % world == rank]
     todo = sum(_pending(cache_dir, meta, k) for k in mine)
-    bar = tqdm(total=todo, desc=f"caching (rank {rank}/{world})", dynamic_ncols=True, disable=rank != 0)
-    skipped_here = [0]
+    bar = tqdm(total=todo, desc=f"caching (rank {rank}/{world})", dynamic_ncols=True,
+               disable=rank != 0 or not interactive())
+    skipped_here, done_here = [0], [0]
 
     def progress(n: int, bad: int) -> None:
         skipped_here[0] += bad
+        done_here[0] += n
         bar.update(n)
         bar.set_postfix(skipped=skipped_here[0])
 
@@ -145,10 +133,12 @@ def main(args: argparse.Namespace) -> Dict:
                                     sample_shape, budget, progress)
             batches += ran
             finished &= done
+            if bar.disable and rank == 0:   # a log file gets one line per shard instead of a bar
+                log.info("shard %d done: %d of %d images of rank 0, %d skipped", k, done_here[0], todo, skipped_here[0])
     bar.close()
     if not finished:
         log.info("rank %d stopped after %d batches (--max_batches); rerun to finish", rank, batches)
-    barrier(world)
+    barrier()
     counts: Dict = {}
     if rank == 0:
         counts = finalize_cache(cache_dir, meta)
@@ -157,9 +147,7 @@ def main(args: argparse.Namespace) -> Dict:
                  "" if counts["pending"] else f"; reasons in {cache_dir / 'skipped.jsonl'}")
         if counts["pending"] == 0 and not args.no_text_cache:
             cache_text(args, cache_dir, source.vocabulary, device)
-    barrier(world)
-    if world > 1:
-        dist.destroy_process_group()
+    barrier()
     return counts
 
 
@@ -179,9 +167,9 @@ def cache_text(args: argparse.Namespace, cache_dir: Path, vocabulary, device: to
         return
     encoder = build_text_encoder(args.text_encoder, path=args.text_encoder_path, clip_model=args.clip_model,
                                  max_length=args.text_max_length or None, device=str(device))
-    table = TextEmbeddingTable(encoder, "cpu")
-    table.add(vocabulary)
-    save_text_cache(target, table)
+    store = CaptionStore(encoder, "cpu")
+    store.add(vocabulary)
+    save_text_cache(target, store)
     log.info("cached %d caption embeddings (%s) in %s", len(vocabulary), key, target)
 
 

@@ -22,15 +22,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine_jepat import generate_images  # noqa: E402
-from main_jepat import resolve_device, resolve_precision  # noqa: E402
+from util.runtime import resolve_precision  # noqa: E402
 from models.jepat import JEPAT, JEPATConfig  # noqa: E402
 from models.sampler import SamplingConfig  # noqa: E402
 from models.text_encoders import build_text_encoder  # noqa: E402
 from models.tokenizers import build_tokenizer  # noqa: E402
 from util import shapes  # noqa: E402
-from util.checkpoint import load_checkpoint  # noqa: E402
-from util.metrics import shapes_prompts  # noqa: E402
-from util.text_cache import TextEmbeddingTable  # noqa: E402
+from util.training.checkpoint import load_checkpoint  # noqa: E402
+from util.evaluation.shapes_eval import shapes_prompts  # noqa: E402
+from util.data.captions import CaptionStore  # noqa: E402
 
 
 def ints(s: str):
@@ -63,7 +63,7 @@ def main() -> None:
     te = ckpt["text_encoder"]
     encoder = build_text_encoder(te["name"], path=targs.get("text_encoder_path"), clip_model=targs.get("clip_model", "ViT-L-14"),
                                  max_length=te["max_length"], device=str(device))
-    table = TextEmbeddingTable(encoder, device)
+    table = CaptionStore(encoder, device)
     tokenizer = build_tokenizer(ckpt["tokenizer"]).to(device)
     splits = {"seen": shapes_prompts(shapes.SEEN_COMBOS, a.per_combo),
               "heldout": shapes_prompts(shapes.HELDOUT_COMBOS, a.per_combo)}

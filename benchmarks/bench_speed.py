@@ -32,12 +32,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models.jepat as jepat  # noqa: E402
-from engine_jepat import autocast_context, param_groups, update_ema  # noqa: E402
+from engine_jepat import param_groups, update_ema
+from util.runtime import autocast_context  # noqa: E402
 from models.flow_head import sample_tokens_from_head  # noqa: E402
 from models.sampler import SamplingConfig, num_hidden_after, sample_tokens  # noqa: E402
 from models.text_encoders import TextEmbeddings, build_text_encoder  # noqa: E402
-from util.shapes import ALL_COMBOS, all_captions  # noqa: E402
-from util.text_cache import TextEmbeddingTable  # noqa: E402
+from util.data.shapes import ALL_COMBOS, all_captions  # noqa: E402
+from util.data.captions import CaptionStore  # noqa: E402
 
 # (preset) -> tokens of the published setting: KL-16 latents at 256 px, patch 1 (256 tokens of 16)
 # for base/large/huge; the CPU recipe's 16 tokens of 48 pixels for tiny.
@@ -80,7 +81,7 @@ class Trainer:
                  fused: bool) -> None:
         self.model, self.encoder, self.device, self.precision = model, encoder, device, precision
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
-        self.table = TextEmbeddingTable(encoder, device)
+        self.table = CaptionStore(encoder, device)
         self.table.add(captions)
         g = torch.Generator().manual_seed(0)
         cfg = model.cfg
@@ -256,7 +257,7 @@ def main() -> None:
             print("\n" + profile_step(tr))
 
     model.eval()
-    table = TextEmbeddingTable(encoder, device)
+    table = CaptionStore(encoder, device)
     prompts = [captions[i % len(captions)] for i in range(sample_batch)]
     text = table.lookup(prompts)
     null = torch.zeros(sample_batch, dtype=torch.bool, device=device)

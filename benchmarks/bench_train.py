@@ -31,10 +31,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from engine_jepat import autocast_context, param_groups, update_ema  # noqa: E402
+from engine_jepat import param_groups, update_ema
+from util.runtime import autocast_context  # noqa: E402
 from models.jepat import build_model  # noqa: E402
 from models.text_encoders import TextEmbeddings  # noqa: E402
-from util.dist import TrainingLoss, seed_step  # noqa: E402
+from util.training.parallel import TrainingStep, seed_step  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@
 Shapes: B batch, L image tokens, d token size (latent channels * patch**2), D transformer
 width, n_buf buffer tokens, S caption tokens, Dt / Du caption token / pooled widths.
 
-One training step (see ``training_losses``):
+One training step (the loss is ``models/loss.py``):
     cond = model.condition(text, drop)                 # the ONE conditioning path
     z    = model(tokens, cond, orders, num_masked)     # encoder -> predictor -> text fusion
     L    = w_flow * flow(z[masked]) + w_jepa * SmoothL1(jepa_head(z[masked]), ema.encode_full)
@@ -17,10 +17,9 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from models.blocks import CrossAttention, transformer_blocks
-from models.flow_head import FlowHead, flow_matching_loss
+from models.flow_head import FlowHead
 from models.text_encoders import TextEmbeddings
 
 
@@ -274,42 +273,6 @@ def mask_from_orders(orders: torch.Tensor, num_masked: int) -> torch.Tensor:
     """Boolean mask [B,L], True where hidden (the first ``num_masked`` of each order)."""
     mask = torch.zeros_like(orders, dtype=torch.bool)
     return mask.scatter(1, orders[:, :num_masked], True)
-
-
-# -------------------------------------------------------------------- training loss
-def training_losses(model: JEPAT, ema: JEPAT, x: torch.Tensor, text: TextEmbeddings,
-                    host_generator: torch.Generator, flow_weight: float = 1.0,
-                    jepa_weight: float = 1.0) -> Dict[str, torch.Tensor]:
-    """Flow-matching and JEPA losses for one batch.
-
-    Args:
-        x: clean image tokens [B,L,d]; text: caption embeddings for the batch.
-        host_generator: CPU generator for the per-batch mask ratio (no device sync).
-    Returns: dict of scalar tensors: loss, flow, jepa, mask_ratio.
-    """
-    cfg = model.cfg
-    B, L, _ = x.shape
-    ratio = sample_mask_ratio(host_generator, cfg.mask_ratio_min, cfg.mask_ratio_std)
-    num_masked = min(L, max(1, int(math.ceil(L * ratio))))
-    orders = random_orders(B, L, x.device)                                            # [B,L]
-    drop = torch.rand(B, device=x.device) < cfg.cond_drop_prob                        # [B]
-    cond = model.condition(text, drop)
-    z = model(x, cond, orders, num_masked)                                            # [B,L,D]
-    hidden = orders[:, :num_masked]                                                   # [B,M]
-    z_m = z.gather(1, hidden[..., None].expand(-1, -1, z.shape[-1]))                  # [B,M,D]
-    x_m = x.gather(1, hidden[..., None].expand(-1, -1, x.shape[-1]))                  # [B,M,d]
-    flow = flow_matching_loss(model.flow_head, x_m.flatten(0, 1), z_m.flatten(0, 1), cfg.diffusion_batch_mul,
-                              cfg.t_logit_mean, cfg.t_logit_std)
-    if jepa_weight > 0:
-        with torch.no_grad():
-            target = ema.encode_full(x, ema.condition(text, drop))                    # [B,L,D]
-            target = target.gather(1, hidden[..., None].expand(-1, -1, target.shape[-1]))
-        jepa = F.smooth_l1_loss(model.jepa_head(z_m).float(), target.float())
-    else:
-        jepa = torch.zeros((), device=x.device)
-    loss = flow_weight * flow + jepa_weight * jepa
-    return {"loss": loss, "flow": flow.detach(), "jepa": jepa.detach(),
-            "mask_ratio": torch.tensor(num_masked / L)}
 
 
 # -------------------------------------------------------------------- presets

@@ -1,4 +1,5 @@
-"""Frozen KL-VAE tokenizers through diffusers' ``AutoencoderKL``.
+"""The frozen KL-VAEs behind the ``kl16`` and ``sd-vae`` tokenizers (models/tokenizers.py), as
+diffusers' ``AutoencoderKL``.
 
 * ``kl16``: MAR's KL-16 (16 channels, stride 16, scaling 0.2325). diffusers' AutoencoderKL is
   configured to MAR's architecture (five levels 128-128-256-256-512, attention after each
@@ -16,11 +17,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from models.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -148,56 +148,6 @@ def diffusers_to_ldm(state: Dict[str, torch.Tensor], levels: int) -> Dict[str, t
     return out
 
 
-# ------------------------------------------------------------------ the tokenizer
-def latents_from_moments(moments: torch.Tensor, noise: Optional[torch.Tensor], scaling: float,
-                         shift: float = 0.0) -> torch.Tensor:
-    """moments [B,2c,h,w] (mean ++ log-variance) -> latents [B,c,h,w] = (mean + std*noise - shift) * scaling;
-    ``noise=None`` takes the mean. The log-variance is clamped to [-30, 20] as in LDM."""
-    mean, logvar = moments.chunk(2, dim=1)
-    z = mean if noise is None else mean + torch.exp(0.5 * logvar.clamp(-30.0, 20.0)) * noise
-    return (z - shift) * scaling
-
-
-class VAETokenizer(Tokenizer):
-    """A frozen diffusers ``AutoencoderKL`` behind the ``Tokenizer`` interface.
-
-    ``encode`` samples the posterior (as MAR's training does); ``moments`` returns the
-    posterior's mean and log-variance [B, 2c, h, w] unscaled, for the latent cache.
-    """
-
-    def __init__(self, vae: torch.nn.Module, name: str, scaling: float, shift: float = 0.0,
-                 source: str = "random init") -> None:
-        super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
-        self.name, self.scaling, self.shift, self.source = name, float(scaling), float(shift), source
-        self.channels = int(vae.config.latent_channels)
-        self.stride = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.stochastic = True
-
-    def _check(self, images: torch.Tensor) -> None:
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-1] % self.stride or images.shape[-2] % self.stride:
-            raise ValueError(f"{self.name} expects images [B,3,H,W] with H and W divisible by {self.stride}, "
-                             f"got {tuple(images.shape)}")
-
-    @torch.no_grad()
-    def moments(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B,3,H,W] in [-1,1] -> moments [B,2c,H/stride,W/stride] (float32)."""
-        self._check(images)
-        dtype = next(self.vae.parameters()).dtype
-        return self.vae.encode(images.to(dtype)).latent_dist.parameters.float()
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        m = self.moments(images)
-        return latents_from_moments(m, torch.randn_like(m[:, :self.channels]), self.scaling, self.shift)
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vae.parameters()).dtype
-        z = (latents / self.scaling + self.shift).to(dtype)
-        return self.vae.decode(z).sample.float().clamp(-1, 1)
-
-
 def _autoencoder(config: Dict) -> torch.nn.Module:
     """An AutoencoderKL with unallocated (meta) weights: loading fills them, so the ~66M-parameter
     default initialisation is never run."""
@@ -206,9 +156,9 @@ def _autoencoder(config: Dict) -> torch.nn.Module:
         return AutoencoderKL(**config)
 
 
-def random_vae(name: str, seed: int = 0) -> VAETokenizer:
-    """A VAE of the real architecture with random weights (tests, benchmarks): convs and linears
-    N(0, 1/fan_in), norms at identity. Same ``seed``, same weights, in any process."""
+def random_autoencoder(name: str, seed: int = 0) -> Tuple[torch.nn.Module, float]:
+    """(AutoencoderKL, scaling) of the real architecture with random weights (tests, benchmarks):
+    convs and linears N(0, 1/fan_in), norms at identity. Same ``seed``, same weights, in any process."""
     configs = {"kl16": (mar_kl16_config, MAR_KL16_SCALING), "sd-vae": (sd_vae_config, SD_VAE_SCALING)}
     if name not in configs:
         raise ValueError(f"no VAE architecture named {name!r}; choose one of {sorted(configs)}")
@@ -221,11 +171,11 @@ def random_vae(name: str, seed: int = 0) -> VAETokenizer:
                 p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
             else:
                 p.fill_(1.0 if pname.endswith("weight") else 0.0)
-    return VAETokenizer(vae, name, scaling)
+    return vae, scaling
 
 
-def mar_kl16(path: Optional[str] = None) -> VAETokenizer:
-    """MAR's KL-16 from ``kl16.ckpt`` (default ``pretrained_models/vae/kl16.ckpt``)."""
+def load_kl16(path: Optional[str] = None) -> Tuple[torch.nn.Module, str]:
+    """(AutoencoderKL, path) of MAR's KL-16 from ``kl16.ckpt`` (default ``pretrained_models/vae/kl16.ckpt``)."""
     path = os.path.expanduser(path or DEFAULT_KL16_PATH)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no KL-16 checkpoint at {path}; {KL16_SOURCE}; put it there or pass --vae_path")
@@ -241,11 +191,12 @@ def mar_kl16(path: Optional[str] = None) -> VAETokenizer:
         raise ValueError(f"{path} does not match MAR's KL-16 architecture: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} in all)")
     log.info("loaded KL-16 VAE from %s (%d tensors)", path, len(converted))
-    return VAETokenizer(vae, "kl16", MAR_KL16_SCALING, source=path)
+    return vae, path
 
 
-def sd_vae(path: Optional[str] = None) -> VAETokenizer:
-    """The SD-VAE from a local diffusers folder (default ``pretrained_models/sd-vae-ft-ema``)."""
+def load_sd_vae(path: Optional[str] = None) -> Tuple[torch.nn.Module, float, float, str]:
+    """(AutoencoderKL, scaling, shift, path) of the SD-VAE from a local diffusers folder
+    (default ``pretrained_models/sd-vae-ft-ema``)."""
     path = os.path.expanduser(path or DEFAULT_SD_VAE_PATH)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no SD-VAE folder at {path} (config.json missing); expected {SD_VAE_SOURCE}; "
@@ -255,4 +206,4 @@ def sd_vae(path: Optional[str] = None) -> VAETokenizer:
     scaling = float(getattr(vae.config, "scaling_factor", None) or SD_VAE_SCALING)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     log.info("loaded SD-VAE from %s (scaling %g, shift %g)", path, scaling, shift)
-    return VAETokenizer(vae, "sd-vae", scaling, shift, source=path)
+    return vae, scaling, shift, path

@@ -7,7 +7,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def kl16_random():
-    from models.vae import random_vae
+    from models.tokenizers import random_vae
     return random_vae("kl16", seed=3)
 
 

@@ -11,10 +11,11 @@ from PIL import Image
 import main_cache
 import main_jepat
 from models.text_encoders import TextEmbeddings, TextEncoder
-from util.datasets import build_dataset
-from util.image_folders import imagenet_class_names
-from util.latent_cache import CachedLatentDataset
-from util.text_cache import TextEmbeddingTable, load_text_cache, save_text_cache, text_cache_key
+from util.data.datasets import build_dataset
+from util.data.image_folders import imagenet_class_names
+from util.data.latent_cache import CachedLatentDataset
+from util.data import captions as captions_module
+from util.data.captions import CaptionStore, load_text_cache, save_text_cache, text_cache_key
 
 
 def write_manifest(root: Path) -> Path:
@@ -102,12 +103,12 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
          "--no_text_cache", "--device", "cpu"]))
     assert counts["cached"] == 40 and counts["seen"] == 40
     ds = CachedLatentDataset(cache)
-    table = TextEmbeddingTable(StubEncoder())
+    table = CaptionStore(StubEncoder())
     table.add(ds.caption_vocabulary())
     key = text_cache_key("minilm", 16)
     save_text_cache(cache / "text" / key, table)
-    loaded, info = load_text_cache(cache / "text" / key)
-    assert (info.name, info.token_dim, info.pooled_dim, info.max_length) == ("minilm", 10, 8, 16)
+    loaded = load_text_cache(cache / "text" / key)
+    assert loaded.encoder is None and loaded.info == {"name": "minilm", "token_dim": 10, "pooled_dim": 8, "max_length": 16}
     caps = ds.caption_vocabulary()[:3]
     assert torch.equal(loaded.lookup(caps).tokens, table.lookup(caps).tokens)
     with pytest.raises(KeyError, match="not in the cached text embeddings"):
@@ -115,7 +116,7 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
 
     def no_encoder(*a, **k):
         raise AssertionError("the text encoder was built although its embeddings are cached")
-    monkeypatch.setattr(main_jepat, "build_text_encoder", no_encoder)
+    monkeypatch.setattr(captions_module, "build_text_encoder", no_encoder)
     base = ["--dataset", "cached", "--data_path", str(cache), "--patch_size", "8", "--batch_size", "8",
             "--epochs", "1", "--max_steps", "2", "--no_eval", "--grid_freq", "0", "--num_workers", "0",
             "--precision", "fp32", "--device", "cpu", "--log_freq", "1"]
@@ -123,7 +124,7 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
                                                                          "--output_dir", str(tmp_path / "run")]))
     assert out["step"] == 2
     ckpt = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=False)
-    assert ckpt["text_encoder"]["token_dim"] == 10
+    assert ckpt["captions"]["token_dim"] == 10 and ckpt["captions"]["dataset"] == "cached"
     with pytest.raises(ValueError, match="made with tokenizer 'pixels' at 16 px.*--img_size 32"):
         main_jepat.main(main_jepat.get_args_parser().parse_args(base + ["--img_size", "32",
                                                                        "--output_dir", str(tmp_path / "bad")]))

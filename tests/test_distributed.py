@@ -209,11 +209,15 @@ def test_recipe_scripts_launch_torchrun_with_flags_main_jepat_accepts(preset, tm
     launcher, args = argv[:argv.index("main_jepat.py")], argv[argv.index("main_jepat.py") + 1:]
     assert launcher[launcher.index("--nnodes") + 1] == "4" and launcher[launcher.index("--node_rank") + 1] == "1"
     assert launcher[launcher.index("--master_addr") + 1] == "node0"
-    parser = main_jepat.get_args_parser()
-    assert args[args.index("--dataset") + 1] == "cached" and args[args.index("--tokenizer") + 1] == "kl16"
-    ns = parser.parse_args(args)
+    # the script passes the recipe and the cluster's values only; the recipe holds everything else
+    assert args[:2] == ["--recipe", f"imagenet-{preset}"]
+    assert {a for a in args if a.startswith("--")} <= {"--recipe", "--device", "--data_path", "--vae_path",
+                                                       "--text_encoder_path", "--batch_size", "--accum_iter",
+                                                       "--output_dir", "--resume"}
+    ns = main_jepat.parse_args(args)
     global_batch = ns.batch_size * ns.accum_iter * 32
-    assert global_batch == 2048 and ns.model == preset and ns.precision == "bf16" and ns.blr == 1e-4
-    # the published flow head: velocity output, uniform flow times (the CPU defaults differ)
+    assert global_batch == 2048 and ns.model == preset and ns.blr == 1e-4 and ns.precision == "auto"
+    assert ns.dataset == "cached" and ns.tokenizer == "kl16" and ns.jepa_beta == 2.0
+    # the published flow head: velocity output, uniform flow times (the CPU recipe differs)
     assert ns.flow_prediction == "v" and ns.t_logit_mean is None
     assert (ns.strategy == "fsdp") == (preset == "huge") and ns.grad_checkpointing == (preset != "base")

@@ -9,7 +9,7 @@ import torch
 
 import main_jepat
 from tests.test_train import SMALL
-from util import shapes
+from util.data import shapes
 
 NO_EVAL_SMALL = [a for a in SMALL if a != "--no_eval"]
 FAST_SAMPLING = ["--num_iter", "2", "--ode_steps", "2"]

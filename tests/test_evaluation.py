@@ -12,7 +12,11 @@ from models.text_encoders import TextEmbeddings
 from models.tokenizers import build_tokenizer
 from models.sampler import SamplingConfig
 from tests.helpers import S, TEXT_POOL, TEXT_TOK, tiny_model
-from util import evaluation
+from PIL import Image
+
+from util.evaluation import evaluate, generate, prompts
+from util.evaluation.generate import ImageGenerator
+from util.runtime import DistEnv
 
 SAMPLING = SamplingConfig(num_iter=3, cfg=2.0, temperature=0.9, ode_steps=2, sampler="heun")
 
@@ -32,26 +36,26 @@ class HashedTextTable:
 PROMPTS = [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")] * 2 + ["", "a shape"]
 
 
-def generate(folder: Path, batch_size: int) -> None:
-    evaluation.generate_to_folder(tiny_model(), HashedTextTable(), build_tokenizer("pixels"), PROMPTS, SAMPLING,
-                                  patch_size=2, seed=7, device=torch.device("cpu"), folder=folder, batch_size=batch_size)
+def generate_ids(folder: Path, batch_size: int, env: DistEnv = DistEnv()) -> None:
+    gen = ImageGenerator(tiny_model(), HashedTextTable(), build_tokenizer("pixels"), SAMPLING, torch.device("cpu"))
+    gen.generate_to_folder(PROMPTS, 7, folder, env, batch_size)
 
 
 def _rank_main(rank: int, world: int, rendezvous: str, folder: str) -> None:
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        generate(Path(folder), batch_size=3)
+        generate_ids(Path(folder), batch_size=3, env=DistEnv(rank=rank, world_size=world, initialized=True))
     finally:
         torch.distributed.destroy_process_group()
 
 
 def read(folder: Path) -> np.ndarray:
-    return np.stack([np.asarray(evaluation.Image.open(folder / evaluation.image_name(i))) for i in range(len(PROMPTS))])
+    return np.stack([np.asarray(Image.open(folder / generate.image_name(i))) for i in range(len(PROMPTS))])
 
 
 def test_one_rank_and_two_gloo_ranks_give_the_same_image_for_each_id(tmp_path, one_thread):
-    generate(tmp_path / "one", batch_size=3)
+    generate_ids(tmp_path / "one", batch_size=3)
     # fork: the children inherit the imports instead of re-importing torch and the models
     mp.start_processes(_rank_main, args=(2, str(tmp_path / "rdv"), str(tmp_path / "two")), nprocs=2, join=True,
                        start_method="fork")
@@ -59,31 +63,31 @@ def test_one_rank_and_two_gloo_ranks_give_the_same_image_for_each_id(tmp_path, o
     assert np.array_equal(one, two)
     assert len({im.tobytes() for im in one}) == len(PROMPTS)      # not all the same picture
     # an image depends on its id, not on the batch it was drawn in
-    generate(tmp_path / "other_batch", batch_size=5)
+    generate_ids(tmp_path / "other_batch", batch_size=5)
     assert np.abs(read(tmp_path / "other_batch").astype(int) - one.astype(int)).max() <= 1
     # the share of each rank: fixed batches of consecutive ids, dealt round-robin
-    assert [list(r) for r in evaluation.batches_of_rank(14, 3, 1, 2)] == [[3, 4, 5], [9, 10, 11]]
+    assert [list(r) for r in generate.batches_of_rank(14, 3, 1, 2)] == [[3, 4, 5], [9, 10, 11]]
 
 
 def test_class_balanced_prompts():
     names = ["tench", "goldfish", "great white shark", "crane", "crane"]      # ImageNet repeats names
-    ps = evaluation.class_balanced_prompts(names, 20, "a photo of a {}")
+    ps = prompts.class_balanced_prompts(names, 20, "a photo of a {}")
     assert len(ps) == 20 and ps.num_classes == 5 and ps.extra["images_per_class"] == 4
     assert Counter(ps.labels) == {k: 4 for k in range(5)}
     assert ps.prompts[2] == "a photo of a great white shark" and ps.labels[:5] == [0, 1, 2, 3, 4]
     assert all(ps.prompts[i] == f"a photo of a {names[ps.labels[i]]}" for i in range(20))
     with pytest.raises(ValueError, match="multiple of the 5 classes"):
-        evaluation.class_balanced_prompts(names, 12)
+        prompts.class_balanced_prompts(names, 12)
     with pytest.raises(ValueError, match="no class names"):
-        evaluation.class_balanced_prompts([], 10)
+        prompts.class_balanced_prompts([], 10)
     with pytest.raises(ValueError, match="template"):
-        evaluation.class_balanced_prompts(names, 5, "a photo")
-    fp = evaluation.file_prompts(["a", "b", "c"], 7)
-    assert fp.prompts == ["a", "b", "c", "a", "b", "c", "a"] and len(evaluation.file_prompts(["x", "y"])) == 2
+        prompts.class_balanced_prompts(names, 5, "a photo")
+    fp = prompts.file_prompts(["a", "b", "c"], 7)
+    assert fp.prompts == ["a", "b", "c", "a", "b", "c", "a"] and len(prompts.file_prompts(["x", "y"])) == 2
 
 
 def test_image_seeds_differ_by_id_and_by_seed():
-    seeds = {evaluation.image_seed(s, i) for s in range(3) for i in range(1000)}
+    seeds = {generate.image_seed(s, i) for s in range(3) for i in range(1000)}
     assert len(seeds) == 3000 and all(0 <= x < 2 ** 63 for x in seeds)
 
 
@@ -93,7 +97,7 @@ TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "wid
 
 def test_clip_score_with_random_open_clip_weights(tmp_path, one_thread):
     import open_clip
-    from util import clip_score
+    from util.evaluation import clip_score
     (tmp_path / "jepat-test-clip.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(tmp_path / "jepat-test-clip.json")      # a tiny architecture, random weights
     cpu = torch.device("cpu")
@@ -115,7 +119,7 @@ def test_clip_score_with_random_open_clip_weights(tmp_path, one_thread):
 
 
 def test_linear_probe_learns_colors_from_pixels_and_reads_the_encoder(one_thread):
-    from util import probe
+    from util.evaluation import probe
     model = tiny_model()
     tokenizer = build_tokenizer("pixels")
     out = probe.probe_shapes(model, tokenizer, patch_size=2, img_size=8, device=torch.device("cpu"),
@@ -133,11 +137,11 @@ def test_linear_probe_learns_colors_from_pixels_and_reads_the_encoder(one_thread
 def test_missing_weights_and_references_fail_before_generating(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     with pytest.raises(FileNotFoundError, match="no Inception weights at .*hub"):
-        evaluation.check_options(evaluation.EvalOptions(fid_ref=str(tmp_path)))
+        evaluate.check_options(evaluate.EvalOptions(fid_ref=str(tmp_path)))
     tiny = "jepat-test-tiny"
     with pytest.raises(FileNotFoundError, match="no FID reference at .*nothing.npz"):
-        evaluation.check_options(evaluation.EvalOptions(fid_ref=str(tmp_path / "nothing.npz"), feature_extractor=tiny))
+        evaluate.check_options(evaluate.EvalOptions(fid_ref=str(tmp_path / "nothing.npz"), feature_extractor=tiny))
     with pytest.raises(FileNotFoundError, match="no CLIP weights at .*clip.bin"):
-        evaluation.check_options(evaluation.EvalOptions(feature_extractor=tiny, clip_score_weights=str(tmp_path / "clip.bin")))
+        evaluate.check_options(evaluate.EvalOptions(feature_extractor=tiny, clip_score_weights=str(tmp_path / "clip.bin")))
     # without a reference only the Inception Score remains (and metrics.json says what was skipped)
-    assert evaluation.check_options(evaluation.EvalOptions(feature_extractor=tiny)) == ["isc"]
+    assert evaluate.check_options(evaluate.EvalOptions(feature_extractor=tiny)) == ["isc"]

@@ -5,7 +5,8 @@ import torch
 import torch_fidelity
 from torchvision.utils import save_image
 
-from util import fid, shapes
+from util.data import shapes
+from util.evaluation import fid
 
 
 def shapes_uint8(n: int, seed: int, res: int = 16) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 import main_cache
-from util.latent_cache import CachedLatentDataset, read_meta
+from util.data.latent_cache import CachedLatentDataset, read_meta
 
 GOOD = {"n01440764/good1.jpg", "n01440764/good2.png", "n01440764/good3.JPEG"}
 CONVERTED = {"n01443537/cmyk.jpg": "CMYK", "n01443537/gray.png": "L converted", "n01443537/alpha.png": "alpha",
@@ -123,7 +123,7 @@ def test_bad_input_is_converted_or_skipped_and_counted(single, kl16_random):
     # sorted class folders; synsets get their ImageNet name, other folders keep their own
     assert listing["groups"] == [["a photo of a my class"], ["a photo of a tench"], ["a photo of a goldfish"]]
     # the stored moments are those of the crop and of its mirror image
-    from util.image_folders import load_image, to_tensor
+    from util.data.image_folders import load_image, to_tensor
     ds = CachedLatentDataset(cache)
     i = [p.decode() for p in index["path"]].index("n01440764/good2.png")
     img, _ = load_image(os.path.join(listing["root"], "n01440764/good2.png"), 16)

@@ -8,7 +8,8 @@ from scipy.stats import truncnorm
 from models import jepat as jepat_module
 from models.flow_head import FlowHead, flow_matching_loss, integrate_flow, sample_tokens_from_head
 from models.jepat import (JEPAT_MODELS, build_model, mask_from_orders, random_orders, sample_mask_ratio,
-                          training_losses)
+                          )
+from models.loss import EMATarget, JEPATLoss
 from models.sampler import SamplingConfig, num_hidden_after, sample_tokens
 from tests.helpers import S, SEQ_LEN, TOKEN_DIM, random_text, tiny_model
 
@@ -205,7 +206,7 @@ def test_training_and_sampling_share_one_conditioning_path(monkeypatch):
         return original(self, t, drop)
     monkeypatch.setattr(type(model), "condition", spy)
     ema = copy.deepcopy(model)
-    training_losses(model.train(), ema, torch.randn(4, SEQ_LEN, TOKEN_DIM), text, torch.Generator().manual_seed(0))
+    JEPATLoss()(model.train(), EMATarget(ema), torch.randn(4, SEQ_LEN, TOKEN_DIM), text, torch.Generator().manual_seed(0))
     assert len(calls) == 2  # the model, and the EMA target with the same drop mask
     assert torch.equal(calls[0], calls[1])
     calls.clear()
@@ -216,7 +217,8 @@ def test_training_and_sampling_share_one_conditioning_path(monkeypatch):
 def test_training_losses_backpropagate_to_every_part():
     model = tiny_model().train()
     ema = copy.deepcopy(model)
-    out = training_losses(model, ema, torch.randn(4, SEQ_LEN, TOKEN_DIM), random_text(4), torch.Generator().manual_seed(0))
+    out = JEPATLoss()(model, EMATarget(ema), torch.randn(4, SEQ_LEN, TOKEN_DIM), random_text(4),
+                      torch.Generator().manual_seed(0))
     out["loss"].backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
     # with cond_drop_prob 0.1 and 4 samples the null params may see no gradient in one step

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from util import shapes as S
+from util.data import shapes as S
+from util.evaluation import judge as J
 
 
 def _rendered(n: int, resolution: int, seed: int):
@@ -68,7 +69,7 @@ def test_judge_accuracy_32():
     for t in targets:
         counts[t] = counts.get(t, 0) + 1
     assert len(counts) == 18
-    result = S.score(S.judge_batch(images), targets)
+    result = J.score(J.judge_batch(images), targets)
     assert result["n"] == 2000
     assert result["joint_acc"] >= 0.99, result
 
@@ -76,7 +77,7 @@ def test_judge_accuracy_32():
 @pytest.mark.parametrize("resolution", [16, 24, 48])
 def test_judge_accuracy_other_resolutions(resolution):
     images, targets, _ = _rendered(300, resolution, seed=5)
-    assert S.score(S.judge_batch(images), targets)["joint_acc"] >= 0.99
+    assert J.score(J.judge_batch(images), targets)["joint_acc"] >= 0.99
 
 
 def test_judge_extreme_sizes_and_positions():
@@ -87,69 +88,69 @@ def test_judge_extreme_sizes_and_positions():
             lo, hi = S.MARGIN + size / 2, res - S.MARGIN - size / 2
             for cx, cy in [(lo, lo), (hi, hi), (lo, hi), ((lo + hi) / 2, (lo + hi) / 2)]:
                 img = S.render(color, shape, size, cx, cy, res)
-                assert S.judge(img) == (color, shape), (color, shape, size, cx, cy)
+                assert J.judge(img) == (color, shape), (color, shape, size, cx, cy)
 
 
 def test_judge_accepts_tensor():
     ds = S.ShapesDataset("all", num_samples=50, seed=3)
     x = torch.stack([ds[i][0] for i in range(50)])
     targets = [(ds.meta(i)["color"], ds.meta(i)["shape"]) for i in range(50)]
-    assert S.judge_batch(x) == [S.judge(ds.image(i)) for i in range(50)]
-    assert S.score(S.judge_batch(x), targets)["joint_acc"] == 1.0
-    assert S.score(S.judge_batch(np.stack([ds.image(i) for i in range(50)])), targets)[
+    assert J.judge_batch(x) == [J.judge(ds.image(i)) for i in range(50)]
+    assert J.score(J.judge_batch(x), targets)["joint_acc"] == 1.0
+    assert J.score(J.judge_batch(np.stack([ds.image(i) for i in range(50)])), targets)[
         "joint_acc"
     ] == 1.0
 
 
 def test_judge_deterministic():
     images, _, _ = _rendered(20, 32, seed=2)
-    assert S.judge_batch(images) == S.judge_batch(images)
+    assert J.judge_batch(images) == J.judge_batch(images)
 
 
 def test_judge_rejects_two_blobs():
     img = np.full((32, 32, 3), 255, np.uint8)
     img[4:12, 4:12] = S.COLORS["red"]
     img[20:28, 20:28] = S.COLORS["red"]
-    assert S.judge(img)[1] is None
+    assert J.judge(img)[1] is None
     img2 = S.render("green", "circle", 10.0, 8.0, 8.0)
     img2 = np.minimum(img2, S.render("green", "circle", 10.0, 23.0, 23.0))
-    assert S.judge(img2)[1] is None
+    assert J.judge(img2)[1] is None
 
 
 def test_judge_rejects_noise_and_blank():
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
-    assert S.judge(noise)[1] is None
-    assert S.judge(np.full((32, 32, 3), 255, np.uint8)) == (None, None)
-    assert S.judge(torch.ones(3, 32, 32)) == (None, None)
-    assert S.judge(torch.rand(3, 32, 32) * 2 - 1)[1] is None
+    assert J.judge(noise)[1] is None
+    assert J.judge(np.full((32, 32, 3), 255, np.uint8)) == (None, None)
+    assert J.judge(torch.ones(3, 32, 32)) == (None, None)
+    assert J.judge(torch.rand(3, 32, 32) * 2 - 1)[1] is None
     full = np.zeros((32, 32, 3), np.uint8) + np.array(S.COLORS["blue"], np.uint8)
-    assert S.judge(full)[1] is None
+    assert J.judge(full)[1] is None
     patch = np.full((32, 32, 3), 255, np.uint8)
     patch[8:24, 8:24] = rng.integers(0, 160, size=(16, 16, 3), dtype=np.uint8)
-    assert S.judge(patch) == (None, None)
+    assert J.judge(patch) == (None, None)
     tiny = np.full((32, 32, 3), 255, np.uint8)
     tiny[10:13, 10:13] = S.COLORS["red"]
-    assert S.judge(tiny)[1] is None
+    assert J.judge(tiny)[1] is None
 
 
 def test_judge_rejects_wrong_geometry():
     img = np.full((32, 32, 3), 255, np.uint8)
     img[10:20, 3:29] = S.COLORS["green"]
-    assert S.judge(img) == ("green", None)
+    assert J.judge(img) == ("green", None)
     flipped = S.render("purple", "triangle", 18.0, 16.0, 16.0)[::-1].copy()
-    assert S.judge(flipped) == ("purple", None)
+    assert J.judge(flipped) == ("purple", None)
 
 
 def test_judge_off_palette_color():
     img = S.render("red", "square", 16.0, 16.0, 16.0)
     img[img[..., 1] < 100] = (120, 120, 120)
-    assert S.judge(img)[0] is None
+    assert J.judge(img)[0] is None
 
 
 def test_judge_batch_matches_single():
     images, _, _ = _rendered(40, 32, seed=9)
-    assert S.judge_batch(images) == [S.judge(im) for im in images]
+    assert J.judge_batch(images) == [J.judge(im) for im in images]
 
 
 def test_dataset_memo_returns_fresh_copies():
@@ -256,17 +257,17 @@ def test_argument_errors():
     with pytest.raises(IndexError):
         S.ShapesDataset("train", num_samples=5)[5]
     with pytest.raises(ValueError, match="targets"):
-        S.score([("red", "circle")], [])
+        J.score([("red", "circle")], [])
     with pytest.raises(ValueError):
-        S.judge(np.zeros((32, 32), np.uint8))
+        J.judge(np.zeros((32, 32), np.uint8))
     with pytest.raises(ValueError):
-        S.judge(torch.zeros(1, 32, 32))
+        J.judge(torch.zeros(1, 32, 32))
 
 
 def test_score():
     j = [("red", "circle"), ("red", None), (None, "square"), ("blue", "square")]
     t = [("red", "circle"), ("red", "triangle"), ("green", "square"), ("blue", "square")]
-    r = S.score(j, t)
+    r = J.score(j, t)
     assert r == dict(color_acc=0.75, shape_acc=0.75, joint_acc=0.5, n=4)
 
 
@@ -296,8 +297,8 @@ def test_judge_reads_a_generated_square_through_its_halo():
     canvas[5 : 5 + cover.shape[0], 4 : 4 + cover.shape[1]] = cover
     red = np.array(S.COLORS["red"], np.float32)
     img = (255 - canvas[..., None] * (255 - red)).round().astype(np.uint8)
-    assert S.judge(img) == ("red", "square")
-    scores = S.shape_scores(canvas)
+    assert J.judge(img) == ("red", "square")
+    scores = J.shape_scores(canvas)
     assert scores["square"] > 0.85 and scores["square"] - scores["circle"] > 0.05, scores
 
 
@@ -305,9 +306,9 @@ def test_judge_rejects_an_l_and_a_rectangle():
     ell = np.full((32, 32, 3), 255, np.uint8)
     ell[8:16, 8:24] = S.COLORS["red"]
     ell[16:24, 8:16] = S.COLORS["red"]  # three of a square's four quarters
-    assert S.judge(ell) == ("red", None)
+    assert J.judge(ell) == ("red", None)
     bar = S.render("green", "square", 16.0, 16.0, 16.0)
     bar[8:24, 18:24] = 255  # a 16 x 10 rectangle: neither a square nor anything else
-    assert S.judge(bar)[1] is None
-    scores = S.shape_scores((S.render("red", "circle", 16.0, 16.0, 16.0).min(axis=2) < 128).astype(np.float32))
+    assert J.judge(bar)[1] is None
+    scores = J.shape_scores((S.render("red", "circle", 16.0, 16.0, 16.0).min(axis=2) < 128).astype(np.float32))
     assert max(scores, key=scores.get) == "circle" and scores["circle"] > 0.9

@@ -9,9 +9,9 @@ import torch
 
 import main_jepat
 from tests.helpers import tiny_model
-from util.checkpoint import load_checkpoint, save_checkpoint
-from util.datasets import ResumableSampler
-from util.schedules import CosineValue, LRSchedule, WeightDecaySchedule
+from util.training.checkpoint import load_checkpoint, save_checkpoint
+from util.data.datasets import ResumableSampler
+from util.training.schedules import CosineValue, LRSchedule, WeightDecaySchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,12 +135,13 @@ def test_unknown_choices_are_argparse_errors(flag, capsys):
 
 
 def test_flow_time_sampling_flag(capsys):
-    parser = main_jepat.get_args_parser()
-    assert parser.parse_args([]).t_logit_mean == -0.8  # the CPU recipe: logit-normal, towards noise
-    assert parser.parse_args(["--t_logit_mean", "none"]).t_logit_mean is None  # uniform t
-    assert parser.parse_args(["--t_logit_mean", "-1.5"]).t_logit_mean == -1.5
+    parse = main_jepat.parse_args
+    assert parse([]).t_logit_mean == -0.8  # the CPU recipe: logit-normal, towards noise
+    assert parse(["--t_logit_mean", "none"]).t_logit_mean is None  # uniform t, given over the recipe's -0.8
+    assert parse(["--t_logit_mean", "-1.5"]).t_logit_mean == -1.5
+    assert parse(["--recipe", "imagenet-base"]).t_logit_mean is None  # the published uniform t
     with pytest.raises(SystemExit):
-        parser.parse_args(["--t_logit_mean", "low"])
+        parse(["--t_logit_mean", "low"])
     assert "expected a number or 'none'" in capsys.readouterr().err
 
 
@@ -188,14 +189,14 @@ def test_shapes_evaluation_writes_grids_manifest_and_metrics(tmp_path):
 def test_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     run_main(tmp_path, "--epochs", "2", "--max_steps", "3")
     good = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
-    import engine_jepat
-    real = engine_jepat.training_losses
+    from models.loss import JEPATLoss
+    real = JEPATLoss.__call__
 
     def poisoned(*a, **k):
         out = real(*a, **k)
         out["loss"] = out["loss"] * float("nan")
         return out
-    monkeypatch.setattr(engine_jepat, "training_losses", poisoned)
+    monkeypatch.setattr(JEPATLoss, "__call__", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite"):
         run_main(tmp_path, "--epochs", "2", "--resume", str(tmp_path / "checkpoint-last.pth"),
                  "--save_every_steps", "1")

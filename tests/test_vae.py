@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from models.tokenizers import build_tokenizer
-from models.vae import (MAR_KL16_SCALING, diffusers_to_ldm, ldm_to_diffusers, mar_kl16, random_vae, sd_vae)
+from models.tokenizers import mar_kl16, random_vae, sd_vae
+from models.vae import MAR_KL16_SCALING, diffusers_to_ldm, ldm_to_diffusers
 
 
 def test_kl16_loads_from_the_ldm_layout_exactly(kl16_random, kl16_ckpt):

@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from models.tokenizers import Tokenizer
-from models.vae import latents_from_moments
-from util.image_folders import BadImage, Listing, load_image, to_tensor
+from models.tokenizers import Tokenizer, latents_from_moments
+from util.data.image_folders import BadImage, Listing, load_image, to_tensor
+from util.data.shapes import ShapesDataset
 
 FORMAT_VERSION = 1
 PENDING, CACHED, SKIPPED = 0, 1, 2
@@ -60,7 +60,6 @@ class ShapesSource:
     """The procedural ``shapes`` set as a source: one caption group per distinct caption."""
 
     def __init__(self, num_samples: int, size: int, seed: int) -> None:
-        from util.shapes import ShapesDataset
         self.data = ShapesDataset(split="train", num_samples=num_samples, resolution=size, seed=seed)
         self.kind, self.root = "caption", f"shapes(seed={seed})"
         self.vocabulary = self.data.caption_vocabulary()

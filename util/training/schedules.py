@@ -1,9 +1,11 @@
-"""Schedules as small stateless-by-step classes: the value at step s is a pure function of s,
-so an exact resume only needs the step counter. Each ``apply`` writes the value it returns,
-so what gets logged is what was applied."""
+"""Schedules as small classes whose value at step s is a pure function of s, so an exact resume
+only needs the step counter. Each ``apply`` writes the value it returns, so what gets logged is
+what was applied."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -53,3 +55,21 @@ class WeightDecaySchedule(CosineValue):
             if group.get("decay", True):
                 group["weight_decay"] = wd
         return wd
+
+
+@dataclass
+class Schedules:
+    """The three values that move with the step: learning rate, weight decay, EMA momentum."""
+    lr: LRSchedule
+    weight_decay: WeightDecaySchedule
+    ema: CosineValue
+
+    @classmethod
+    def build(cls, lr: float, warmup_epochs: float, steps_per_epoch: int, total_steps: int, lr_schedule: str,
+              min_lr: float, weight_decay: float, weight_decay_end: Optional[float], ema_start: Optional[float],
+              ema_end: float) -> "Schedules":
+        """``weight_decay_end`` / ``ema_start`` None: constant weight decay / EMA momentum."""
+        return cls(lr=LRSchedule(lr, int(warmup_epochs * steps_per_epoch), total_steps, lr_schedule, min_lr),
+                   weight_decay=WeightDecaySchedule(weight_decay, weight_decay if weight_decay_end is None
+                                                    else weight_decay_end, total_steps),
+                   ema=CosineValue(ema_end if ema_start is None else ema_start, ema_end, total_steps))

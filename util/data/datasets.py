@@ -10,7 +10,9 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from util.shapes import ShapesDataset
+from util.data.image_folders import RawImageDataset, list_class_folders, list_manifest
+from util.data.latent_cache import CachedLatentDataset, read_meta
+from util.data.shapes import ShapesDataset
 
 
 def _shapes(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
@@ -20,19 +22,16 @@ def _shapes(data_path: str, img_size: int, num_samples: int, seed: int) -> Datas
 
 def _imagenet(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
     del num_samples, seed  # the files decide
-    from util.image_folders import RawImageDataset, list_class_folders  # class folders, VAE online
     return RawImageDataset(list_class_folders(data_path), img_size)
 
 
 def _captions(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
     del num_samples, seed  # the files decide
-    from util.image_folders import RawImageDataset, list_manifest  # data_path: the JSON Lines manifest
     return RawImageDataset(list_manifest(data_path), img_size)
 
 
 def _cached(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
     del img_size, num_samples, seed  # the cache decides (main_jepat checks its resolution)
-    from util.latent_cache import CachedLatentDataset  # data_path: a main_cache.py folder
     return CachedLatentDataset(data_path)
 
 
@@ -49,6 +48,14 @@ def build_dataset(name: str, data_path: str = "", img_size: int = 32, num_sample
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name](data_path, img_size, num_samples, seed)
+
+
+def is_shapes_data(dataset: str, data_path: str) -> bool:
+    """Whether a run trains on the built-in shapes set (directly, or from a cache of it), so that
+    the judged shapes evaluation applies."""
+    if dataset == "shapes":
+        return True
+    return dataset == "cached" and str(read_meta(data_path).get("root", "")).startswith("shapes(")
 
 
 def collate(batch: List[Tuple[torch.Tensor, str]]) -> Tuple[torch.Tensor, List[str]]:

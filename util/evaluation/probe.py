@@ -17,7 +17,7 @@ import torch
 from models.jepat import JEPAT
 from models.text_encoders import TextEmbeddings
 from models.tokenizers import Tokenizer, patchify
-from util import shapes
+from util.data import shapes
 
 log = logging.getLogger(__name__)
 

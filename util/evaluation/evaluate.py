@@ -1,0 +1,216 @@
+"""Evaluation by generation, and the one writer of ``metrics.json``.
+
+Two kinds: a prompt set (class-balanced class names or a prompts file: generated across ranks,
+seeded per image id, then FID / IS / precision-recall / KID through torch-fidelity and the CLIP
+score), or, for models trained on the built-in ``shapes`` set, the judged shapes evaluation (rank 0).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid, save_image
+
+from util.evaluation import clip_score, fid, probe
+from util.evaluation.generate import ImageGenerator, SampleFolder, image_name, image_seed, save_adm_npz
+from util.evaluation.prompts import PromptSet, class_balanced_prompts, file_prompts, read_lines
+from util.evaluation.shapes_eval import evaluate_shapes
+from util.runtime import DistEnv
+
+log = logging.getLogger(__name__)
+
+
+def add_evaluation_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation (FID / IS / precision-recall / CLIP score / linear probe)")
+    g.add_argument("--eval_freq", type=int, default=0, help="also evaluate every N epochs during training (0: only at the end)")
+    g.add_argument("--eval_class_names", default=None,
+                   help="text file, one class name per line (ImageNet: 1000): class-balanced prompts")
+    g.add_argument("--eval_class_template", default="{}", help="prompt for a class name, e.g. 'a photo of a {}'")
+    g.add_argument("--eval_prompts_file", default=None, help="text file, one free-text prompt per line")
+    g.add_argument("--num_images", type=int, default=None,
+                   help="images to generate (default: 50000 for class names, one per prompt for a prompts file)")
+    g.add_argument("--eval_batch_size", type=int, default=64, help="generation / feature batch per rank")
+    g.add_argument("--eval_per_combo", type=int, default=16, help="shapes evaluation: images per color-shape combination")
+    g.add_argument("--fid_ref", default=None, help="FID reference: mu/sigma statistics .npz (e.g. ADM's) or an image folder")
+    g.add_argument("--eval_metrics", default="fid,isc,prc", help="comma-separated subset of fid,isc,prc,kid")
+    g.add_argument("--fid_feature_extractor", default=fid.INCEPTION, help="a torch-fidelity feature extractor")
+    g.add_argument("--inception_weights", default=None, help="default: torch-fidelity's file in the torch.hub cache")
+    g.add_argument("--save_npz", action="store_true", help="also write the samples as an ADM-suite .npz (arr_0, arr_1)")
+    g.add_argument("--clip_score_model", default="ViT-B-32", help="open_clip model of the CLIP score")
+    g.add_argument("--clip_score_weights", default=None,
+                   help="open_clip checkpoint file or cached pretrained tag; without it the CLIP score is skipped")
+    g.add_argument("--probe", action="store_true", help="shapes: linear probe of the frozen encoder (color, shape)")
+    g.add_argument("--probe_train", type=int, default=1000, help="probe training images")
+    g.add_argument("--probe_test", type=int, default=500, help="probe test images")
+
+
+@dataclass
+class EvalOptions:
+    """What to generate and what to compute from it."""
+    prompts: Optional[PromptSet] = None           # None: the dataset's own evaluation (shapes), if any
+    fid_ref: Optional[str] = None                 # statistics .npz or reference image folder
+    metrics: Tuple[str, ...] = ("fid", "isc", "prc")
+    feature_extractor: str = fid.INCEPTION
+    inception_weights: Optional[str] = None
+    save_npz: bool = False
+    clip_score_model: str = "ViT-B-32"
+    clip_score_weights: Optional[str] = None      # open_clip checkpoint file or pretrained tag; None: skipped
+    batch_size: int = 64
+    per_combo: int = 16                           # shapes: images per color-shape combination
+    probe: bool = False                           # shapes: linear probe of the frozen encoder
+    probe_sizes: Tuple[int, int] = (1000, 500)    # its training and test images
+    seed: int = 0
+
+
+def eval_options(args: argparse.Namespace) -> EvalOptions:
+    """The options of ``add_evaluation_args``; prompt files are read (and checked) here, at start-up."""
+    if args.eval_class_names and args.eval_prompts_file:
+        raise SystemExit("give --eval_class_names or --eval_prompts_file, not both")
+    prompts = None
+    if args.eval_class_names:
+        names = read_lines(args.eval_class_names, "class names")
+        prompts = class_balanced_prompts(names, args.num_images or 50_000, args.eval_class_template)
+    elif args.eval_prompts_file:
+        prompts = file_prompts(read_lines(args.eval_prompts_file, "prompts"), args.num_images)
+    return EvalOptions(prompts=prompts, fid_ref=args.fid_ref, metrics=tuple(m for m in args.eval_metrics.split(",") if m),
+                       feature_extractor=args.fid_feature_extractor, inception_weights=args.inception_weights,
+                       save_npz=args.save_npz, clip_score_model=args.clip_score_model,
+                       clip_score_weights=args.clip_score_weights, batch_size=args.eval_batch_size,
+                       per_combo=args.eval_per_combo, probe=args.probe,
+                       probe_sizes=(args.probe_train, args.probe_test), seed=args.seed)
+
+
+def check_options(options: EvalOptions) -> List[str]:
+    """The fidelity metrics that will be computed; unknown metrics and missing Inception weights,
+    reference or CLIP weights are errors raised now (naming the path), not after generating."""
+    wanted = [m for m in options.metrics if m == "isc" or options.fid_ref]
+    unknown = set(options.metrics) - set(fid.METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {fid.METRICS}")
+    if wanted:
+        fid.extractor_kwargs(options.feature_extractor, options.inception_weights)
+    if options.fid_ref and not Path(options.fid_ref).exists():
+        raise FileNotFoundError(f"no FID reference at {options.fid_ref} (a statistics .npz or an image folder)")
+    weights = options.clip_score_weights
+    if weights and (Path(weights).suffix or "/" in weights) and not Path(weights).expanduser().is_file():
+        raise FileNotFoundError(f"no CLIP weights at {weights} for the CLIP score; leave out --clip_score_weights to skip it")
+    return wanted
+
+
+def evaluate(gen: ImageGenerator, options: EvalOptions, out_dir: Path, step: int, env: DistEnv, shapes: bool,
+             record: Optional[Dict] = None, writer=None) -> Dict:
+    """Run the evaluation the options ask for and write ``out_dir/metrics.json`` (rank 0).
+
+    A prompt set is generated by every rank (each with the whole model in ``gen``); the shapes
+    evaluation (``shapes``: the model was trained on the shapes set) runs on rank 0 alone.
+    ``record``: fields copied into metrics.json (step, checkpoint). Returns the metrics ({} elsewhere).
+    """
+    out_dir = Path(out_dir)
+    if options.prompts is not None:
+        metrics = evaluate_prompts(gen, options, out_dir, env)
+    elif shapes:
+        metrics = evaluate_shapes(gen, out_dir, options.per_combo, options.seed) if env.is_main else {}
+        if metrics and options.probe:
+            img_size = gen.grid * gen.patch * gen.tokenizer.stride
+            metrics["probe"] = probe.probe_shapes(gen.model, gen.tokenizer, gen.patch, img_size, gen.device,
+                                                  *options.probe_sizes, seed=options.seed)
+    else:
+        if env.is_main:
+            log.info("no evaluation: pass --eval_class_names or --eval_prompts_file (this dataset has no built-in one)")
+        metrics = {}
+    if not metrics:
+        return {}
+    metrics = {"step": step, **(record or {}), "sampling": asdict(gen.sampling), "seed": options.seed, **metrics}
+    with open(out_dir / "metrics.json", "w") as f:
+        json.dump(metrics, f, indent=2)
+    if writer is not None:
+        log_to_tensorboard(writer, metrics, step, out_dir)
+    return metrics
+
+
+def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, env: DistEnv) -> Dict:
+    """Generate every id of the prompt set across ranks, then (rank 0) write the grid, the
+    manifest, the optional .npz and compute the metrics. Other ranks return {}."""
+    prompt_set = options.prompts
+    wanted = check_options(options)           # fail before generating, on every rank, not after
+    t0 = time.time()
+    gen.generate_to_folder(prompt_set.prompts, options.seed, out_dir / "samples", env, options.batch_size)
+    seconds = time.time() - t0
+    if not env.is_main:
+        env.barrier()
+        return {}
+    n = len(prompt_set)
+    metrics: Dict = {"num_samples": n, "ranks": env.world_size, "prompts": prompt_set.source,
+                     "num_classes": prompt_set.num_classes, **prompt_set.extra,
+                     "generation_seconds": seconds, "seconds_per_image": seconds * env.world_size / n}
+    samples = SampleFolder(out_dir / "samples", n)
+    save_image(samples.stack(64).float() / 255, out_dir / "grid.png", nrow=8, padding=1, pad_value=0.5)
+    _write_manifest(out_dir, prompt_set, options.seed)
+    if options.save_npz:
+        images = samples.stack()
+        save_adm_npz(out_dir / f"samples_{n}x{images.shape[2]}x{images.shape[3]}x3.npz", images, prompt_set.labels)
+        del images
+    if len(wanted) < len(options.metrics):
+        metrics["fidelity_skipped"] = {m: "no --fid_ref" for m in options.metrics if m not in wanted}
+        log.info("%s skipped: no --fid_ref", ", ".join(metrics["fidelity_skipped"]))
+    if wanted:
+        metrics["fidelity"] = fid.compute_metrics(samples, options.fid_ref, wanted, options.feature_extractor,
+                                                  gen.device, options.batch_size, options.inception_weights)
+        log.info("%s", fid.describe(metrics["fidelity"]))
+    if options.clip_score_weights:
+        metrics["clip_score"] = clip_score.clip_score(samples, prompt_set.prompts, options.clip_score_model,
+                                                      options.clip_score_weights, gen.device, options.batch_size)
+        log.info("CLIP score %.3f (%s, %d samples)", metrics["clip_score"]["clip_score"], options.clip_score_model, n)
+    else:
+        metrics["clip_score"] = {"skipped": "no --clip_score_weights (an open_clip checkpoint file or pretrained tag)"}
+        log.info("CLIP score skipped: pass --clip_score_weights to compute it")
+    env.barrier()
+    return metrics
+
+
+def _write_manifest(out_dir: Path, prompt_set: PromptSet, seed: int) -> None:
+    with open(out_dir / "manifest.jsonl", "w") as f:
+        for i, p in enumerate(prompt_set.prompts):
+            row = {"file": f"samples/{image_name(i)}", "id": i, "prompt": p, "seed": image_seed(seed, i)}
+            if prompt_set.labels is not None:
+                row["label"] = prompt_set.labels[i]
+            f.write(json.dumps(row) + "\n")
+
+
+def log_to_tensorboard(writer, metrics: Dict, step: int, out_dir: Path) -> None:
+    """Scalars under eval/ (FID named with its sample count, e.g. eval/FID-1K) and the grids."""
+    fidelity = metrics.get("fidelity", {})
+    if "fid" in fidelity:
+        writer.add_scalar(f"eval/{fidelity['fid_label']}", fidelity["fid"], step)
+    for key in ("inception_score_mean", "precision", "recall", "kid_mean"):
+        if key in fidelity:
+            writer.add_scalar(f"eval/{key}", fidelity[key], step)
+    if "clip_score" in metrics.get("clip_score", {}):
+        writer.add_scalar("eval/clip_score", metrics["clip_score"]["clip_score"], step)
+    for key, value in metrics.get("probe", {}).items():
+        if isinstance(value, float):
+            writer.add_scalar(f"eval/probe_{key}", value, step)
+    for split in ("seen", "heldout"):
+        if split in metrics:
+            for k in ("color_acc", "shape_acc", "joint_acc"):
+                writer.add_scalar(f"eval/{split}_{k}", metrics[split][k], step)
+    for name in ("grid", "grid_seen", "grid_heldout"):
+        path = out_dir / f"{name}.png"
+        if path.is_file():
+            writer.add_image(f"eval/{name}", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+
+
+def training_grid(gen: ImageGenerator, prompts: List[str], seed: int, max_prompts: int = 18) -> Tuple[torch.Tensor, List[str]]:
+    """A grid [3,H,W] in [0,1] of one image for each of a spread of ``prompts`` (the training captions)."""
+    stride = max(1, len(prompts) // max_prompts)
+    chosen = prompts[::stride][:max_prompts]
+    images = gen.generate(chosen, seed)
+    return make_grid((images + 1) / 2, nrow=6, padding=1), chosen

@@ -1,0 +1,138 @@
+"""Where a process runs: its device, its precision and its place in a ``torchrun`` process group.
+The one helper of the three mains and of evaluation.
+
+    python main_jepat.py ...                                   # one process, no process group
+    torchrun --nproc_per_node 8 main_jepat.py ...              # 8 GPUs (NCCL)
+    torchrun --nproc_per_node 2 main_jepat.py --device cpu ... # two CPU processes (gloo)
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits. ``world_size == 1`` and ``initialized == False`` for a plain run."""
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized: bool = False
+    control: Optional[Any] = None   # a gloo group for host-side flags (never syncs the GPU stream)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` over the ranks, on every rank (a host-side all-reduce on the
+        gloo control group: it never waits for the GPU)."""
+        if not self.initialized:
+            return value
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
+        return int(t.item())
+
+    def all_ranks(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is True on all of them."""
+        return not self.max_over_ranks(int(not flag))
+
+    def barrier(self) -> None:
+        if self.initialized:
+            dist.barrier(group=self.control)
+
+
+def launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _device(name: str, local_rank: int, distributed: bool) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if not name.startswith("cuda"):
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}, but this process sees no GPU; use --device cpu")
+    if ":" in name and distributed and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise SystemExit(f"--device {name} names one GPU, but torchrun starts several processes per node; "
+                         "pass --device cuda (each process takes the GPU of its LOCAL_RANK)")
+    device = torch.device("cuda", int(name.split(":")[1]) if ":" in name else local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def init_runtime(device_name: str = "auto", timeout_min: float = 30.0) -> DistEnv:
+    """Join the process group that torchrun describes in the environment (env:// rendezvous;
+    NCCL on GPUs, gloo on the CPU), or describe a single process.
+
+    ``device_name``: ``auto`` (the GPU of this process's LOCAL_RANK if there is one, else the
+    CPU), ``cpu``, ``cuda`` (the LOCAL_RANK's GPU) or ``cuda:i`` (one process per node only).
+    """
+    if not launched_by_torchrun():
+        return DistEnv(device=_device(device_name, 0, distributed=False))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = _device(device_name, local, distributed=True)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_min)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, timeout=timeout,
+                                device_id=device if backend == "nccl" else None)
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, initialized=True, control=control)
+
+
+def shutdown_runtime(env: DistEnv) -> None:
+    if env.initialized and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto``: bf16 where it is fast. On CPUs without AVX512/AMX (AVX2 only), bf16 matmuls
+    are emulated and measured 10-100x slower than fp32 (docs/benchmarks.md), so fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+    if device.type == "cuda":
+        if precision in ("auto", "bf16") and not torch.cuda.is_bf16_supported():
+            log.warning("this GPU has no bf16; using fp16 with a GradScaler")
+            return "fp16"
+        return "bf16" if precision == "auto" else precision
+    if precision == "auto":
+        capability = torch.backends.cpu.get_cpu_capability()
+        return "bf16" if ("AVX512" in capability or "AMX" in capability) else "fp32"
+    if precision == "fp16":
+        raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    return precision
+
+
+def autocast_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast on the given device type, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def setup_logging(env: Optional[DistEnv] = None) -> None:
+    """INFO lines with time and module on rank 0; warnings only on the other ranks."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if env is not None and not env.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+
+
+def interactive() -> bool:
+    """Whether progress bars make sense: stderr (where tqdm draws) is a terminal. In a log file a
+    bar is megabytes of carriage-return frames, so the loops log one line per interval instead."""
+    return sys.stderr.isatty()

@@ -1,0 +1,191 @@
+"""Checkpoints: one save/load pair written atomically (temp file in the same folder + rename), and
+one object, ``TrainingCheckpoint``, that owns what a training checkpoint holds and how it is restored.
+
+A checkpoint holds the trainable model only (never the frozen text encoder or tokenizer), its EMA,
+the model config (so a checkpoint rebuilds its own model), its own recipe as plain dictionaries
+(``sampling``: the sampler's defaults; ``captions``: how the training captions were made and
+embedded; ``image``: tokenizer, patch and image size) and, for training, the optimizer, scaler,
+step counters, generator and RNG states. The launch arguments are kept under ``args`` for the
+record; nothing reads them back, so renaming a flag never breaks an old checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from models.jepat import JEPAT, config_dict
+from util.training.parallel import Parallel
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+
+
+def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop the ``_orig_mod.`` (torch.compile) and ``module.`` (DDP) prefixes."""
+    out = {}
+    for k, v in state.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k.replace("._orig_mod.", ".")] = v
+    return out
+
+
+def rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"format_version": FORMAT_VERSION, **state}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
+                    expect_preset: Optional[str] = None) -> Dict[str, Any]:
+    """Read a checkpoint; ``expect_preset`` raises a clear error for a checkpoint of another preset."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}; pass the path of a checkpoint-*.pth file written by "
+                                "main_jepat.py")
+    state = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+        raise ValueError(f"{path} is not a JEPA-T checkpoint (no 'model' / 'model_config' entries)")
+    preset = state["model_config"].get("preset", "")
+    if expect_preset is not None and preset != expect_preset:
+        raise ValueError(f"checkpoint {path} holds a '{preset}' model but '{expect_preset}' was asked for; "
+                         f"pass --model {preset} or another checkpoint")
+    for key in ("model", "ema"):
+        if key in state:
+            state[key] = clean_state_dict(state[key])
+    return state
+
+
+def checkpoint_recipe(ckpt: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The checkpoint's own recipe: ``sampling``, ``captions`` and ``image`` dictionaries. Reads
+    format 1 too (which kept them among the launch arguments)."""
+    if "sampling" in ckpt:
+        return {k: dict(ckpt[k]) for k in ("sampling", "captions", "image")}
+    args, te = ckpt.get("args", {}), ckpt.get("text_encoder", {})
+    sampling = {k: args[k] for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "ode_steps", "sampler")
+                if k in args}
+    captions = {"dataset": args.get("dataset"), "data_path": args.get("data_path"),
+                "text_encoder": te.get("name", args.get("text_encoder")), "clip_model": args.get("clip_model"),
+                "text_encoder_path": args.get("text_encoder_path"), "text_max_length": args.get("text_max_length"),
+                "token_dim": te.get("token_dim"), "pooled_dim": te.get("pooled_dim")}
+    image = {"tokenizer": ckpt.get("tokenizer"), "vae_path": args.get("vae_path"),
+             "patch_size": ckpt.get("patch_size"), "img_size": ckpt.get("img_size")}
+    return {"sampling": sampling, "captions": captions, "image": image}
+
+
+def check_compatible(ckpt: Dict, model: JEPAT, path: str) -> None:
+    """A checkpoint must match the model built from the arguments (preset, tokens, text dims)."""
+    saved, now = ckpt["model_config"], config_dict(model)
+    if saved.get("preset") != now["preset"]:
+        raise ValueError(f"checkpoint {path} holds a '{saved.get('preset')}' model but --model is "
+                         f"'{now['preset']}'; pass --model {saved.get('preset')}")
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if diff:
+        raise ValueError(f"checkpoint {path} does not match the arguments: "
+                         + ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items()))
+
+
+@dataclass
+class TrainState:
+    """Counters that make a resume exact; saved in the checkpoint."""
+    step: int = 0                   # optimizer steps done
+    epoch: int = 0                  # current epoch
+    batch_in_epoch: int = 0         # batches of the current epoch already consumed
+    host_generator: torch.Generator = field(default_factory=torch.Generator)
+    prior_seconds: float = 0.0      # training time of the runs this one resumes
+    started: float = field(default_factory=time.time)
+
+    def train_seconds(self) -> float:
+        return self.prior_seconds + time.time() - self.started
+
+
+class TrainingCheckpoint:
+    """What a training checkpoint holds, saved from and restored into one run.
+
+    ``record`` holds what describes the run and never changes during it: the model config and the
+    ``sampling``, ``captions``, ``image`` and ``args`` dictionaries.
+    """
+
+    def __init__(self, out_dir: Path, parallel: Parallel, optimizer: torch.optim.Optimizer, state: TrainState,
+                 record: Dict[str, Any]) -> None:
+        self.out_dir, self.parallel, self.optimizer, self.state, self.record = out_dir, parallel, optimizer, state, record
+
+    @staticmethod
+    def load_weights(path: str, model: JEPAT, ema: JEPAT) -> Dict[str, Any]:
+        """Read ``path``, check it against ``model`` and load the model and EMA weights (before any
+        wrapping shards them). Returns the checkpoint for :meth:`restore`."""
+        ckpt = load_checkpoint(path, expect_preset=model.cfg.preset)
+        check_compatible(ckpt, model, path)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        return ckpt
+
+    def restore(self, ckpt: Dict[str, Any]) -> None:
+        """Optimizer, scaler, counters, generators: what makes the resumed run continue exactly."""
+        self.parallel.load_optimizer_state(self.optimizer, ckpt["optimizer"])
+        if self.parallel.scaler is not None and ckpt.get("scaler"):
+            self.parallel.scaler.load_state_dict(ckpt["scaler"])
+        s, st = ckpt["state"], self.state
+        st.step, st.epoch, st.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
+        st.host_generator.set_state(s["host_generator"])
+        st.prior_seconds = s.get("train_seconds", 0.0)
+        set_rng_state(ckpt["rng"])
+
+    def save(self, tag: str) -> None:
+        """``checkpoint-<tag>.pth`` in the run folder; a collective (every rank calls it)."""
+        p = self.parallel
+        if not p.all_finite():
+            raise FloatingPointError(f"non-finite weights at step {self.state.step}; not overwriting the last good "
+                                     f"checkpoint in {self.out_dir}. Lower --lr or use --precision fp32 to investigate")
+        p.check_replicas()
+        # full state dicts on rank 0 (FSDP gathers shards: every rank takes part); plain for any strategy
+        model_sd, ema_sd, optim_sd = p.model_state(), p.ema_state(), p.optimizer_state(self.optimizer)
+        if not p.env.is_main:
+            return
+        st = self.state
+        save_checkpoint(self.out_dir / f"checkpoint-{tag}.pth", {
+            **self.record, "model": model_sd, "ema": ema_sd, "optimizer": optim_sd,
+            "scaler": p.scaler.state_dict() if p.scaler else None,
+            "state": {"step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
+                      "host_generator": st.host_generator.get_state(), "train_seconds": st.train_seconds()},
+            "rng": rng_state(),
+        })
