@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.vae import latents_from_moments  # noqa: E402
+from models.tokenizers import latents_from_moments  # noqa: E402
 from util.data.latent_cache import CachedLatentDataset, cache_shard, finalize_cache, num_shards, prepare_cache  # noqa: E402
 
 

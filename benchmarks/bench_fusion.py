@@ -1,5 +1,5 @@
 """The paper's fusion ablation on ``shapes``: train each fusion variant with the same budget, seed
-and recipe (main_jepat.py's defaults), then print the judged accuracy on seen and held-out
+and recipe (the shapes recipe of util/recipes.py), then print the judged accuracy on seen and held-out
 color-shape prompts and the linear-probe accuracy of each frozen encoder side by side.
 
     full        input-level condition + post-predictor cross-attention + raw-text injection
@@ -40,14 +40,13 @@ def main() -> None:
     p.add_argument("--output_dir", default="output/bench_fusion")
     p.add_argument("rest", nargs="*", help="after --: extra main_jepat.py arguments")
     a = p.parse_args()
-    parser = main_jepat.get_args_parser()
-    batch = parser.parse_args(a.rest).batch_size
+    batch = main_jepat.parse_args(a.rest).batch_size
     per_epoch = math.ceil(a.steps / a.epochs)
     rows = []
     for mode in a.modes.split(","):
         if mode not in FUSION_MODES:
             raise SystemExit(f"unknown fusion mode {mode!r}; choose from {FUSION_MODES}")
-        args = parser.parse_args(a.rest + [
+        args = main_jepat.parse_args(a.rest + [
             "--fusion", mode, "--seed", str(a.seed), "--epochs", str(a.epochs), "--num_samples", str(per_epoch * batch),
             "--eval_per_combo", str(a.eval_per_combo), "--output_dir", str(Path(a.output_dir) / mode),
             "--save_freq", "0", "--grid_freq", "0", "--probe", "--probe_train", str(a.probe_train),

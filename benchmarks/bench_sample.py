@@ -1,7 +1,7 @@
 """Speed / quality table of the sampler for one checkpoint on ``shapes``: seconds per image and
 judged accuracy (seen and held-out prompts) over num_iter x ODE steps x ODE sampler x CFG on/off.
 
-    python benchmarks/bench_sample.py output/tiny_shapes/checkpoint-last.pth
+    python benchmarks/bench_sample.py output/shapes/checkpoint-last.pth
     python benchmarks/bench_sample.py CKPT --num_iter 4,8,16 --ode_steps 5,10,20 --samplers euler,heun \
         --cfg 3 --per_combo 8
 
@@ -21,16 +21,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine_jepat import generate_images  # noqa: E402
-from util.runtime import resolve_precision  # noqa: E402
+from util.runtime import init_runtime, resolve_precision  # noqa: E402
 from models.jepat import JEPAT, JEPATConfig  # noqa: E402
 from models.sampler import SamplingConfig  # noqa: E402
-from models.text_encoders import build_text_encoder  # noqa: E402
 from models.tokenizers import build_tokenizer  # noqa: E402
-from util import shapes  # noqa: E402
-from util.training.checkpoint import load_checkpoint  # noqa: E402
+from util.data import shapes  # noqa: E402
+from util.evaluation import judge  # noqa: E402
+from util.evaluation.generate import ImageGenerator  # noqa: E402
+from util.training.checkpoint import checkpoint_recipe, load_checkpoint  # noqa: E402
 from util.evaluation.shapes_eval import shapes_prompts  # noqa: E402
-from util.data.captions import CaptionStore  # noqa: E402
+from util.data.captions import build_caption_store  # noqa: E402
 
 
 def ints(s: str):
@@ -54,34 +54,31 @@ def main() -> None:
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = resolve_device(a.device)
+    device = init_runtime(a.device).device
     precision = resolve_precision(device, a.precision)
     ckpt = load_checkpoint(a.checkpoint)
-    targs = ckpt["args"]
+    recipe = checkpoint_recipe(ckpt)
     model = JEPAT(JEPATConfig(**ckpt["model_config"])).to(device)
     model.load_state_dict(ckpt["ema"])
-    te = ckpt["text_encoder"]
-    encoder = build_text_encoder(te["name"], path=targs.get("text_encoder_path"), clip_model=targs.get("clip_model", "ViT-L-14"),
-                                 max_length=te["max_length"], device=str(device))
-    table = CaptionStore(encoder, device)
-    tokenizer = build_tokenizer(ckpt["tokenizer"]).to(device)
+    table = build_caption_store(recipe["captions"], device, use_cache=False)
+    tokenizer = build_tokenizer(recipe["image"]["tokenizer"], recipe["image"]["vae_path"]).to(device)
     splits = {"seen": shapes_prompts(shapes.SEEN_COMBOS, a.per_combo),
               "heldout": shapes_prompts(shapes.HELDOUT_COMBOS, a.per_combo)}
     table.add([p for prompts, _ in splits.values() for p in prompts])
-    temperature = a.temperature if a.temperature is not None else targs["temperature"]
+    temperature = a.temperature if a.temperature is not None else recipe["sampling"]["temperature"]
     print(f"checkpoint {a.checkpoint} (step {ckpt['state']['step']}), device {device}, precision {precision}, "
           f"temperature {temperature}, {a.per_combo} images per combination "
           f"({len(splits['seen'][0])} seen + {len(splits['heldout'][0])} held-out), {torch.get_num_threads()} threads")
     # one untimed warm-up so the first row does not pay for lazy initialisation
-    generate_images(model, table, tokenizer, splits["seen"][0][:2], SamplingConfig(num_iter=2, ode_steps=1),
-                    ckpt["patch_size"], a.seed, device, precision)
+    warm = SamplingConfig(num_iter=2, ode_steps=1)
+    ImageGenerator(model, table, tokenizer, warm, device, precision).generate(splits["seen"][0][:2], a.seed)
     header = (f"{'num_iter':>8} {'ode':>4} {'sampler':>7} {'cfg':>5} {'s/image':>8} {'seen joint':>10} "
               f"{'held joint':>10} {'seen color':>10} {'seen shape':>10}")
     print(header)
     rows = []
     for num_iter, ode, sampler, cfg in itertools.product(ints(a.num_iter), ints(a.ode_steps), a.samplers.split(","),
                                                          (1.0, a.cfg)):
-        sampling = SamplingConfig(num_iter=num_iter, cfg=cfg, cfg_schedule=targs.get("cfg_schedule", "linear"),
+        sampling = SamplingConfig(num_iter=num_iter, cfg=cfg, cfg_schedule=recipe["sampling"].get("cfg_schedule", "linear"),
                                   temperature=temperature, ode_steps=ode, sampler=sampler)
         row = {"num_iter": num_iter, "ode_steps": ode, "sampler": sampler, "cfg": cfg}
         seconds, count = 0.0, 0
@@ -89,11 +86,10 @@ def main() -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            images = generate_images(model, table, tokenizer, prompts, sampling, ckpt["patch_size"], a.seed, device,
-                                     precision)
+            images = ImageGenerator(model, table, tokenizer, sampling, device, precision).generate(prompts, a.seed)
             seconds += time.perf_counter() - t0
             count += len(prompts)
-            row[split] = shapes.score(shapes.judge_batch(images), targets)
+            row[split] = judge.score(judge.judge_batch(images), targets)
         row["seconds_per_image"] = seconds / count
         rows.append(row)
         print(f"{num_iter:8d} {ode:4d} {sampler:>7} {cfg:5.1f} {row['seconds_per_image']:8.4f} "

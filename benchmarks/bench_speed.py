@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models.jepat as jepat  # noqa: E402
+import models.loss as loss_module  # noqa: E402
 from engine_jepat import param_groups, update_ema
 from util.runtime import autocast_context  # noqa: E402
-from models.flow_head import sample_tokens_from_head  # noqa: E402
 from models.sampler import SamplingConfig, num_hidden_after, sample_tokens  # noqa: E402
 from models.text_encoders import TextEmbeddings, build_text_encoder  # noqa: E402
 from util.data.shapes import ALL_COMBOS, all_captions  # noqa: E402
@@ -81,6 +81,7 @@ class Trainer:
                  fused: bool) -> None:
         self.model, self.encoder, self.device, self.precision = model, encoder, device, precision
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
+        self.loss, self.target = loss_module.JEPATLoss(), loss_module.EMATarget(self.ema)
         self.table = CaptionStore(encoder, device)
         self.table.add(captions)
         g = torch.Generator().manual_seed(0)
@@ -100,13 +101,13 @@ class Trainer:
             self.encoder.encode(self.captions)
         else:
             text = self.table.lookup(self.captions)
-        orders_fn = numpy_orders if numpy_orders_ else jepat.random_orders
-        saved, jepat.random_orders = jepat.random_orders, orders_fn
+        orders_fn = numpy_orders if numpy_orders_ else loss_module.random_orders
+        saved, loss_module.random_orders = loss_module.random_orders, orders_fn
         try:
             with autocast_context(self.device, self.precision):
-                out = jepat.training_losses(self.model, self.ema, self.x, text, self.host)
+                out = self.loss(self.model, self.target, self.x, text, self.host)
         finally:
-            jepat.random_orders = saved
+            loss_module.random_orders = saved
         opt = self.opt_loop if loop_adamw else self.opt_foreach if foreach_adamw else self.opt_fused
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()

@@ -5,7 +5,7 @@ share of this device's measured matmul rate, per preset x precision x torch.comp
     python benchmarks/bench_train.py --presets base --precisions bf16 --compile off,on \\
         --batch_size 64 --seq_len 256 --token_dim 16 --steps 20      # the published base shape, on a GPU
 
-A step is what train_one_epoch does: autocast forward of training_losses (flow + JEPA against
+A step is what train_one_epoch does: autocast forward of the loss (models/loss.py) (flow + JEPA against
 the EMA), backward, grad clip, AdamW (fused on GPUs), EMA update. The caption embeddings are
 random (CLIP ViT-L-14 widths), so no text encoder runs. FLOPs come from
 torch.utils.flop_counter over one eager step (matmuls and attention, forward and backward);
@@ -35,6 +35,7 @@ from engine_jepat import param_groups, update_ema
 from util.runtime import autocast_context  # noqa: E402
 from models.jepat import build_model  # noqa: E402
 from models.text_encoders import TextEmbeddings  # noqa: E402
+from models.loss import EMATarget, JEPATLoss  # noqa: E402
 from util.training.parallel import TrainingStep, seed_step  # noqa: E402
 
 
@@ -91,14 +92,14 @@ def run_one(args: argparse.Namespace, preset: str, precision: str, compiled: boo
     mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)
     text = TextEmbeddings(torch.randn(B, args.text_len, 768, device=device), mask, torch.randn(B, 768, device=device))
     opt = torch.optim.AdamW(param_groups(model), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    loss_module = TrainingLoss(model, ema)
+    loss_module = TrainingStep(model, JEPATLoss(), EMATarget(ema))
     step_fn = torch.compile(loss_module) if compiled else loss_module
     host = torch.Generator()
 
     def step(fn) -> None:
         seed_step(0, 0, 0, host)  # the same mask ratio (and FLOPs) every step
         with autocast_context(device, precision):
-            out = fn(x, text, host, 1.0, 1.0)
+            out = fn(x, text, host)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)

@@ -8,7 +8,6 @@ of training minutes, step, and seen / held-out joint accuracy.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -26,20 +25,13 @@ def main() -> None:
     p.add_argument("--eval_per_combo", type=int, default=16)
     a = p.parse_args()
     run = Path(a.run_dir)
-    saved = json.loads((run / "args.json").read_text())
     ckpts = sorted(run.glob("checkpoint-[0-9]*.pth"), key=lambda f: int(re.findall(r"\d+", f.name)[0]))
     if not ckpts:
         raise SystemExit(f"no checkpoint-<epoch>.pth in {run}; train with --save_freq 1")
     rows = []
-    parser = main_jepat.get_args_parser()
-    known = {a.dest for a in parser._actions}
     for ckpt in ckpts:
-        args = parser.parse_args([])
-        for k, v in saved.items():
-            if k in known:
-                setattr(args, k, v)
-        args.evaluate, args.resume, args.eval_per_combo = True, str(ckpt), a.eval_per_combo
-        args.output_dir = str(run / "curve" / ckpt.stem)
+        args = main_jepat.parse_args(["--evaluate", "--resume", str(ckpt), "--eval_per_combo", str(a.eval_per_combo),
+                                      "--output_dir", str(run / "curve" / ckpt.stem)])
         m = main_jepat.main(args)
         secs = torch.load(ckpt, map_location="cpu", weights_only=False)["state"].get("train_seconds", float("nan"))
         rows.append((secs / 60, m["step"], m["seen"]["joint_acc"], m["heldout"]["joint_acc"]))

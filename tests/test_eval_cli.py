@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 import main_jepat
 from tests.test_train import SMALL
