@@ -15,6 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import huggingface_hub
 import torch
 import torch.distributed as dist
 
@@ -126,10 +127,15 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 
 def setup_logging(env: Optional[DistEnv] = None) -> None:
-    """INFO lines with time and module on rank 0; warnings only on the other ranks."""
+    """INFO lines with time and module on rank 0; warnings only on the other ranks. Off a terminal,
+    the Hugging Face libraries' progress bars are switched off too (a log file gets lines, not frames)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if env is not None and not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
+    if not interactive():
+        huggingface_hub.utils.disable_progress_bars()        # read by transformers when it is imported
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def interactive() -> bool:
