@@ -1,5 +1,5 @@
-"""Cache tokenizer (VAE) moments of a dataset, of every image and of its horizontal flip, plus the
-caption embeddings, so that training reads latents instead of running the VAE and the text encoder.
+"""Cache tokenizer (VAE) moments of a dataset, of every image (and of its horizontal flip for class
+folders, or with --random_flip), plus the caption embeddings, so that training reads latents instead of running the VAE and the text encoder.
 
     python main_cache.py --dataset imagenet --data_path /data/imagenet --cache_dir cache/in256-kl16
     torchrun --nproc_per_node 8 main_cache.py ...           # any number of ranks (NCCL on GPUs, gloo on CPUs)
@@ -49,7 +49,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_dir", required=True)
     p.add_argument("--shard_size", type=int, default=16384, help="entries per shard file")
     p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored moments")
-    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass (x2 with the flips)")
+    p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also store the moments of each image's horizontal flip (default: on for class folders, "
+                        "off for captions and shapes); training flips only from a cache that has them")
+    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass (x2 with flips)")
     p.add_argument("--num_workers", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto: this rank's GPU, else the CPU")
     p.add_argument("--max_batches", type=int, default=None, help="stop each rank after this many batches "
@@ -68,7 +71,9 @@ def build_source(args: argparse.Namespace, cache_dir: Path, listed: bool):
         return ShapesSource(args.num_samples, args.img_size, args.seed)
     if listed:
         d = json.loads((cache_dir / "listing.json").read_text())
-        listing = Listing(d["root"], d["paths"], d["entry_groups"], d["groups"], d["kind"], d["listing_skipped"])
+        source = d.get("caption_source", {})
+        listing = Listing(d["root"], d["paths"], d["entry_groups"], d["groups"], d["kind"], d["listing_skipped"],
+                          source.get("class_names", []), source.get("template", ""))
     else:
         listing = build_listing(args.dataset, args.data_path, args.manifest, args.prompt_template)
     return ListingSource(listing, args.img_size, args.small_images)
@@ -99,8 +104,9 @@ def cache(args: argparse.Namespace, rank: int, world: int, device: torch.device,
     tmeta = tokenizer_meta(tokenizer, args.tokenizer, args.img_size)
     if rank == 0:
         source = build_source(args, cache_dir, listed=False)
+        flipped = args.dataset == "imagenet" if args.random_flip is None else args.random_flip
         meta = prepare_cache(cache_dir, source, tmeta, args.shard_size, args.dtype,
-                             vae_source=str(getattr(tokenizer, "source", "")))
+                             vae_source=str(getattr(tokenizer, "source", "")), flipped=flipped)
         log.info("%d entries to cache in %d shards of %d on %d rank(s), %s at %d px -> %s", len(source),
                  num_shards(meta), args.shard_size, world, args.tokenizer, args.img_size, cache_dir)
     barrier()

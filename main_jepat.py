@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.tensorboard import SummaryWriter
 
 from engine_jepat import ModelInputs, StepSettings, param_groups, train_one_epoch
@@ -35,12 +35,14 @@ from models.tokenizers import TOKENIZERS, Tokenizer, build_tokenizer
 from util.data.captions import CaptionStore, build_caption_store, cached_text_dir, caption_recipe, save_text_cache
 from util.data.datasets import DATASETS, ResumableSampler, build_dataset, collate, is_shapes_data
 from util.data.latent_cache import CachedLatentDataset, CachedLatentInput
-from util.evaluation.evaluate import EvalOptions, add_evaluation_args, check_options, eval_options, evaluate, training_grid
+from util.evaluation.evaluate import (EvalOptions, add_evaluation_args, eval_options, evaluate,
+                                      log_unseen, training_grid)
 from util.evaluation.generate import ImageGenerator
 from util.recipes import DEFAULT_RECIPE, RECIPES, apply_recipe, given, recipe_help
 from util.runtime import PRECISIONS, DistEnv, init_runtime, resolve_precision, setup_logging, shutdown_runtime
 from util.training.checkpoint import TrainingCheckpoint, TrainState, checkpoint_recipe, load_checkpoint
 from util.training.parallel import Parallel, add_distributed_args
+from util.training.preflight import checkpoint_bytes, preflight
 from util.training.schedules import Schedules
 
 log = logging.getLogger("jepat")
@@ -101,6 +103,9 @@ def add_data_and_optim_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data_path", default="")
     _recipe_arg(g, "num_samples", "shapes: images per epoch", type=int)
     _recipe_arg(g, "num_workers", type=int)
+    g.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips (default: on for class folders, off for captions; from a cache "
+                        "only if it holds flipped moments)")
     g.add_argument("--vae_path", default=None, help="kl16: kl16.ckpt file; sd-vae: diffusers folder")
     g = p.add_argument_group("optimisation")
     _recipe_arg(g, "batch_size", "per process", type=int)
@@ -206,51 +211,72 @@ def make_model(args: argparse.Namespace, tokenizer: Tokenizer, text_info: Dict) 
     return build_model(args.model, **kw)
 
 
-def build_data(args: argparse.Namespace, env: DistEnv, captions: CaptionStore, tokenizer: Tokenizer
-               ) -> tuple[ResumableSampler, DataLoader, ModelInputs]:
-    dataset = build_dataset(args.dataset, args.data_path, args.img_size, args.num_samples, args.seed)
+def caption_recipe_of(args: argparse.Namespace) -> Dict:
+    return caption_recipe(args.dataset, args.data_path, args.text_encoder, args.clip_model, args.text_encoder_path,
+                          args.text_max_length)
+
+
+@dataclass
+class Data:
+    """The training data: dataset, sampler, loader, batch -> model inputs, and how its captions were made."""
+    dataset: Dataset
+    sampler: ResumableSampler
+    loader: DataLoader
+    inputs: ModelInputs
+    source: Dict
+
+
+def build_data(args: argparse.Namespace, env: DistEnv, captions: CaptionStore, tokenizer: Tokenizer) -> Data:
+    dataset = build_dataset(args.dataset, args.data_path, args.img_size, args.num_samples, args.seed,
+                            args.random_flip)
     captions.add(dataset.caption_vocabulary())
     log.info("%d unique caption embeddings (%s)", len(captions), captions.info["name"])
     train_tokenizer = tokenizer
     if isinstance(dataset, CachedLatentDataset):
         dataset.check(args.tokenizer, args.img_size)  # refuses a cache of another tokenizer / resolution
         train_tokenizer = CachedLatentInput(tokenizer)
-        text_dir = cached_text_dir(caption_recipe_of(args))
-        if captions.encoder is not None and env.is_main:
-            save_text_cache(text_dir, captions)  # the next run reads it instead of building the encoder
+        if captions.encoder is not None and env.is_main:   # the next run reads them instead of building the encoder
+            save_text_cache(cached_text_dir(caption_recipe_of(args)), captions)
     sampler = ResumableSampler(len(dataset), args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=args.num_workers, drop_last=True, pin_memory=env.device.type == "cuda",
                         generator=torch.Generator().manual_seed(args.seed))  # keeps the global RNG untouched
-    return sampler, loader, ModelInputs(train_tokenizer, captions, args.patch_size, env.device)
+    return Data(dataset, sampler, loader, ModelInputs(train_tokenizer, captions, args.patch_size, env.device),
+                dataset.caption_source())
 
 
-def caption_recipe_of(args: argparse.Namespace) -> Dict:
-    return caption_recipe(args.dataset, args.data_path, args.text_encoder, args.clip_model, args.text_encoder_path,
-                          args.text_max_length)
+def plan_evaluation(args: argparse.Namespace, env: DistEnv, data: Data, captions: CaptionStore,
+                    model: JEPAT) -> EvalOptions:
+    """The evaluation after training (by default the training prompts), with everything it will
+    need checked now: weights, references, prompt encodings, the output folder and its free disk."""
+    options = eval_options(args, {} if args.no_eval else data.source)
+    will_generate = not args.no_eval and options.prompts is not None
+    if will_generate:
+        if args.strategy == "fsdp" and env.world_size > 1:
+            raise SystemExit("a prompt-set evaluation needs the whole EMA on every rank: with --strategy fsdp pass "
+                             "--no_eval and evaluate the saved (consolidated) checkpoint with --evaluate --resume")
+        log_unseen(options.prompts, data.dataset.caption_vocabulary())
+        captions.require(options.prompts.prompts)
+    preflight(Path(args.output_dir), checkpoint_bytes(model), options if will_generate else None)
+    return options
 
 
 def build_run(args: argparse.Namespace, env: DistEnv) -> Run:
     """Tokenizer, caption store, model, EMA, data, parallel wrapper, optimizer, schedules and the
-    checkpoint, with the state of ``--resume`` restored."""
+    checkpoint, with the state of ``--resume`` restored and the later evaluation preflighted."""
     device, out_dir = env.device, Path(args.output_dir)
-    options = eval_options(args)
-    if not args.no_eval and options.prompts is not None:
-        check_options(options)   # missing Inception weights or references fail now, not after training
-        if args.strategy == "fsdp" and env.world_size > 1:
-            raise SystemExit("a prompt-set evaluation needs the whole EMA on every rank: with --strategy fsdp pass "
-                             "--no_eval and evaluate the saved (consolidated) checkpoint with --evaluate --resume")
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    tokenizer = build_tokenizer(args.tokenizer, args.vae_path).to(device)
+    tokenizer = build_tokenizer(args.tokenizer, args.vae_path).to(device)   # a missing VAE file stops here
     captions = build_caption_store(caption_recipe_of(args), device)
     model = make_model(args, tokenizer, captions.info).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()   # targets and samples without dropout
     log.info("model %s: %s", args.model, json.dumps(model.num_params()))
+    data = build_data(args, env, captions, tokenizer)
+    options = plan_evaluation(args, env, data, captions, model)
     ckpt = TrainingCheckpoint.load_weights(args.resume, model, ema) if args.resume else None
-    sampler, loader, inputs = build_data(args, env, captions, tokenizer)
-    steps_per_epoch = sampler.num_batches // args.accum_iter  # optimizer steps
+    steps_per_epoch = data.sampler.num_batches // args.accum_iter  # optimizer steps
     if steps_per_epoch < 1:
-        raise SystemExit(f"--accum_iter {args.accum_iter} exceeds the {sampler.num_batches} batches of an epoch")
+        raise SystemExit(f"--accum_iter {args.accum_iter} exceeds the {data.sampler.num_batches} batches of an epoch")
     total_steps = steps_per_epoch * args.epochs  # the schedules' length; --max_steps only stops early
     global_batch = args.batch_size * env.world_size * args.accum_iter
     lr = args.lr if args.lr is not None else args.blr * global_batch / 256
@@ -264,7 +290,7 @@ def build_run(args: argparse.Namespace, env: DistEnv) -> Run:
     state = TrainState()
     state.host_generator.manual_seed(args.seed)
     record = {"model_config": config_dict(model), "sampling": asdict(sampling_config(args)),
-              "captions": {**caption_recipe_of(args), **captions.info},
+              "captions": {**caption_recipe_of(args), **captions.info, "source": data.source},
               "image": {"tokenizer": args.tokenizer, "vae_path": args.vae_path, "patch_size": args.patch_size,
                         "img_size": args.img_size}, "args": vars(args)}
     checkpoint = TrainingCheckpoint(out_dir, parallel, optimizer, state, record)
@@ -278,8 +304,8 @@ def build_run(args: argparse.Namespace, env: DistEnv) -> Run:
             json.dump({**vars(args), "resolved_lr": lr, "total_steps": total_steps, "world_size": env.world_size,
                        "global_batch": global_batch, "model_config": config_dict(model)}, f, indent=2)
     settings = StepSettings(args.precision, args.grad_clip, args.accum_iter, args.log_freq, args.max_steps, args.seed)
-    return Run(args, env, out_dir, tokenizer, captions, model, ema, parallel, optimizer, schedules, loader, sampler,
-               inputs, settings, state, checkpoint, options, is_shapes_data(args.dataset, args.data_path),
+    return Run(args, env, out_dir, tokenizer, captions, model, ema, parallel, optimizer, schedules, data.loader,
+               data.sampler, data.inputs, settings, state, checkpoint, options, data.source.get("kind") == "shapes",
                steps_per_epoch)
 
 
@@ -400,28 +426,34 @@ def train(run: Run) -> Dict:
 # ==================================================================== evaluation of a saved checkpoint
 def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv) -> Dict:
     """``--evaluate --resume CKPT``: the checkpoint rebuilds its own model, caption store and
-    tokenizer; its sampling defaults apply unless a flag gives another value."""
+    tokenizer; it is evaluated on its training prompts unless prompt flags say otherwise, with
+    its own sampling settings unless a flag gives another value."""
     if not args.resume:
         raise SystemExit("--evaluate needs --resume CHECKPOINT")
-    options = eval_options(args)
-    if options.prompts is not None:
-        check_options(options)
     ckpt = load_checkpoint(args.resume)
     recipe = checkpoint_recipe(ckpt)
     captions_recipe = {**recipe["captions"], **{k: getattr(args, k) for k in ("text_encoder_path", "data_path")
                                                 if getattr(args, k)}}
+    source = captions_recipe.get("source") or (   # format-1 checkpoints did not record it
+        {"kind": "shapes"} if is_shapes_data(captions_recipe["dataset"], captions_recipe["data_path"]) else {})
+    options = eval_options(args, source)
+    captions = build_caption_store(captions_recipe, env.device)
+    if options.prompts is not None:
+        known = source.get("class_prompts") or (captions.captions() if captions.encoder is None else None)
+        if known is not None:   # the training captions are known: class prompts, or a cache's captions
+            log_unseen(options.prompts, known)
+        captions.require(options.prompts.prompts)
+    preflight(Path(args.output_dir), 0, options)
     model = JEPAT(JEPATConfig(**ckpt["model_config"])).to(env.device)
     model.load_state_dict(ckpt["ema"])
     model.requires_grad_(False).eval()
-    captions = build_caption_store(captions_recipe, env.device)
     tokenizer = build_tokenizer(recipe["image"]["tokenizer"], args.vae_path or recipe["image"]["vae_path"]).to(env.device)
     sampling = SamplingConfig(**{**recipe["sampling"], **given(args, SAMPLING_KEYS)})
     gen = ImageGenerator(model, captions, tokenizer, sampling, env.device, args.precision)
     out_dir = Path(args.output_dir)
     writer = SummaryWriter(str(out_dir / "tb")) if env.is_main else None
     try:
-        return evaluate(gen, options, out_dir, ckpt["state"]["step"], env,
-                        is_shapes_data(captions_recipe["dataset"], captions_recipe["data_path"]),
+        return evaluate(gen, options, out_dir, ckpt["state"]["step"], env, source.get("kind") == "shapes",
                         {"checkpoint": args.resume}, writer)
     finally:
         if writer is not None:
@@ -436,7 +468,6 @@ def main(args: argparse.Namespace) -> Dict:
     try:
         args.precision = resolve_precision(env.device, args.precision)
         log.info("device %s, precision %s, recipe %s", env.device, args.precision, args.recipe)
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         if args.evaluate:
             return evaluate_checkpoint(args, env)
         return train(build_run(args, env))

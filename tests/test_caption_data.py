@@ -48,11 +48,14 @@ def test_manifest_raw_and_cached(tmp_path):
     seen = {raw[1][1] for _ in range(30)}
     assert seen == {"two dogs", "a pair of dogs"}
     assert raw[0][0].shape == (3, 16, 16) and -1 <= raw[0][0].min() and raw[0][0].max() <= 1
+    # captions may say "left" or hold text: no flips unless asked for
+    assert raw.flip is False and build_dataset("captions", str(manifest), img_size=16, flip=True).flip is True
 
     cache = tmp_path / "cache"
     counts = main_cache.main(main_cache.get_args_parser().parse_args(
         ["--dataset", "captions", "--data_path", str(manifest), "--tokenizer", "pixels", "--img_size", "16",
-         "--cache_dir", str(cache), "--batch_size", "2", "--num_workers", "0", "--no_text_cache", "--device", "cpu"]))
+         "--cache_dir", str(cache), "--batch_size", "2", "--num_workers", "0", "--no_text_cache", "--device", "cpu",
+         "--random_flip"]))
     assert counts == {"seen": 9, "cached": 3, "skipped": 6, "converted": 2, "pending": 0}
     reasons = [json.loads(line)["reason"] for line in (cache / "skipped.jsonl").read_text().splitlines()]
     for why in ("missing", "empty or missing caption", "empty or missing caption", "duplicate path",
@@ -60,7 +63,8 @@ def test_manifest_raw_and_cached(tmp_path):
         assert sum(why in r for r in reasons) >= 1, (why, reasons)
     notes = [json.loads(line)["note"] for line in (cache / "converted.jsonl").read_text().splitlines()]
     assert sorted(n.split(" ")[0] for n in notes) == ["CMYK", "upscaled"], notes   # --small_images upscale
-    ds = CachedLatentDataset(cache)
+    assert CachedLatentDataset(cache).flip is False           # caption data: the flips stay unused by default
+    ds = CachedLatentDataset(cache, flip=True)
     ds.check("pixels", 16)
     i = [p.decode() for p in ds.index["path"]].index("img/a.png")
     plain = torch.from_numpy(np.array(ds.moments(i)[0]))
@@ -70,6 +74,18 @@ def test_manifest_raw_and_cached(tmp_path):
     assert all(g.shape == (3, 16, 16) for g in got)
     flips = [bool(torch.equal(g, plain.flip(-1))) for g in got]
     assert all(torch.equal(g, plain) or f for g, f in zip(got, flips)) and 0 < sum(flips) < 20
+
+    # the default caption cache holds no flips, says so, and refuses to flip
+    plain_only = tmp_path / "plain_only"
+    main_cache.main(main_cache.get_args_parser().parse_args(
+        ["--dataset", "captions", "--data_path", str(manifest), "--tokenizer", "pixels", "--img_size", "16",
+         "--cache_dir", str(plain_only), "--batch_size", "2", "--num_workers", "0", "--no_text_cache",
+         "--device", "cpu"]))
+    assert json.loads((plain_only / "meta.json").read_text())["flipped"] is False
+    ds = CachedLatentDataset(plain_only)
+    assert ds.moments(0).shape[0] == 1 and torch.equal(ds[0][0], torch.from_numpy(np.array(ds.moments(0)[0])))
+    with pytest.raises(ValueError, match="no flipped moments.*--no-random_flip"):
+        CachedLatentDataset(plain_only, flip=True)
 
 
 def test_imagenet_class_names_file():
@@ -128,3 +144,21 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
     with pytest.raises(ValueError, match="made with tokenizer 'pixels' at 16 px.*--img_size 32"):
         main_jepat.main(main_jepat.get_args_parser().parse_args(base + ["--img_size", "32",
                                                                        "--output_dir", str(tmp_path / "bad")]))
+
+    # evaluation prompts the cache does not hold: the checkpoint's text encoder is built for them,
+    # or, when its weights are missing, the run stops at start-up naming a prompt and the flag
+    (tmp_path / "prompts.txt").write_text(f"{caps[0]}\na violet hexagon\n")
+    evaluate = base + ["--img_size", "16", "--evaluate", "--resume", str(tmp_path / "run" / "checkpoint-last.pth"),
+                       "--eval_prompts_file", str(tmp_path / "prompts.txt"), "--eval_metrics", "isc",
+                       "--fid_feature_extractor", "jepat-test-tiny", "--num_iter", "2", "--ode_steps", "2",
+                       "--output_dir", str(tmp_path / "eval")]
+
+    def missing_weights(*a, **k):
+        raise FileNotFoundError("no MiniLM weights at /nowhere")
+    monkeypatch.setattr(captions_module, "build_text_encoder", missing_weights)
+    with pytest.raises(SystemExit, match="not in the cached caption embeddings.*'a violet hexagon'.*--text_encoder_path"):
+        main_jepat.main(main_jepat.get_args_parser().parse_args(evaluate))
+    assert not (tmp_path / "eval" / "samples").exists()              # stopped before generating anything
+    monkeypatch.setattr(captions_module, "build_text_encoder", lambda *a, **k: StubEncoder())
+    m = main_jepat.main(main_jepat.get_args_parser().parse_args(evaluate))
+    assert m["num_samples"] == 2 and m["unseen_prompts"] == 1

@@ -5,7 +5,7 @@ A dataset item is ``(image [3,H,W] float in [-1,1], caption str)``; for ``cached
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -15,24 +15,26 @@ from util.data.latent_cache import CachedLatentDataset, read_meta
 from util.data.shapes import ShapesDataset
 
 
-def _shapes(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
+def _shapes(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
     del data_path  # procedural: nothing to read
+    if flip:
+        raise ValueError("the shapes set draws its own positions; --random_flip does not apply to it")
     return ShapesDataset(split="train", num_samples=num_samples, resolution=img_size, seed=seed)
 
 
-def _imagenet(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
+def _imagenet(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
     del num_samples, seed  # the files decide
-    return RawImageDataset(list_class_folders(data_path), img_size)
+    return RawImageDataset(list_class_folders(data_path), img_size, flip=True if flip is None else flip)
 
 
-def _captions(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
+def _captions(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
     del num_samples, seed  # the files decide
-    return RawImageDataset(list_manifest(data_path), img_size)
+    return RawImageDataset(list_manifest(data_path), img_size, flip=bool(flip))
 
 
-def _cached(data_path: str, img_size: int, num_samples: int, seed: int) -> Dataset:
+def _cached(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
     del img_size, num_samples, seed  # the cache decides (main_jepat checks its resolution)
-    return CachedLatentDataset(data_path)
+    return CachedLatentDataset(data_path, flip)
 
 
 DATASETS: Dict[str, Callable[..., Dataset]] = {
@@ -44,10 +46,12 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
 
 
 def build_dataset(name: str, data_path: str = "", img_size: int = 32, num_samples: int = 20000,
-                  seed: int = 0) -> Dataset:
+                  seed: int = 0, flip: Optional[bool] = None) -> Dataset:
+    """``flip``: random horizontal flips; None takes the dataset's convention (on for class
+    folders, as MAR does; off for captions, which may say "left" or hold text)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name](data_path, img_size, num_samples, seed)
+    return DATASETS[name](data_path, img_size, num_samples, seed, flip)
 
 
 def is_shapes_data(dataset: str, data_path: str) -> bool:

@@ -43,9 +43,19 @@ class Listing:
     captions: List[List[str]]
     kind: str                                    # "class" or "caption"
     skipped: List[Dict] = field(default_factory=list)
+    class_names: List[str] = field(default_factory=list)   # class folders: the name of each class
+    template: str = ""                                     # class folders: its prompt, e.g. "a photo of a {}"
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def caption_source(self) -> Dict:
+        """How the captions were made, for the checkpoint: the class prompts, names and template of
+        class folders (the evaluation uses exactly these), or only the kind for caption data."""
+        if self.kind != "class":
+            return {"kind": self.kind}
+        return {"kind": "class", "class_prompts": [g[0] for g in self.captions], "class_names": self.class_names,
+                "template": self.template}
 
     def vocabulary(self) -> List[str]:
         return list(dict.fromkeys(c for group in self.captions for c in group))
@@ -74,6 +84,7 @@ def list_class_folders(root: str, prompt: str = DEFAULT_PROMPT) -> Listing:
     if not classes:
         raise ValueError(f"{base} has no class folders; expected <root>/<class>/<image>")
     names = imagenet_class_names()
+    class_names = [names.get(c, c.replace("_", " ")) for c in classes]
     paths, groups, skipped = [], [], []
     for label, cls in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(base / cls, followlinks=True):
@@ -85,8 +96,8 @@ def list_class_folders(root: str, prompt: str = DEFAULT_PROMPT) -> Listing:
                     groups.append(label)
                 elif not f.startswith("."):
                     skipped.append({"path": rel, "reason": "not an image file extension"})
-    captions = [[prompt.format(name=names.get(c, c.replace("_", " ")))] for c in classes]
-    return Listing(str(base), paths, groups, captions, "class", skipped)
+    captions = [[prompt.format(name=name)] for name in class_names]
+    return Listing(str(base), paths, groups, captions, "class", skipped, class_names, prompt.replace("{name}", "{}"))
 
 
 def list_manifest(manifest: str, root: Optional[str] = None) -> Listing:
@@ -219,6 +230,9 @@ class RawImageDataset(Dataset):
 
     def caption_vocabulary(self) -> List[str]:
         return self.listing.vocabulary()
+
+    def caption_source(self) -> Dict:
+        return self.listing.caption_source()
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, str]:
         for k in range(min(len(self), 64)):

@@ -1,18 +1,19 @@
-"""The latent cache: sharded, memory-mapped tokenizer moments of every image and of its flip.
+"""The latent cache: sharded, memory-mapped tokenizer moments of every image (and of its
+horizontal flip, when the cache was made with flips).
 
 Layout of a cache folder (format version ``FORMAT_VERSION``)::
 
     meta.json                 tokenizer name, channels, stride, resolution, scaling, shift, dtype,
-                              shard size, counts, format version, complete flag
+                              shard size, flipped, counts, format version, complete flag
     listing.json              the source (kind, root, every entry's path) and the caption groups
-    shards/shard-00000.npy    [n, 2, m, h, w] moments (plain, flipped); m = 2c for a VAE
+    shards/shard-00000.npy    [n, s, m, h, w] moments (plain, and flipped when s = 2); m = 2c for a VAE
                               (mean ++ log-variance), c for a deterministic tokenizer (pixels)
     shards/shard-00000.state.npy  [n] uint8: 0 pending, 1 cached, 2 skipped
     shards/shard-00000.group.npy  [n] int32 caption group (label for ImageNet)
     shards/shard-00000.log.jsonl  skip / conversion records of this shard
     index.npy                 one row per cached image: item, shard, row, group, source path
     skipped.jsonl, converted.jsonl   every entry not cached / cached after a conversion, with why
-    text/<encoder key>/       cached caption embeddings (util/text_cache.py)
+    text/<encoder key>/       cached caption embeddings (util/data/captions.py)
 
 Shards are fixed runs of ``shard_size`` entries of the listing, whatever the number of ranks;
 shard k belongs to rank ``k % world_size``. A row's moments are flushed before its state byte,
@@ -47,6 +48,7 @@ class ListingSource:
         self.kind, self.root = listing.kind, listing.root
         self.paths, self.groups, self.vocabulary = listing.paths, listing.captions, listing.vocabulary()
         self.listing_skipped, self.entry_groups = listing.skipped, listing.groups
+        self.caption_source = listing.caption_source()
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -68,6 +70,7 @@ class ShapesSource:
         self.paths = [f"shapes/{seed}/{i}" for i in range(num_samples)]
         self.listing_skipped: List[Dict] = []
         self.entry_groups = None  # known when an image is drawn
+        self.caption_source = {"kind": "shapes"}
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -130,14 +133,20 @@ def read_meta(cache_dir: str | Path) -> Dict:
     return meta
 
 
+def sides(meta: Dict) -> int:
+    """Moments stored per image: 2 (plain and flipped) or 1 (plain). Caches written before flips
+    became a choice always hold both."""
+    return 2 if meta.get("flipped", True) else 1
+
+
 def prepare_cache(cache_dir: Path, source, tokenizer_meta: Dict, shard_size: int, dtype: str,
-                  vae_source: str = "") -> Dict:
+                  vae_source: str = "", flipped: bool = True) -> Dict:
     """Create the cache folder (or check that a partial one was made from the same source and
     settings) and return its meta. Run on one rank only."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     (cache_dir / "shards").mkdir(exist_ok=True)
     digest = listing_digest(source)
-    settings = {**tokenizer_meta, "shard_size": shard_size, "dtype": dtype}
+    settings = {**tokenizer_meta, "shard_size": shard_size, "dtype": dtype, "flipped": flipped}
     if (cache_dir / "meta.json").is_file():
         meta = read_meta(cache_dir)
         diff = {k: (meta.get(k), v) for k, v in settings.items() if meta.get(k) != v}
@@ -153,7 +162,8 @@ def prepare_cache(cache_dir: Path, source, tokenizer_meta: Dict, shard_size: int
     atomic_write_json(cache_dir / "listing.json", {
         "kind": source.kind, "root": source.root, "paths": source.paths, "groups": source.groups,
         "entry_groups": source.entry_groups,
-        "vocabulary": source.vocabulary, "listing_skipped": source.listing_skipped})
+        "vocabulary": source.vocabulary, "listing_skipped": source.listing_skipped,
+        "caption_source": source.caption_source})
     meta = {"format_version": FORMAT_VERSION, **settings, "num_entries": len(source), "listing_digest": digest,
             "kind": source.kind, "root": source.root, "vae_source": vae_source, "complete": False}
     atomic_write_json(cache_dir / "meta.json", meta)
@@ -177,12 +187,14 @@ def open_shard(cache_dir: Path, meta: Dict, k: int, sample_shape: Tuple[int, ...
     """(moments, state, group) memmaps of shard k, created on first use."""
     paths, n = _shard_paths(cache_dir, k), len(shard_rows(meta, k))
     if not paths[".state.npy"].is_file():  # the state file is created last: without it, start over
-        np.lib.format.open_memmap(paths[".npy"], mode="w+", dtype=meta["dtype"], shape=(n, 2) + tuple(sample_shape))
+        np.lib.format.open_memmap(paths[".npy"], mode="w+", dtype=meta["dtype"],
+                                  shape=(n, sides(meta)) + tuple(sample_shape))
         np.lib.format.open_memmap(paths[".group.npy"], mode="w+", dtype=np.int32, shape=(n,))
         np.lib.format.open_memmap(paths[".state.npy"], mode="w+", dtype=np.uint8, shape=(n,))
     data = np.load(paths[".npy"], mmap_mode="r+")
-    if data.shape[1:] != (2,) + tuple(sample_shape):
-        raise ValueError(f"shard {paths['.npy']} holds moments {data.shape[1:]}, expected {(2,) + tuple(sample_shape)}")
+    if data.shape[1:] != (sides(meta),) + tuple(sample_shape):
+        raise ValueError(f"shard {paths['.npy']} holds moments {data.shape[1:]}, expected "
+                         f"{(sides(meta),) + tuple(sample_shape)}")
     return data, np.load(paths[".state.npy"], mmap_mode="r+"), np.load(paths[".group.npy"], mmap_mode="r+")
 
 
@@ -205,8 +217,9 @@ def cache_shard(cache_dir: Path, meta: Dict, k: int, source, encode_moments, bat
             good = [b for b in batch if b[1] is not None]
             if good:
                 x = torch.stack([b[1] for b in good]).to(device)                         # [b,3,S,S]
-                m = encode_moments(torch.cat([x, x.flip(-1)])).float().cpu().numpy()     # [2b,m,h,w]
-                m = np.stack([m[:len(good)], m[len(good):]], axis=1)                     # [b,2,m,h,w]
+                views = [x, x.flip(-1)] if sides(meta) == 2 else [x]
+                m = encode_moments(torch.cat(views)).float().cpu().numpy()               # [sb,m,h,w]
+                m = np.stack(np.split(m, len(views)), axis=1)                            # [b,s,m,h,w]
                 rows = np.array([b[0] - first for b in good])
                 data[rows] = m.astype(data.dtype)
                 group[rows] = [b[2] for b in good]
@@ -275,12 +288,13 @@ def finalize_cache(cache_dir: Path, meta: Dict) -> Dict:
 
 # ------------------------------------------------------------------ reading
 class CachedLatentDataset(Dataset):
-    """(latent [c,h,w], caption) from a finished cache: per item the plain or the flipped
-    moments at random (``flip``), a latent sampled from them (mean + std * noise, then
+    """(latent [c,h,w], caption) from a finished cache: per item the plain or, with ``flip``, at
+    random the flipped moments, a latent sampled from them (mean + std * noise, then
     ``(z - shift) * scaling``), and one caption of the item's group. Shards are memory-mapped
-    on first use in each worker process."""
+    on first use in each worker process. ``flip`` None: flip when the cache holds flipped moments
+    of class folders (MAR's convention; captions may name left and right)."""
 
-    def __init__(self, cache_dir: str | Path, flip: bool = True) -> None:
+    def __init__(self, cache_dir: str | Path, flip: Optional[bool] = None) -> None:
         self.dir = Path(cache_dir)
         self.meta = read_meta(self.dir)
         if not self.meta.get("complete"):
@@ -292,6 +306,15 @@ class CachedLatentDataset(Dataset):
         listing = json.loads((self.dir / "listing.json").read_text())
         self.groups: List[List[str]] = listing["groups"]
         self.vocabulary: List[str] = listing["vocabulary"]
+        self._source: Dict = listing.get("caption_source") or (   # caches listed before it was recorded
+            {"kind": "shapes"} if str(self.meta.get("root", "")).startswith("shapes(") else
+            {"kind": "class", "class_prompts": [g[0] for g in self.groups]} if self.meta.get("kind") == "class"
+            else {"kind": "caption"})
+        if flip is None:
+            flip = sides(self.meta) == 2 and self.meta.get("kind") == "class"
+        if flip and sides(self.meta) == 1:
+            raise ValueError(f"latent cache {cache_dir} holds no flipped moments (made with --no-random_flip); train "
+                             "with --no-random_flip, or cache again with --random_flip")
         self.flip = flip
         self.channels, self.scaling, self.shift = self.meta["channels"], self.meta["scaling"], self.meta["shift"]
         self._shards: Dict[int, np.ndarray] = {}
@@ -301,6 +324,10 @@ class CachedLatentDataset(Dataset):
 
     def caption_vocabulary(self) -> List[str]:
         return list(self.vocabulary)
+
+    def caption_source(self) -> Dict:
+        """How the cached captions were made (see ``Listing.caption_source``)."""
+        return dict(self._source)
 
     def check(self, tokenizer: str, img_size: int) -> None:
         """Refuse a cache made with another tokenizer or resolution."""
@@ -318,7 +345,7 @@ class CachedLatentDataset(Dataset):
         return self._shards[k]
 
     def moments(self, i: int) -> np.ndarray:
-        """[2, m, h, w] (plain, flipped) moments of item i."""
+        """[s, m, h, w] moments of item i (plain, and flipped when the cache holds flips)."""
         return self._shard(int(self._where[i, 0]))[int(self._where[i, 1])]
 
     def _latents(self, m: torch.Tensor) -> torch.Tensor:

@@ -165,6 +165,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         text embeddings of training and of the held-out evaluation are computed up front."""
         return all_captions(ALL_COMBOS)
 
+    def caption_source(self) -> dict:
+        return {"kind": "shapes"}
+
     def _index(self, i: int) -> int:
         if not isinstance(i, (int, np.integer)):
             raise TypeError(f"index must be an int, got {type(i).__name__}")

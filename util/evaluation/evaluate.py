@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torchvision.utils import make_grid, save_image
 
 from util.evaluation import clip_score, fid, probe
 from util.evaluation.generate import ImageGenerator, SampleFolder, image_name, image_seed, save_adm_npz
-from util.evaluation.prompts import PromptSet, class_balanced_prompts, file_prompts, read_lines
+from util.evaluation.prompts import PromptSet, class_balanced_prompts, file_prompts, read_class_names, read_lines
 from util.evaluation.shapes_eval import evaluate_shapes
 from util.runtime import DistEnv
 
@@ -32,8 +32,10 @@ def add_evaluation_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation (FID / IS / precision-recall / CLIP score / linear probe)")
     g.add_argument("--eval_freq", type=int, default=0, help="also evaluate every N epochs during training (0: only at the end)")
     g.add_argument("--eval_class_names", default=None,
-                   help="text file, one class name per line (ImageNet: 1000): class-balanced prompts")
-    g.add_argument("--eval_class_template", default="{}", help="prompt for a class name, e.g. 'a photo of a {}'")
+                   help="class names, one per line, plain or 'wnid<TAB>name' (util/data/imagenet_classes.txt): "
+                        "class-balanced prompts (default for class-folder training: exactly its class prompts)")
+    g.add_argument("--eval_class_template", default=None,
+                   help="prompt for a class name, e.g. 'a photo of a {}' (default: the training one, else '{}')")
     g.add_argument("--eval_prompts_file", default=None, help="text file, one free-text prompt per line")
     g.add_argument("--num_images", type=int, default=None,
                    help="images to generate (default: 50000 for class names, one per prompt for a prompts file)")
@@ -70,16 +72,46 @@ class EvalOptions:
     seed: int = 0
 
 
-def eval_options(args: argparse.Namespace) -> EvalOptions:
-    """The options of ``add_evaluation_args``; prompt files are read (and checked) here, at start-up."""
+def eval_prompts(args: argparse.Namespace, source: Dict) -> Optional[PromptSet]:
+    """The prompt of every evaluation image: from --eval_class_names or --eval_prompts_file, else,
+    for a model trained on class folders, exactly its training class prompts, class-balanced
+    (50,000 images unless --num_images). ``source``: how the training captions were made."""
     if args.eval_class_names and args.eval_prompts_file:
         raise SystemExit("give --eval_class_names or --eval_prompts_file, not both")
-    prompts = None
+    def num(classes: int) -> int:   # 50 per class for ImageNet's 1000 (FID-50K), ~50,000 in all otherwise
+        return args.num_images or max(1, round(50_000 / classes)) * classes
     if args.eval_class_names:
-        names = read_lines(args.eval_class_names, "class names")
-        prompts = class_balanced_prompts(names, args.num_images or 50_000, args.eval_class_template)
-    elif args.eval_prompts_file:
-        prompts = file_prompts(read_lines(args.eval_prompts_file, "prompts"), args.num_images)
+        template = args.eval_class_template or source.get("template") or "{}"
+        names = read_class_names(args.eval_class_names)
+        return class_balanced_prompts(names, num(len(names)), template)
+    if args.eval_prompts_file:
+        return file_prompts(read_lines(args.eval_prompts_file, "prompts"), args.num_images)
+    if source.get("kind") == "class" and source.get("class_prompts"):
+        if args.eval_class_template:
+            if not source.get("class_names"):
+                raise SystemExit("--eval_class_template needs the class names: pass --eval_class_names too")
+            return class_balanced_prompts(source["class_names"], num(len(source["class_names"])),
+                                          args.eval_class_template)
+        prompts = class_balanced_prompts(source["class_prompts"], num(len(source["class_prompts"])), "{}")
+        prompts.source = "training class prompts"
+        prompts.extra["template"] = source.get("template")
+        return prompts
+    return None
+
+
+def log_unseen(prompts: PromptSet, known: Sequence[str]) -> None:
+    """Prompts the model never saw in training are allowed (open vocabulary), and said so."""
+    seen = set(known)
+    unseen = [p for p in dict.fromkeys(prompts.prompts) if p not in seen]
+    if unseen:
+        log.info("%d of %d evaluation prompts never appeared in training (open vocabulary), e.g. %r",
+                 len(unseen), len(set(prompts.prompts)), unseen[0])
+    prompts.extra["unseen_prompts"] = len(unseen)
+
+
+def eval_options(args: argparse.Namespace, source: Dict) -> EvalOptions:
+    """The options of ``add_evaluation_args``; prompt files are read (and checked) here, at start-up."""
+    prompts = eval_prompts(args, source)
     return EvalOptions(prompts=prompts, fid_ref=args.fid_ref, metrics=tuple(m for m in args.eval_metrics.split(",") if m),
                        feature_extractor=args.fid_feature_extractor, inception_weights=args.inception_weights,
                        save_npz=args.save_npz, clip_score_model=args.clip_score_model,

@@ -31,6 +31,12 @@ def read_lines(path: str, what: str) -> List[str]:
     return lines
 
 
+def read_class_names(path: str) -> List[str]:
+    """Class names in label order, one per line: a plain name, or ``wnid<TAB>name`` as in
+    ``util/data/imagenet_classes.txt`` (the name is what the prompt uses)."""
+    return [line.split("\t")[-1].strip() for line in read_lines(path, "class names")]
+
+
 def class_balanced_prompts(class_names: Sequence[str], num_images: int, template: str = "{}") -> PromptSet:
     """``num_images / len(class_names)`` images per class: image id i shows class ``i % C``, so
     every prefix of C ids holds each class once. ``template`` turns a class name into the prompt."""
