@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from models.text_encoders import TEXT_ENCODERS, build_text_encoder
 from models.tokenizers import TOKENIZERS, Tokenizer, build_tokenizer
-from util.data.captions import CaptionStore, save_text_cache, text_cache_key
+from util.data.caption_table import write_caption_table
+from util.data.captions import text_cache_key
 from util.data.image_folders import DEFAULT_PROMPT, Listing, build_listing
 from util.data.latent_cache import (PENDING, ListingSource, ShapesSource, cache_shard, finalize_cache, num_shards,
                                     prepare_cache, read_meta, shard_rows)
@@ -61,6 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--text_encoder_path", default=None)
     p.add_argument("--clip_model", default="ViT-L-14")
     p.add_argument("--text_max_length", type=int, default=16, help="must match main_jepat.py's")
+    p.add_argument("--text_batch_size", type=int, default=1024, help="captions per text-encoder batch")
     p.add_argument("--no_text_cache", action="store_true", help="do not cache caption embeddings")
     return p
 
@@ -165,17 +167,26 @@ def _pending(cache_dir: Path, meta: Dict, k: int) -> int:
 
 
 def cache_text(args: argparse.Namespace, cache_dir: Path, vocabulary, device: torch.device) -> None:
-    """Embed every caption once, beside the latents, under the text encoder's key."""
+    """Embed every unique caption once, in batches, into the caption table beside the latents
+    (under the text encoder's key); rerun after a kill, it encodes only the rows still missing."""
     key = text_cache_key(args.text_encoder, args.text_max_length, args.clip_model, args.text_encoder_path)
     target = cache_dir / "text" / key
-    if (target / "captions.json").is_file():
+    state = target / "state.npy"
+    if state.is_file() and np.load(state, mmap_mode="r").all():
         log.info("caption embeddings already cached in %s", target)
         return
     encoder = build_text_encoder(args.text_encoder, path=args.text_encoder_path, clip_model=args.clip_model,
                                  max_length=args.text_max_length or None, device=str(device))
-    store = CaptionStore(encoder, "cpu")
-    store.add(vocabulary)
-    save_text_cache(target, store)
+    bar = tqdm(total=len(vocabulary), desc="captions", dynamic_ncols=True, disable=not interactive())
+    done = [0]
+
+    def progress(n: int) -> None:
+        bar.update(n)
+        done[0] += n
+        if bar.disable and (done[0] // 100_000 > (done[0] - n) // 100_000 or done[0] == len(vocabulary)):
+            log.info("captions: %d of %d encoded", done[0], len(vocabulary))
+    write_caption_table(target, vocabulary, encoder, args.text_batch_size, progress)
+    bar.close()
     log.info("cached %d caption embeddings (%s) in %s", len(vocabulary), key, target)
 
 

@@ -32,7 +32,7 @@ from models.loss import JEPATLoss
 from models.sampler import CFG_SCHEDULES, SamplingConfig
 from models.text_encoders import TEXT_ENCODERS
 from models.tokenizers import TOKENIZERS, Tokenizer, build_tokenizer
-from util.data.captions import CaptionStore, build_caption_store, cached_text_dir, caption_recipe, save_text_cache
+from util.data.captions import CaptionStore, build_caption_store, caption_recipe
 from util.data.datasets import DATASETS, ResumableSampler, build_dataset, collate, is_shapes_data
 from util.data.latent_cache import CachedLatentDataset, CachedLatentInput
 from util.evaluation.evaluate import (EvalOptions, add_evaluation_args, eval_options, evaluate,
@@ -135,7 +135,8 @@ def add_sampling_and_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 on GPUs that have it and on CPUs with AVX512/AMX, else fp32")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--output_dir", default=None, help="run folder (default: output/<recipe>)")
+    g.add_argument("--output_dir", default=None,
+                   help="run folder (default: output/<recipe>; with --evaluate: eval-<checkpoint name> beside it)")
     g.add_argument("--resume", default="", help="checkpoint to resume from (model, EMA, optimizer, position)")
     g.add_argument("--save_freq", type=int, default=1, help="keep checkpoint-<epoch>.pth every N epochs")
     _recipe_arg(g, "save_every_steps", "also refresh checkpoint-last.pth every N steps (0: at epoch ends)", type=int)
@@ -165,7 +166,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     apply_recipe(args)
-    if args.output_dir is None:
+    if args.output_dir is None and args.evaluate and args.resume:   # beside the checkpoint, never over a run
+        args.output_dir = str(Path(args.resume).parent / f"eval-{Path(args.resume).stem}")
+    elif args.output_dir is None:
         args.output_dir = f"output/{args.recipe}"
     return args
 
@@ -229,14 +232,19 @@ class Data:
 def build_data(args: argparse.Namespace, env: DistEnv, captions: CaptionStore, tokenizer: Tokenizer) -> Data:
     dataset = build_dataset(args.dataset, args.data_path, args.img_size, args.num_samples, args.seed,
                             args.random_flip)
-    captions.add(dataset.caption_vocabulary())
-    log.info("%d unique caption embeddings (%s)", len(captions), captions.info["name"])
     train_tokenizer = tokenizer
     if isinstance(dataset, CachedLatentDataset):
         dataset.check(args.tokenizer, args.img_size)  # refuses a cache of another tokenizer / resolution
         train_tokenizer = CachedLatentInput(tokenizer)
-        if captions.encoder is not None and env.is_main:   # the next run reads them instead of building the encoder
-            save_text_cache(cached_text_dir(caption_recipe_of(args)), captions)
+    if isinstance(dataset, CachedLatentDataset) and captions.table is not None:
+        dataset.use_row_ids()        # batches carry caption-table rows: nothing per caption in memory
+    else:
+        vocabulary = dataset.caption_vocabulary()
+        if len(vocabulary) <= captions.capacity:
+            captions.add(vocabulary)   # every caption encoded once, before the first step
+        log.info("%d unique captions (%s)%s", len(vocabulary), captions.info["name"],
+                 "" if len(vocabulary) <= captions.capacity else f": more than the {captions.capacity} the store "
+                 "keeps, so they are encoded as they come; cache them with main_cache.py to read them from disk")
     sampler = ResumableSampler(len(dataset), args.batch_size, seed=args.seed, rank=env.rank, world_size=env.world_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=args.num_workers, drop_last=True, pin_memory=env.device.type == "cuda",
@@ -251,11 +259,15 @@ def plan_evaluation(args: argparse.Namespace, env: DistEnv, data: Data, captions
     need checked now: weights, references, prompt encodings, the output folder and its free disk."""
     options = eval_options(args, {} if args.no_eval else data.source)
     will_generate = not args.no_eval and options.prompts is not None
-    if will_generate:
-        if args.strategy == "fsdp" and env.world_size > 1:
+    if will_generate and args.strategy == "fsdp" and env.world_size > 1:
+        if args.eval_class_names or args.eval_prompts_file:
             raise SystemExit("a prompt-set evaluation needs the whole EMA on every rank: with --strategy fsdp pass "
                              "--no_eval and evaluate the saved (consolidated) checkpoint with --evaluate --resume")
-        log_unseen(options.prompts, data.dataset.caption_vocabulary())
+        log.info("FSDP: the evaluation on the training prompts is left to --evaluate --resume on the saved "
+                 "checkpoint (it needs the whole EMA on every rank)")
+        options.prompts, will_generate = None, False
+    if will_generate:
+        log_unseen(options.prompts, captions.known)
         captions.require(options.prompts.prompts)
     preflight(Path(args.output_dir), checkpoint_bytes(model), options if will_generate else None)
     return options
@@ -368,7 +380,7 @@ def end_of_epoch(run: Run, monitor: RunMonitor) -> None:
     if whole and args.grid_freq and st.epoch % args.grid_freq == 0:
         ema = run.parallel.sampling_ema() if run.parallel.strategy == "fsdp" or run.env.is_main else None
         if ema is not None and monitor.writer is not None:
-            grid, prompts = training_grid(generator(run, ema), run.captions.captions(), args.seed)
+            grid, prompts = training_grid(generator(run, ema), run.captions.sample_captions(18), args.seed)
             monitor.writer.add_image("samples/ema", grid, st.step)
             monitor.writer.add_text("samples/prompts", " | ".join(prompts), st.step)
     if whole and args.eval_freq and not args.no_eval and st.epoch % args.eval_freq == 0:
@@ -439,9 +451,10 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv) -> Dict:
     options = eval_options(args, source)
     captions = build_caption_store(captions_recipe, env.device)
     if options.prompts is not None:
-        known = source.get("class_prompts") or (captions.captions() if captions.encoder is None else None)
-        if known is not None:   # the training captions are known: class prompts, or a cache's captions
-            log_unseen(options.prompts, known)
+        if source.get("class_prompts"):   # the training captions are known: class prompts, or a cache's table
+            log_unseen(options.prompts, lambda ps: [p in set(source["class_prompts"]) for p in ps])
+        elif captions.table is not None:
+            log_unseen(options.prompts, captions.known)
         captions.require(options.prompts.prompts)
     preflight(Path(args.output_dir), 0, options)
     model = JEPAT(JEPATConfig(**ckpt["model_config"])).to(env.device)

@@ -15,7 +15,8 @@ from util.data.datasets import build_dataset
 from util.data.image_folders import imagenet_class_names
 from util.data.latent_cache import CachedLatentDataset
 from util.data import captions as captions_module
-from util.data.captions import CaptionStore, load_text_cache, save_text_cache, text_cache_key
+from util.data.caption_table import CaptionTable, write_caption_table
+from util.data.captions import CaptionStore, text_cache_key
 
 
 def write_manifest(root: Path) -> Path:
@@ -119,16 +120,30 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
          "--no_text_cache", "--device", "cpu"]))
     assert counts["cached"] == 40 and counts["seen"] == 40
     ds = CachedLatentDataset(cache)
-    table = CaptionStore(StubEncoder())
-    table.add(ds.caption_vocabulary())
+    vocab = ds.caption_vocabulary()
     key = text_cache_key("minilm", 16)
-    save_text_cache(cache / "text" / key, table)
-    loaded = load_text_cache(cache / "text" / key)
-    assert loaded.encoder is None and loaded.info == {"name": "minilm", "token_dim": 10, "pooled_dim": 8, "max_length": 16}
-    caps = ds.caption_vocabulary()[:3]
-    assert torch.equal(loaded.lookup(caps).tokens, table.lookup(caps).tokens)
+    folder = cache / "text" / key
+    write_caption_table(folder, vocab, StubEncoder(), batch_size=len(vocab))
+    table = CaptionTable(folder)
+    expected = StubEncoder().encode(vocab)                      # one batch, as the table was written
+    assert len(table) == len(vocab) == 144 and table.caption(5) == vocab[5]
+    rows = table.rows(torch.tensor([7, 0, 7]), torch.device("cpu"))
+    assert torch.allclose(rows.tokens, expected.tokens[[7, 0, 7]], atol=2e-3)   # float16 on disk
+    assert torch.equal(rows.mask, expected.mask[[7, 0, 7]])
+    assert table.find([vocab[9], "a caption nobody cached", vocab[0]]).tolist() == [9, -1, 0]
+    # a killed write resumes at the rows still missing, with the same result
+    state = np.load(folder / "state.npy", mmap_mode="r+")
+    state[3:50] = 0
+    state.flush()
+    with pytest.raises(ValueError, match="incomplete.*rerun main_cache.py"):
+        CaptionTable(folder)
+    write_caption_table(folder, vocab, StubEncoder(), batch_size=len(vocab))
+    assert torch.equal(CaptionTable(folder).rows(torch.arange(144), torch.device("cpu")).mask, expected.mask)
+    store = CaptionStore(None, info={"name": "minilm", "token_dim": 10, "pooled_dim": 8, "max_length": 16},
+                         table=CaptionTable(folder))
+    assert torch.equal(store.lookup(vocab[:3]).pooled, store.lookup(torch.tensor([0, 1, 2])).pooled)
     with pytest.raises(KeyError, match="not in the cached text embeddings"):
-        loaded.lookup(["a caption nobody cached"])
+        store.lookup(["a caption nobody cached"])
 
     def no_encoder(*a, **k):
         raise AssertionError("the text encoder was built although its embeddings are cached")
@@ -147,7 +162,7 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
 
     # evaluation prompts the cache does not hold: the checkpoint's text encoder is built for them,
     # or, when its weights are missing, the run stops at start-up naming a prompt and the flag
-    (tmp_path / "prompts.txt").write_text(f"{caps[0]}\na violet hexagon\n")
+    (tmp_path / "prompts.txt").write_text(f"{vocab[0]}\na violet hexagon\n")
     evaluate = base + ["--img_size", "16", "--evaluate", "--resume", str(tmp_path / "run" / "checkpoint-last.pth"),
                        "--eval_prompts_file", str(tmp_path / "prompts.txt"), "--eval_metrics", "isc",
                        "--fid_feature_extractor", "jepat-test-tiny", "--num_iter", "2", "--ode_steps", "2",
@@ -162,3 +177,33 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
     monkeypatch.setattr(captions_module, "build_text_encoder", lambda *a, **k: StubEncoder())
     m = main_jepat.main(main_jepat.get_args_parser().parse_args(evaluate))
     assert m["num_samples"] == 2 and m["unseen_prompts"] == 1
+
+
+class PerCaptionEncoder(StubEncoder):
+    """Embeddings that depend on the caption alone (what a frozen encoder gives)."""
+
+    def _encode(self, prompts):
+        out = []
+        for p in prompts:
+            g = torch.Generator().manual_seed(sum(ord(ch) * (i + 1) for i, ch in enumerate(p)))
+            mask = torch.zeros(1, self.max_length, dtype=torch.bool)
+            mask[:, :1 + len(p) % 5] = True
+            out.append(TextEmbeddings(torch.randn(1, self.max_length, self.token_dim, generator=g), mask,
+                                      torch.randn(1, self.pooled_dim, generator=g)))
+        return TextEmbeddings.cat(out)
+
+
+def test_in_memory_store_is_bounded_and_evicts_the_least_recently_used():
+    enc = PerCaptionEncoder()
+    store = CaptionStore(enc, capacity=4, encode_batch_size=2)
+    store.lookup(["a", "b", "c"])
+    store.lookup(["b"])                                   # b is now more recent than a and c
+    store.lookup(["d", "e"])                              # full: a and c go, oldest first
+    assert list(store.index) == ["c", "b", "d", "e"] and len(store.slots) == 4     # d took the last free slot
+    got = store.lookup(["e", "a", "b", "a"])              # a comes back, encoded again, into c's slot
+    assert list(store.index) == ["d", "e", "b", "a"]
+    want = enc.encode(["e", "a", "b", "a"])
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.mask, want.mask)
+    assert torch.equal(got.pooled, want.pooled) and len(store.slots) == 4 and len(store.index) == 4
+    with pytest.raises(ValueError, match="exceeds the store's capacity of 4"):
+        store.lookup(["v", "w", "x", "y", "z"])

@@ -15,9 +15,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import huggingface_hub
 import torch
 import torch.distributed as dist
+from huggingface_hub.utils import disable_progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def shutdown_runtime(env: DistEnv) -> None:
 
 def resolve_precision(device: torch.device, precision: str) -> str:
     """``auto``: bf16 where it is fast. On CPUs without AVX512/AMX (AVX2 only), bf16 matmuls
-    are emulated and measured 10-100x slower than fp32 (docs/benchmarks.md), so fp32."""
+    are emulated and measured 10-100x slower than fp32 (benchmarks/README.md), so fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     if device.type == "cuda":
@@ -133,7 +133,7 @@ def setup_logging(env: Optional[DistEnv] = None) -> None:
     if env is not None and not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     if not interactive():
-        huggingface_hub.utils.disable_progress_bars()        # read by transformers when it is imported
+        disable_progress_bars()        # read by transformers when it is imported
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
 

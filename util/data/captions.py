@@ -1,69 +1,140 @@
-"""The caption store: caption embeddings computed once per unique caption, so the training step
-never runs the frozen text encoder for a caption it has seen (for ``shapes`` and for ImageNet's
-1000 prompts every caption is known before training starts), and their on-disk cache beside the
-latents of a ``main_cache.py`` folder.
+"""The caption store: the model's caption embeddings, computed once per unique caption so the
+training step never runs the frozen text encoder for a caption it has seen.
+
+Two sources behind one ``lookup``: a bounded in-memory cache of encoded captions (least recently
+used first out; for ``shapes``, ImageNet's 1000 prompts, evaluation prompts and raw caption data),
+and, for training from a latent cache, the cache's caption table on disk (``caption_table.py``),
+read per batch by row id. Memory does not grow with the number of unique captions beyond
+``capacity`` rows.
 
 How a run's captions are embedded is a small dictionary (``caption_recipe``) stored in every
 checkpoint, so sampling and evaluation rebuild the same store from the checkpoint alone.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from models.text_encoders import TextEmbeddings, TextEncoder, build_text_encoder
+from util.data.caption_table import CaptionTable
 
 log = logging.getLogger(__name__)
 
+DEFAULT_CAPACITY = 100_000     # encoded captions kept in memory (MiniLM, 16 tokens: ~1.3 GB in float32)
+Captions = Union[Sequence[str], torch.Tensor]   # strings, or row ids of the caption table
+
 
 class CaptionStore:
-    """Unique caption -> row of a stored ``TextEmbeddings``; unknown captions are encoded on first
-    use and appended. Lookups return tensors on ``device``. Without an encoder (a store loaded from
-    the on-disk cache) an unknown caption is an error.
+    """Caption -> embeddings. ``lookup`` takes strings (encoded once and kept, at most ``capacity``
+    of them, least recently used out) or, with a ``table``, a LongTensor of its row ids.
 
     ``info``: the encoder's name, token_dim, pooled_dim and max_length (what the model is built for).
+    ``recipe``: how to build the encoder when a cached store meets a caption it does not hold.
     """
 
     def __init__(self, encoder: Optional[TextEncoder], device: torch.device | str = "cpu",
                  encode_batch_size: int = 256, info: Optional[Dict[str, Any]] = None,
-                 recipe: Optional[Dict[str, Any]] = None) -> None:
+                 recipe: Optional[Dict[str, Any]] = None, table: Optional[CaptionTable] = None,
+                 capacity: int = DEFAULT_CAPACITY) -> None:
         if encoder is None and info is None:
             raise ValueError("a CaptionStore needs an encoder or the info of the encoder its cache came from")
-        self.encoder = encoder
-        self.recipe = recipe          # how to build the encoder when a cached store meets a new caption
+        self.encoder, self.recipe, self.table = encoder, recipe, table
         self.device = torch.device(device)
-        self.encode_batch_size = encode_batch_size
+        self.encode_batch_size, self.capacity = encode_batch_size, capacity
         self.info = info or {"name": encoder.name, "token_dim": encoder.token_dim, "pooled_dim": encoder.pooled_dim,
                              "max_length": encoder.max_length}
-        self.index: Dict[str, int] = {}
-        self.table: TextEmbeddings | None = None
+        self.index: "OrderedDict[str, int]" = OrderedDict()     # caption -> slot, least recently used first
+        self.slots: Optional[TextEmbeddings] = None               # [at most capacity, ...] on the device
+        self.used = 0                                             # slots filled so far
+
+    def __len__(self) -> int:
+        return len(self.index) + (len(self.table) if self.table is not None else 0)
+
+    def known(self, captions: Sequence[str]) -> List[bool]:
+        """Whether each caption is held already (in memory or in the table)."""
+        in_table = self.table.find(captions) >= 0 if self.table is not None else [False] * len(captions)
+        return [c in self.index or bool(t) for c, t in zip(captions, in_table)]
 
     def add(self, captions: Sequence[str]) -> None:
-        """Encode the captions not yet in the store (in batches) and keep them on the device."""
-        new = list(dict.fromkeys(c for c in captions if c not in self.index))
+        """Encode the captions not yet held (in batches) and keep them, evicting the least recently
+        used beyond ``capacity``."""
+        new = [c for c in dict.fromkeys(captions) if c not in self.index]
+        if self.table is not None and new:
+            rows = self.table.find(new)
+            new = [c for c, r in zip(new, rows) if r < 0]
         if not new:
             return
+        if len(new) > self.capacity:
+            raise ValueError(f"{len(new)} new captions exceed the store's capacity of {self.capacity}")
         if self.encoder is None:
             raise KeyError(f"{len(new)} caption(s) are not in the cached text embeddings (e.g. {new[0]!r}); "
-                           "delete the text cache folder to rebuild it, or train without it")
-        parts = [self.encoder.encode(new[i:i + self.encode_batch_size]).to(self.device)
-                 for i in range(0, len(new), self.encode_batch_size)]
-        start = len(self.index)
-        self.index.update({c: start + i for i, c in enumerate(new)})
-        self.table = TextEmbeddings.cat(([self.table] if self.table is not None else []) + parts)
+                           "run main_cache.py over them, or pass prompts the cache holds")
+        for i in range(0, len(new), self.encode_batch_size):
+            self._store(new[i:i + self.encode_batch_size], self.encoder.encode(new[i:i + self.encode_batch_size]))
+
+    def _store(self, captions: List[str], emb: TextEmbeddings) -> None:
+        """Put a batch of new embeddings into free slots (the buffer grows by doubling up to
+        ``capacity``), then into the slots of the least recently used captions."""
+        emb, n = emb.to(self.device), len(captions)
+        fresh = min(n, self.capacity - self.used)
+        slots = list(range(self.used, self.used + fresh))
+        slots += [self.index.popitem(last=False)[1] for _ in range(n - fresh)]      # evict, oldest first
+        self._reserve(self.used + fresh, emb)
+        self.used += fresh
+        idx = torch.tensor(slots, device=self.device)
+        self.slots.tokens[idx], self.slots.mask[idx], self.slots.pooled[idx] = emb.tokens, emb.mask, emb.pooled
+        self.index.update(zip(captions, slots))
+
+    def _reserve(self, rows: int, like: TextEmbeddings) -> None:
+        have = 0 if self.slots is None else len(self.slots)
+        if rows <= have:
+            return
+        size = min(self.capacity, max(rows, 2 * have, 64))
+        grown = TextEmbeddings(like.tokens.new_zeros((size,) + like.tokens.shape[1:]),
+                               like.mask.new_zeros((size,) + like.mask.shape[1:]),
+                               like.pooled.new_zeros((size,) + like.pooled.shape[1:]))
+        if self.slots is not None:
+            grown.tokens[:have], grown.mask[:have], grown.pooled[:have] = (self.slots.tokens, self.slots.mask,
+                                                                            self.slots.pooled)
+        self.slots = grown
+
+    def lookup(self, captions: Captions) -> TextEmbeddings:
+        """Embeddings of a batch: tokens [B,S,Dt], mask [B,S], pooled [B,Du] on the device."""
+        if isinstance(captions, torch.Tensor):
+            if self.table is None:
+                raise ValueError("caption row ids need the latent cache's caption table")
+            return self.table.rows(captions, self.device)
+        captions = list(captions)
+        if len(set(captions)) > self.capacity:
+            raise ValueError(f"a batch of {len(set(captions))} captions exceeds the store's capacity of {self.capacity}")
+        for c in captions:                 # the batch's own captions are the most recent: it never evicts them
+            if c in self.index:
+                self.index.move_to_end(c)
+        self.add(captions)
+        held = [c in self.index for c in captions]
+        if all(held):
+            return self.slots[torch.tensor([self.index[c] for c in captions], device=self.device)]
+        # the others are in the table: add() encodes only what neither holds
+        rows = self.table.find([c for c, h in zip(captions, held) if not h])
+        from_table = self.table.rows(torch.from_numpy(rows), self.device)
+        if not any(held):
+            return from_table
+        emb = self.slots[torch.tensor([self.index.get(c, 0) for c in captions], device=self.device)]
+        m = torch.tensor([not h for h in held], device=self.device)
+        emb.tokens[m], emb.mask[m], emb.pooled[m] = from_table.tokens, from_table.mask, from_table.pooled
+        return emb
 
     def require(self, captions: Sequence[str]) -> None:
         """Make sure every caption can be looked up. Captions missing from a cached store are
         encoded by the text encoder its recipe names, built now; when it cannot be built, stop now,
         naming the captions and the flag, rather than with a KeyError in the middle of a run."""
-        missing = [c for c in dict.fromkeys(captions) if c not in self.index]
+        unique = list(dict.fromkeys(captions))
+        missing = [c for c, k in zip(unique, self.known(unique)) if not k]
         if not missing or self.encoder is not None:
             return
         name = self.info["name"]
@@ -84,17 +155,13 @@ class CaptionStore:
         log.info("%d prompt(s) are not in the caption cache (e.g. %r): %s encodes them", len(missing), missing[0], name)
         self.encoder = encoder
 
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def lookup(self, captions: Sequence[str]) -> TextEmbeddings:
-        """Embeddings of a batch of captions: tokens [B,S,Dt], mask [B,S], pooled [B,Du]."""
-        self.add(captions)  # may grow the table
-        ids = torch.tensor([self.index[c] for c in captions], dtype=torch.long).to(self.device, non_blocking=True)
-        return self.table[ids]
-
-    def captions(self) -> List[str]:
-        return list(self.index)
+    def sample_captions(self, count: int) -> List[str]:
+        """Up to ``count`` held captions, spread over what is held (for sample grids)."""
+        if self.table is not None:
+            n = len(self.table)
+            return [self.table.caption(r) for r in range(0, n, max(1, n // count))][:count]
+        held = list(self.index)
+        return held[::max(1, len(held) // count)][:count]
 
 
 # ------------------------------------------------------------------ how a run embeds its captions
@@ -130,14 +197,17 @@ def text_encoder(recipe: Dict[str, Any], device: torch.device | str) -> TextEnco
 
 
 def build_caption_store(recipe: Dict[str, Any], device: torch.device, use_cache: bool = True) -> CaptionStore:
-    """The cached embeddings of a latent cache when it holds them and ``use_cache`` (the text
-    encoder is then built only if a caption outside the cache is required), else a store over the
-    text encoder the recipe names."""
+    """Over a latent cache's caption table when it holds one and ``use_cache`` (the text encoder is
+    then built only if a caption outside the table is required), else over the text encoder the
+    recipe names."""
     text_dir = cached_text_dir(recipe) if use_cache else None
-    if text_dir is not None and (text_dir / "captions.json").is_file():
-        store = load_text_cache(text_dir, device)
-        store.recipe = recipe
-        return store
+    if text_dir is not None and (text_dir / "table.json").is_file():
+        table = CaptionTable(text_dir)
+        info = {k: table.info[k] for k in ("name", "token_dim", "pooled_dim", "max_length")}
+        log.info("caption embeddings of %d captions from %s", len(table), text_dir)
+        return CaptionStore(None, device, info=info, recipe=recipe, table=table)
+    if text_dir is not None:
+        log.info("no caption table in %s: captions are encoded as they come (main_cache.py writes one)", text_dir)
     return CaptionStore(text_encoder(recipe, device), device, recipe=recipe)
 
 
@@ -147,35 +217,3 @@ def check_widths(store: CaptionStore, token_dim: int, pooled_dim: int, source: s
     if have != (token_dim, pooled_dim):
         raise SystemExit(f"text encoder {store.info['name']} gives widths {have} but {source} was trained with "
                          f"{(token_dim, pooled_dim)}; pass the same encoder (--text_encoder_path)")
-
-
-def save_text_cache(directory: str | Path, store: CaptionStore) -> Path:
-    """Store the tokens [U,S,Dt], mask [U,S], pooled [U,Dp] and caption list in ``directory``
-    (written to a temp folder, then renamed into place)."""
-    if store.encoder is None or store.table is None:
-        raise ValueError("save_text_cache needs a store filled by its encoder")
-    directory, emb = Path(directory), store.table
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "tokens.npy", emb.tokens.float().cpu().numpy())
-    np.save(tmp / "mask.npy", emb.mask.cpu().numpy())
-    np.save(tmp / "pooled.npy", emb.pooled.float().cpu().numpy())
-    (tmp / "captions.json").write_text(json.dumps({**store.info, "captions": store.captions()}))
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-    return directory
-
-
-def load_text_cache(directory: str | Path, device: torch.device | str = "cpu") -> CaptionStore:
-    """The store of a cache written by :func:`save_text_cache` (no encoder: an unknown caption raises)."""
-    directory = Path(directory)
-    info = json.loads((directory / "captions.json").read_text())
-    emb = TextEmbeddings(torch.from_numpy(np.load(directory / "tokens.npy")),
-                         torch.from_numpy(np.load(directory / "mask.npy")),
-                         torch.from_numpy(np.load(directory / "pooled.npy")))
-    store = CaptionStore(None, device, info={k: info[k] for k in ("name", "token_dim", "pooled_dim", "max_length")})
-    store.index = {c: i for i, c in enumerate(info["captions"])}
-    store.table = emb.to(device)
-    log.info("loaded %d cached caption embeddings from %s", len(store), directory)
-    return store

@@ -62,9 +62,11 @@ def is_shapes_data(dataset: str, data_path: str) -> bool:
     return dataset == "cached" and str(read_meta(data_path).get("root", "")).startswith("shapes(")
 
 
-def collate(batch: List[Tuple[torch.Tensor, str]]) -> Tuple[torch.Tensor, List[str]]:
+def collate(batch: List[Tuple[torch.Tensor, str | int]]) -> Tuple[torch.Tensor, List[str] | torch.Tensor]:
+    """Images (or latents) stacked; captions as a list of strings, or a LongTensor of caption-table rows."""
     images = torch.stack([b[0] for b in batch])                                       # [B,3,H,W]
-    return images, [b[1] for b in batch]
+    captions = [b[1] for b in batch]
+    return images, torch.tensor(captions, dtype=torch.long) if isinstance(captions[0], int) else captions
 
 
 class ResumableSampler(Sampler[int]):

@@ -12,6 +12,7 @@ Layout of a cache folder (format version ``FORMAT_VERSION``)::
     shards/shard-00000.group.npy  [n] int32 caption group (label for ImageNet)
     shards/shard-00000.log.jsonl  skip / conversion records of this shard
     index.npy                 one row per cached image: item, shard, row, group, source path
+    caption_groups.npz        each caption group's rows of the caption table (CSR: offsets, rows)
     skipped.jsonl, converted.jsonl   every entry not cached / cached after a conversion, with why
     text/<encoder key>/       cached caption embeddings (util/data/captions.py)
 
@@ -32,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from models.tokenizers import Tokenizer, latents_from_moments
+from util.data.caption_table import group_rows
 from util.data.image_folders import BadImage, Listing, load_image, to_tensor
 from util.data.shapes import ShapesDataset
 
@@ -165,7 +167,8 @@ def prepare_cache(cache_dir: Path, source, tokenizer_meta: Dict, shard_size: int
         "vocabulary": source.vocabulary, "listing_skipped": source.listing_skipped,
         "caption_source": source.caption_source})
     meta = {"format_version": FORMAT_VERSION, **settings, "num_entries": len(source), "listing_digest": digest,
-            "kind": source.kind, "root": source.root, "vae_source": vae_source, "complete": False}
+            "kind": source.kind, "root": source.root, "vae_source": vae_source, "complete": False,
+            "caption_source": source.caption_source}
     atomic_write_json(cache_dir / "meta.json", meta)
     return meta
 
@@ -271,6 +274,7 @@ def finalize_cache(cache_dir: Path, meta: Dict) -> Dict:
     with open(tmp, "wb") as f:
         np.save(f, index)
     os.replace(tmp, cache_dir / "index.npy")
+    np.savez(cache_dir / "caption_groups.npz", **group_rows(listing["groups"], listing["vocabulary"]))
     skipped = [{"path": r["path"], "reason": r["reason"], "stage": "listing"} for r in listing["listing_skipped"]]
     skipped += [{"path": records[i]["path"], "reason": records[i]["reason"], "stage": "load"}
                 for i in np.flatnonzero(state == SKIPPED).tolist()]
@@ -303,13 +307,13 @@ class CachedLatentDataset(Dataset):
                              "rerun main_cache.py with the same arguments to finish it")
         self.index = np.load(self.dir / "index.npy", mmap_mode="r")
         self._where = np.stack([self.index["shard"], self.index["row"], self.index["group"]], axis=1).astype(np.int64)
-        listing = json.loads((self.dir / "listing.json").read_text())
-        self.groups: List[List[str]] = listing["groups"]
-        self.vocabulary: List[str] = listing["vocabulary"]
-        self._source: Dict = listing.get("caption_source") or (   # caches listed before it was recorded
+        groups = np.load(self.dir / "caption_groups.npz")
+        self._group_offsets, self._group_rows = groups["offsets"], groups["rows"]
+        self._vocabulary: Optional[List[str]] = None    # read from listing.json only when strings are asked for
+        self.row_ids = False                            # items carry caption-table rows instead of strings
+        self._source: Dict = self.meta.get("caption_source") or (   # caches made before it was recorded
             {"kind": "shapes"} if str(self.meta.get("root", "")).startswith("shapes(") else
-            {"kind": "class", "class_prompts": [g[0] for g in self.groups]} if self.meta.get("kind") == "class"
-            else {"kind": "caption"})
+            {"kind": self.meta.get("kind", "caption")})
         if flip is None:
             flip = sides(self.meta) == 2 and self.meta.get("kind") == "class"
         if flip and sides(self.meta) == 1:
@@ -322,8 +326,16 @@ class CachedLatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def use_row_ids(self) -> None:
+        """Items carry the row of their caption in the cache's caption table (an int) instead of
+        the caption: training from a caption table holds nothing per caption in memory."""
+        self.row_ids = True
+
     def caption_vocabulary(self) -> List[str]:
-        return list(self.vocabulary)
+        """Every caption, in caption-table row order (read from listing.json on first use)."""
+        if self._vocabulary is None:
+            self._vocabulary = json.loads((self.dir / "listing.json").read_text())["vocabulary"]
+        return list(self._vocabulary)
 
     def caption_source(self) -> Dict:
         """How the cached captions were made (see ``Listing.caption_source``)."""
@@ -354,9 +366,16 @@ class CachedLatentDataset(Dataset):
             return latents_from_moments(m, torch.randn_like(m[:, :self.channels]), self.scaling, self.shift)
         return (m - self.shift) * self.scaling
 
-    def _caption(self, i: int) -> str:
-        group = self.groups[int(self._where[i, 2])]
-        return group[int(torch.randint(len(group), ()))] if len(group) > 1 else group[0]
+    def _caption(self, i: int) -> str | int:
+        """One caption of item i's group, drawn at random: its table row, or the string."""
+        g = int(self._where[i, 2])
+        lo, hi = int(self._group_offsets[g]), int(self._group_offsets[g + 1])
+        row = int(self._group_rows[lo + int(torch.randint(hi - lo, ())) if hi - lo > 1 else lo])
+        if self.row_ids:
+            return row
+        if self._vocabulary is None:
+            self.caption_vocabulary()
+        return self._vocabulary[row]
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, str]:
         side = int(torch.rand(()) < 0.5) if self.flip else 0

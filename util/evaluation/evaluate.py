@@ -12,7 +12,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -99,10 +99,11 @@ def eval_prompts(args: argparse.Namespace, source: Dict) -> Optional[PromptSet]:
     return None
 
 
-def log_unseen(prompts: PromptSet, known: Sequence[str]) -> None:
-    """Prompts the model never saw in training are allowed (open vocabulary), and said so."""
-    seen = set(known)
-    unseen = [p for p in dict.fromkeys(prompts.prompts) if p not in seen]
+def log_unseen(prompts: PromptSet, known: Callable[[Sequence[str]], List[bool]]) -> None:
+    """Prompts the model never saw in training are allowed (open vocabulary), and said so.
+    ``known(prompts)``: whether each appeared among the training captions."""
+    unique = list(dict.fromkeys(prompts.prompts))
+    unseen = [p for p, k in zip(unique, known(unique)) if not k]
     if unseen:
         log.info("%d of %d evaluation prompts never appeared in training (open vocabulary), e.g. %r",
                  len(unseen), len(set(prompts.prompts)), unseen[0])
@@ -240,9 +241,7 @@ def log_to_tensorboard(writer, metrics: Dict, step: int, out_dir: Path) -> None:
             writer.add_image(f"eval/{name}", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
 
 
-def training_grid(gen: ImageGenerator, prompts: List[str], seed: int, max_prompts: int = 18) -> Tuple[torch.Tensor, List[str]]:
-    """A grid [3,H,W] in [0,1] of one image for each of a spread of ``prompts`` (the training captions)."""
-    stride = max(1, len(prompts) // max_prompts)
-    chosen = prompts[::stride][:max_prompts]
-    images = gen.generate(chosen, seed)
-    return make_grid((images + 1) / 2, nrow=6, padding=1), chosen
+def training_grid(gen: ImageGenerator, prompts: List[str], seed: int) -> Tuple[torch.Tensor, List[str]]:
+    """A grid [3,H,W] in [0,1] of one image for each prompt (a spread of the training captions)."""
+    images = gen.generate(prompts, seed)
+    return make_grid((images + 1) / 2, nrow=6, padding=1), list(prompts)

@@ -11,8 +11,8 @@ from give the same FID (tested).
 Every result carries its sample count; a FID on fewer than 50,000 samples is labelled as such
 (FID is biased upward at small sample counts and only FID-50K compares with the literature).
 
-    python -m util.fid --samples out/eval/samples --ref VIRTUAL_imagenet256_labeled.npz
-    python -m util.fid --stats_of data/real_images --save_stats ref_stats.npz
+    python -m util.evaluation.fid --samples out/eval/samples --ref VIRTUAL_imagenet256_labeled.npz
+    python -m util.evaluation.fid --stats_of data/real_images --save_stats ref_stats.npz
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def load_statistics(path: Union[str, os.PathLike]) -> Dict:
         keys = set(f.files)
         if not {"mu", "sigma"} <= keys:
             raise ValueError(f"{path} holds {sorted(keys)}; a FID reference needs 'mu' and 'sigma' "
-                             "(write one with python -m util.fid --stats_of FOLDER --save_stats OUT.npz)")
+                             "(write one with python -m util.evaluation.fid --stats_of FOLDER --save_stats OUT.npz)")
         out = {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64),
                "num_samples": int(f["num_samples"]) if "num_samples" in keys else None,
                "feature_extractor": str(f["feature_extractor"]) if "feature_extractor" in keys else None}
