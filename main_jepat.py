@@ -19,7 +19,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -257,7 +257,7 @@ def plan_evaluation(args: argparse.Namespace, env: DistEnv, data: Data, captions
                     model: JEPAT) -> EvalOptions:
     """The evaluation after training (by default the training prompts), with everything it will
     need checked now: weights, references, prompt encodings, the output folder and its free disk."""
-    options = eval_options(args, {} if args.no_eval else data.source)
+    options = eval_options(args, {} if args.no_eval else data.source, captions.sample_captions)
     will_generate = not args.no_eval and options.prompts is not None
     if will_generate and args.strategy == "fsdp" and env.world_size > 1:
         if args.eval_class_names or args.eval_prompts_file:
@@ -436,6 +436,17 @@ def train(run: Run) -> Dict:
 
 
 # ==================================================================== evaluation of a saved checkpoint
+def training_captions(captions: CaptionStore, recipe: Dict, source: Dict) -> Optional[Callable[[int], List[str]]]:
+    """Up to n training captions of a caption-data checkpoint, spread over all of them: from the
+    cache's caption table, or from the dataset's listing."""
+    if source.get("kind") != "caption":
+        return None
+    if captions.table is not None:
+        return captions.sample_captions
+    vocabulary = build_dataset(recipe["dataset"], recipe["data_path"]).caption_vocabulary()
+    return lambda n: vocabulary[::max(1, len(vocabulary) // n)][:n]
+
+
 def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv) -> Dict:
     """``--evaluate --resume CKPT``: the checkpoint rebuilds its own model, caption store and
     tokenizer; it is evaluated on its training prompts unless prompt flags say otherwise, with
@@ -448,8 +459,8 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv) -> Dict:
                                                 if getattr(args, k)}}
     source = captions_recipe.get("source") or (   # format-1 checkpoints did not record it
         {"kind": "shapes"} if is_shapes_data(captions_recipe["dataset"], captions_recipe["data_path"]) else {})
-    options = eval_options(args, source)
     captions = build_caption_store(captions_recipe, env.device)
+    options = eval_options(args, source, training_captions(captions, captions_recipe, source))
     if options.prompts is not None:
         if source.get("class_prompts"):   # the training captions are known: class prompts, or a cache's table
             log_unseen(options.prompts, lambda ps: [p in set(source["class_prompts"]) for p in ps])

@@ -389,6 +389,7 @@ def build_text_encoder(name: str, path: str | None = None, clip_model: str = "Vi
         device: device for weights and outputs.
     """
     key = name.strip().lower()
+    path = path or None     # an empty value (an unset shell variable) means "not given"
     if key not in TEXT_ENCODERS:
         raise ValueError(f"unknown text encoder {name!r}; choose one of: {', '.join(sorted(TEXT_ENCODERS))}")
     kwargs: dict = {"device": device}

@@ -72,10 +72,12 @@ class EvalOptions:
     seed: int = 0
 
 
-def eval_prompts(args: argparse.Namespace, source: Dict) -> Optional[PromptSet]:
-    """The prompt of every evaluation image: from --eval_class_names or --eval_prompts_file, else,
-    for a model trained on class folders, exactly its training class prompts, class-balanced
-    (50,000 images unless --num_images). ``source``: how the training captions were made."""
+def eval_prompts(args: argparse.Namespace, source: Dict,
+                 training_captions: Optional[Callable[[int], List[str]]] = None) -> Optional[PromptSet]:
+    """The prompt of every evaluation image: from --eval_class_names or --eval_prompts_file, else
+    the training captions: for class folders exactly the class prompts, class-balanced (50,000
+    images unless --num_images); for caption data up to 30,000 of its captions, spread over all of
+    them (``training_captions(n)``), one image each. ``source``: how the training captions were made."""
     if args.eval_class_names and args.eval_prompts_file:
         raise SystemExit("give --eval_class_names or --eval_prompts_file, not both")
     def num(classes: int) -> int:   # 50 per class for ImageNet's 1000 (FID-50K), ~50,000 in all otherwise
@@ -96,6 +98,12 @@ def eval_prompts(args: argparse.Namespace, source: Dict) -> Optional[PromptSet]:
         prompts.source = "training class prompts"
         prompts.extra["template"] = source.get("template")
         return prompts
+    if source.get("kind") == "caption" and training_captions is not None:
+        captions = training_captions(args.num_images or 30_000)
+        if captions:
+            prompts = file_prompts(captions, args.num_images)
+            prompts.source = "training captions"
+            return prompts
     return None
 
 
@@ -110,9 +118,10 @@ def log_unseen(prompts: PromptSet, known: Callable[[Sequence[str]], List[bool]])
     prompts.extra["unseen_prompts"] = len(unseen)
 
 
-def eval_options(args: argparse.Namespace, source: Dict) -> EvalOptions:
+def eval_options(args: argparse.Namespace, source: Dict,
+                 training_captions: Optional[Callable[[int], List[str]]] = None) -> EvalOptions:
     """The options of ``add_evaluation_args``; prompt files are read (and checked) here, at start-up."""
-    prompts = eval_prompts(args, source)
+    prompts = eval_prompts(args, source, training_captions)
     return EvalOptions(prompts=prompts, fid_ref=args.fid_ref, metrics=tuple(m for m in args.eval_metrics.split(",") if m),
                        feature_extractor=args.fid_feature_extractor, inception_weights=args.inception_weights,
                        save_npz=args.save_npz, clip_score_model=args.clip_score_model,

@@ -60,7 +60,8 @@ def extractor_kwargs(extractor: str, weights: Optional[str] = None) -> Dict:
         if not path.is_file():
             raise FileNotFoundError(
                 f"no Inception weights at {path}; FID/IS/precision-recall need torch-fidelity's Inception file. "
-                f"Copy {URL_INCEPTION_V3} to {inception_weights_path()} (or pass --inception_weights PATH)")
+                f"Copy {URL_INCEPTION_V3} to {inception_weights_path()} (or pass --inception_weights PATH; "
+                "--eval_metrics '' or --no_eval skips these metrics)")
         kw["feature_extractor_weights_path"] = str(path)
     elif weights:
         kw["feature_extractor_weights_path"] = str(weights)

@@ -1,0 +1,102 @@
+"""The README's real-data path, run as the README writes it, in miniature: the commands of its
+marked block, with its variables set to small local data and flags appended that shrink the run
+(a tiny model, 16 px pixels, MiniLM, two CPU processes, the registered small feature extractor).
+Class folders with bad files and a caption manifest each go cache -> torchrun training -> evaluate
+-> sample; the test checks that the counts add up, that evaluation prompts are the training
+captions and that metrics.json names its sample count."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.test_caption_data import write_manifest
+from tests.test_latent_cache import write_class_folders
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = "<!-- tests/test_readme_path.py runs the commands of this block"
+TEXT = ["--text_encoder", "minilm", "--text_max_length", "16", "--text_encoder_path", ""]
+SMALL = {   # appended to each command: later flags win in argparse
+    "cache_vae.sh": ["--img_size", "16", "--tokenizer", "pixels", "--shard_size", "4", "--batch_size", "4",
+                     "--num_workers", "0", "--device", "cpu", "--small_images", "skip", *TEXT],
+    "train": ["--model", "tiny", "--img_size", "16", "--patch_size", "8", "--tokenizer", "pixels", *TEXT,
+              "--batch_size", "1", "--epochs", "1", "--max_steps", "2", "--device", "cpu", "--precision", "fp32",
+              "--num_workers", "0", "--grid_freq", "0", "--log_freq", "1", "--save_every_steps", "0",
+              "--num_images", "3", "--eval_metrics", "isc", "--fid_feature_extractor", "jepat-test-tiny",
+              "--num_iter", "2", "--ode_steps", "2", "--eval_batch_size", "2"],
+    "evaluate": ["--device", "cpu", "--precision", "fp32", "--num_images", "6", "--eval_metrics", "fid,isc",
+                 "--fid_feature_extractor", "jepat-test-tiny", "--eval_batch_size", "2", "--num_iter", "2",
+                 "--ode_steps", "2"],
+    "main_sample.py": ["--device", "cpu", "--precision", "fp32", "--num_iter", "2", "--ode_steps", "2",
+                       "--num_per_prompt", "2"],
+}
+
+
+def readme_commands() -> List[str]:
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index(MARK):]
+    block = block[block.index("```bash") + len("```bash"):]
+    block = block[:block.index("```")].replace("\\\n", " ")
+    return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def run(command: str, env: Dict[str, str]) -> subprocess.CompletedProcess:
+    argv = [re.sub(r"\$(\w+)", lambda m: env[m.group(1)], a) for a in shlex.split(command)]
+    if argv[0] == "torchrun":
+        kind = "evaluate" if "--evaluate" in argv else "train"
+        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone"] + argv[1:] + SMALL[kind]
+    elif argv[0] == "python":
+        argv = [sys.executable] + argv[1:] + SMALL[Path(argv[1]).name]
+    else:
+        argv = argv + SMALL[Path(argv[1]).name]
+    out = subprocess.run(argv, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{' '.join(argv)}\n{out.stderr[-3000:]}"
+    return out
+
+
+def reference_images(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.parametrize("dataset", ["imagenet", "captions"])
+def test_the_readme_path_runs_as_written(dataset, tmp_path):
+    commands = readme_commands()
+    assert [c.split()[0] for c in commands] == ["bash", "torchrun", "torchrun", "python"]
+    data = write_class_folders(tmp_path / "folders") if dataset == "imagenet" else write_manifest(tmp_path / "data")
+    env = {"DATASET": dataset, "DATA": str(data), "CACHE": str(tmp_path / "cache"), "VAE": "unused-by-pixels",
+           "CLIP": "", "GPUS": "2", "RUN": str(tmp_path / "run"), "REF": str(reference_images(tmp_path / "ref")),
+           "NPROC": "2", "OMP_NUM_THREADS": "1", "JEPAT_VENV": str(Path(sys.executable).parents[1])}
+    for command in commands:
+        run(command, env)
+
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    c = meta["counts"]
+    assert c["seen"] == c["cached"] + c["skipped"] and c["pending"] == 0 and c["skipped"] > 0
+    assert meta["flipped"] is (dataset == "imagenet")                 # flips for class folders only
+    ckpt_source = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert ckpt_source["dataset"] == "cached" and ckpt_source["recipe"] == "imagenet-base"
+    vocabulary = json.loads((tmp_path / "cache" / "listing.json").read_text())["vocabulary"]
+    for folder, n in ((tmp_path / "run", 3), (tmp_path / "run" / "eval-checkpoint-last", 6)):
+        m = json.loads((folder / "metrics.json").read_text())
+        prompts = [json.loads(r)["prompt"] for r in (folder / "manifest.jsonl").read_text().splitlines()]
+        assert m["num_samples"] == n == len(prompts) and m["ranks"] == 2
+        assert m["prompts"] == ("training class prompts" if dataset == "imagenet" else "training captions")
+        assert set(prompts) <= set(vocabulary) and m["unseen_prompts"] == 0
+    assert m["fidelity"]["fid_label"] == "FID-6" and m["fidelity"]["reference_num_samples"] == 8
+    if dataset == "imagenet":   # every class of the training set, balanced
+        assert set(prompts) == {v for v in vocabulary} and len(vocabulary) == 3
+    samples = [json.loads(r) for r in (tmp_path / "run" / "samples" / "manifest.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 and (tmp_path / "run" / "samples" / "grid.png").is_file()
