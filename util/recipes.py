@@ -46,8 +46,8 @@ RECIPES: Dict[str, Dict[str, Any]] = {
     # The CPU demo. Found by a search on the 2-core machine (docs/recipe.md): 24 px images in 4 px
     # patches (36 tokens), a wider mask-ratio range and logit-normal flow times towards noise, the
     # head predicting the clean token (x), a large lr for the short cosine schedule, and a low
-    # sampling temperature. It keeps SmoothL1 beta 1.0, the value its figures were measured with
-    # (docs/recipe.md has the demo at the published 2.0 beside it).
+    # sampling temperature. It keeps SmoothL1 beta 1.0 (the published code: 2.0), the value its
+    # figures were measured with (docs/recipe.md).
     "shapes": dict(
         model="tiny", img_size=24, patch_size=4, tokenizer="pixels", buffer_size=None, mask_ratio_min=0.2,
         mask_ratio_std=0.5, cond_drop_prob=0.1, diffusion_batch_mul=2, qk_norm=False, t_logit_mean=-0.8,
