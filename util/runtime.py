@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import huggingface_hub
+import huggingface_hub.utils   # the submodule: the package does not import it by itself
 import torch
 import torch.distributed as dist
 
