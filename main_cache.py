@@ -2,6 +2,7 @@
 folders, or with --random_flip), plus the caption embeddings, so that training reads latents instead of running the VAE and the text encoder.
 
     python main_cache.py --dataset imagenet --data_path /data/imagenet --cache_dir cache/in256-kl16
+    python main_cache.py --dataset webdataset --data_path '/data/cc3m/{00000..00331}.tar' --cache_dir cache/cc3m
     torchrun --nproc_per_node 8 main_cache.py ...           # any number of ranks (NCCL on GPUs, gloo on CPUs)
     bash scripts/cache_vae.sh ...                            # the same through the venv, all visible GPUs
 
@@ -25,9 +26,10 @@ from models.text_encoders import TEXT_ENCODERS, build_text_encoder
 from models.tokenizers import TOKENIZERS, Tokenizer, build_tokenizer
 from util.data.caption_table import write_caption_table
 from util.data.captions import text_cache_key
-from util.data.image_folders import DEFAULT_PROMPT, Listing, build_listing
+from util.data.image_folders import DEFAULT_PROMPT, Listing, TarMembers, build_listing
 from util.data.latent_cache import (PENDING, ListingSource, ShapesSource, cache_shard, finalize_cache, num_shards,
                                     prepare_cache, read_meta, shard_rows)
+from util.data.tar_shards import list_tar_shards
 from util.runtime import init_runtime, interactive, setup_logging, shutdown_runtime
 
 log = logging.getLogger("jepat.cache")
@@ -35,9 +37,10 @@ log = logging.getLogger("jepat.cache")
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("JEPA-T latent caching", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="imagenet", choices=("imagenet", "captions", "shapes"))
+    p.add_argument("--dataset", default="imagenet", choices=("imagenet", "captions", "webdataset", "shapes"))
     p.add_argument("--data_path", default="", help="imagenet: the folder with train/<synset>/...; captions: the "
-                   "image root (or the manifest itself)")
+                   "image root (or the manifest itself); webdataset: a brace pattern of tar shards "
+                   "(/data/cc3m/{00000..00331}.tar) or a folder of .tar files")
     p.add_argument("--manifest", default=None, help="captions: JSON Lines manifest (paths relative to --data_path)")
     p.add_argument("--prompt_template", default=DEFAULT_PROMPT, help="imagenet: caption of a class")
     p.add_argument("--num_samples", type=int, default=16000, help="shapes: number of images")
@@ -74,8 +77,11 @@ def build_source(args: argparse.Namespace, cache_dir: Path, listed: bool):
     if listed:
         d = json.loads((cache_dir / "listing.json").read_text())
         source = d.get("caption_source", {})
+        members = TarMembers.from_json(d["members"]) if d.get("members") else None
         listing = Listing(d["root"], d["paths"], d["entry_groups"], d["groups"], d["kind"], d["listing_skipped"],
-                          source.get("class_names", []), source.get("template", ""))
+                          source.get("class_names", []), source.get("template", ""), members)
+    elif args.dataset == "webdataset":
+        listing = list_tar_shards(args.data_path)
     else:
         listing = build_listing(args.dataset, args.data_path, args.manifest, args.prompt_template)
     return ListingSource(listing, args.img_size, args.small_images)

@@ -98,7 +98,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_data_and_optim_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data (shapes: built in; imagenet: class folders; captions: a JSON Lines manifest; "
-                             "cached: a main_cache.py folder as --data_path)")
+                             "webdataset: tar shards, a brace pattern or a folder; cached: a main_cache.py folder "
+                             "as --data_path)")
     _recipe_arg(g, "dataset", choices=sorted(DATASETS))
     g.add_argument("--data_path", default="")
     _recipe_arg(g, "num_samples", "shapes: images per epoch", type=int)

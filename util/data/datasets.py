@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Sampler
 from util.data.image_folders import RawImageDataset, list_class_folders, list_manifest
 from util.data.latent_cache import CachedLatentDataset, read_meta
 from util.data.shapes import ShapesDataset
+from util.data.tar_shards import list_tar_shards
 
 
 def _shapes(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
@@ -32,6 +33,11 @@ def _captions(data_path: str, img_size: int, num_samples: int, seed: int, flip: 
     return RawImageDataset(list_manifest(data_path), img_size, flip=bool(flip))
 
 
+def _webdataset(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
+    del num_samples, seed  # the shards decide
+    return RawImageDataset(list_tar_shards(data_path), img_size, flip=bool(flip))
+
+
 def _cached(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
     del img_size, num_samples, seed  # the cache decides (main_jepat checks its resolution)
     return CachedLatentDataset(data_path, flip)
@@ -41,6 +47,7 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
     "shapes": _shapes,
     "imagenet": _imagenet,
     "captions": _captions,
+    "webdataset": _webdataset,
     "cached": _cached,
 }
 

@@ -1,20 +1,23 @@
-"""Image sources on disk: ImageNet-style class folders and caption manifests.
+"""Image sources on disk: ImageNet-style class folders, caption manifests, and the members of tar
+shards (``util/data/tar_shards.py`` lists those).
 
 A *listing* is what a source yields before any pixel is read: one entry per image it names,
-with a caption-group id (a class for ImageNet, one image's captions for a manifest), plus the
-entries it refused (missing file, empty caption, duplicate path, bad manifest line). Loading
+with a caption-group id (a class for ImageNet, one image's captions for a manifest or a tar
+sample), plus the entries it refused (missing file, empty caption, duplicate path, bad manifest
+line, a tar sample without an image). Loading
 (:func:`load_image`) then converts what can be converted (CMYK, grayscale, palette, alpha,
 16-bit, small images) and raises :class:`BadImage` with a reason for the rest. Both the latent
 cache (``main_cache.py``) and raw training read through these.
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import BinaryIO, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -33,10 +36,40 @@ class BadImage(Exception):
 
 
 @dataclass
+class TarMembers:
+    """Where the images of a listing lie when they are members of tar shards: entry i is the
+    ``where[i] = (t, offset, size)`` bytes of ``tars[t]`` (relative to the listing's root), read
+    by one seek, so any entry loads alone and in any order."""
+    tars: List[str]
+    where: np.ndarray                            # [n,3] int64: tar index, data offset, size in bytes
+
+    def read(self, root: str, i: int) -> bytes:
+        t, offset, size = (int(v) for v in self.where[i])
+        path = os.path.join(root, self.tars[t])
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except OSError as e:
+            raise BadImage(f"tar shard unreadable ({e})") from None
+        if len(data) != size:
+            raise BadImage(f"tar member cut short ({len(data)} of {size} bytes; the shard changed since it was listed)")
+        return data
+
+    def to_json(self) -> Dict:
+        return {"tars": list(self.tars), "where": self.where.tolist()}
+
+    @classmethod
+    def from_json(cls, d: Dict) -> "TarMembers":
+        return cls(list(d["tars"]), np.asarray(d["where"], dtype=np.int64).reshape(-1, 3))
+
+
+@dataclass
 class Listing:
     """Entries: ``paths[i]`` (relative to ``root``) with caption group ``groups[i]``;
     ``captions[g]`` are the captions of group g (one is drawn per step). ``skipped`` holds
-    ``{"path", "reason"}`` records of entries refused at listing time."""
+    ``{"path", "reason"}`` records of entries refused at listing time. With ``members`` the
+    images are tar members and ``paths[i]`` only names them (``shard.tar/key.jpg``)."""
     root: str
     paths: List[str]
     groups: List[int]
@@ -45,9 +78,17 @@ class Listing:
     skipped: List[Dict] = field(default_factory=list)
     class_names: List[str] = field(default_factory=list)   # class folders: the name of each class
     template: str = ""                                     # class folders: its prompt, e.g. "a photo of a {}"
+    members: Optional[TarMembers] = None                   # tar shards: where each entry's bytes are
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def image_file(self, i: int) -> str | BinaryIO:
+        """What :func:`load_image` reads for entry i: a file path, or the bytes of a tar member
+        (raises BadImage when the shard cannot be read)."""
+        if self.members is None:
+            return os.path.join(self.root, self.paths[i])
+        return io.BytesIO(self.members.read(self.root, i))
 
     def caption_source(self) -> Dict:
         """How the captions were made, for the checkpoint: the class prompts, names and template of
@@ -177,8 +218,9 @@ def to_rgb(img: Image.Image) -> Tuple[Image.Image, Optional[str]]:
     return img.convert("RGB"), f"{mode} converted to RGB"
 
 
-def load_image(path: str, size: int, small: str = "upscale") -> Tuple[Image.Image, Optional[str]]:
-    """Read, convert and center-crop one image to ``size`` px RGB. Returns (image, note) where
+def load_image(path: str | BinaryIO, size: int, small: str = "upscale") -> Tuple[Image.Image, Optional[str]]:
+    """Read (a file, or bytes in a file object), convert and center-crop one image to ``size`` px
+    RGB. Returns (image, note) where
     the note says what was converted (or None); raises BadImage(reason) for unusable files.
     ``small``: "upscale" images whose short side is below ``size`` (ADM does) or "skip" them."""
     try:
@@ -240,7 +282,7 @@ class RawImageDataset(Dataset):
             if j in self.bad:
                 continue
             try:
-                img, _ = load_image(os.path.join(self.listing.root, self.listing.paths[j]), self.img_size, self.small)
+                img, _ = load_image(self.listing.image_file(j), self.img_size, self.small)
                 break
             except BadImage as e:
                 self.bad[j] = str(e)

@@ -5,7 +5,8 @@ Layout of a cache folder (format version ``FORMAT_VERSION``)::
 
     meta.json                 tokenizer name, channels, stride, resolution, scaling, shift, dtype,
                               shard size, flipped, counts, format version, complete flag
-    listing.json              the source (kind, root, every entry's path) and the caption groups
+    listing.json              the source (kind, root, every entry's path; for tar shards where each
+                              image member lies) and the caption groups
     shards/shard-00000.npy    [n, s, m, h, w] moments (plain, and flipped when s = 2); m = 2c for a VAE
                               (mean ++ log-variance), c for a deterministic tokenizer (pixels)
     shards/shard-00000.state.npy  [n] uint8: 0 pending, 1 cached, 2 skipped
@@ -51,12 +52,13 @@ class ListingSource:
         self.paths, self.groups, self.vocabulary = listing.paths, listing.captions, listing.vocabulary()
         self.listing_skipped, self.entry_groups = listing.skipped, listing.groups
         self.caption_source = listing.caption_source()
+        self.members = listing.members
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def load(self, i: int) -> Tuple[torch.Tensor, int, Optional[str]]:
-        img, note = load_image(os.path.join(self.root, self.paths[i]), self.size, self.small)
+        img, note = load_image(self.listing.image_file(i), self.size, self.small)
         return to_tensor(img), self.listing.groups[i], note
 
 
@@ -73,6 +75,7 @@ class ShapesSource:
         self.listing_skipped: List[Dict] = []
         self.entry_groups = None  # known when an image is drawn
         self.caption_source = {"kind": "shapes"}
+        self.members = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -113,6 +116,9 @@ def listing_digest(source) -> str:
     for p in source.paths:
         h.update(p.encode("utf-8", "surrogateescape") + b"\0")
     h.update(json.dumps(source.groups).encode())
+    if source.members is not None:   # tar shards: a shard rewritten with the same names is another source
+        h.update(json.dumps(source.members.tars).encode())
+        h.update(source.members.where.tobytes())
     return h.hexdigest()
 
 
@@ -165,7 +171,8 @@ def prepare_cache(cache_dir: Path, source, tokenizer_meta: Dict, shard_size: int
         "kind": source.kind, "root": source.root, "paths": source.paths, "groups": source.groups,
         "entry_groups": source.entry_groups,
         "vocabulary": source.vocabulary, "listing_skipped": source.listing_skipped,
-        "caption_source": source.caption_source})
+        "caption_source": source.caption_source,
+        "members": None if source.members is None else source.members.to_json()})
     meta = {"format_version": FORMAT_VERSION, **settings, "num_entries": len(source), "listing_digest": digest,
             "kind": source.kind, "root": source.root, "vae_source": vae_source, "complete": False,
             "caption_source": source.caption_source}
