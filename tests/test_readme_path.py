@@ -1,8 +1,8 @@
 """The README's real-data path, run as the README writes it, in miniature: the commands of its
 marked block, with its variables set to small local data and flags appended that shrink the run
 (a tiny model, 16 px pixels, MiniLM, two CPU processes, the registered small feature extractor).
-Class folders with bad files and a caption manifest each go cache -> torchrun training -> evaluate
--> sample; the test checks that the counts add up, that evaluation prompts are the training
+Class folders with bad files, a caption manifest with bad entries and WebDataset shards with bad
+samples each go cache -> torchrun training -> evaluate -> sample; the test checks that the counts add up, that evaluation prompts are the training
 captions and that metrics.json names its sample count."""
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from PIL import Image
 
 from tests.test_caption_data import write_manifest
 from tests.test_latent_cache import write_class_folders
+from tests.test_webdataset import write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- tests/test_readme_path.py runs the commands of this block"
@@ -71,11 +72,13 @@ def reference_images(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("dataset", ["imagenet", "captions"])
+@pytest.mark.parametrize("dataset", ["imagenet", "captions", "webdataset"])
 def test_the_readme_path_runs_as_written(dataset, tmp_path):
     commands = readme_commands()
     assert [c.split()[0] for c in commands] == ["bash", "torchrun", "torchrun", "python"]
-    data = write_class_folders(tmp_path / "folders") if dataset == "imagenet" else write_manifest(tmp_path / "data")
+    data = {"imagenet": lambda: write_class_folders(tmp_path / "folders"),
+            "captions": lambda: write_manifest(tmp_path / "data"),
+            "webdataset": lambda: write_shards(tmp_path / "shards") and tmp_path / "shards"}[dataset]()
     env = {"DATASET": dataset, "DATA": str(data), "CACHE": str(tmp_path / "cache"), "VAE": "unused-by-pixels",
            "CLIP": "", "GPUS": "2", "RUN": str(tmp_path / "run"), "REF": str(reference_images(tmp_path / "ref")),
            "NPROC": "2", "OMP_NUM_THREADS": "1", "JEPAT_VENV": str(Path(sys.executable).parents[1])}

@@ -160,7 +160,7 @@ def test_cache_counts_every_sample_and_matches_the_images(single, shards):
     assert sorted(paths) == sorted(GOOD)
     for i, path in enumerate(paths):                                       # pixels: the moments are the crops
         assert torch.equal(torch.from_numpy(np.array(ds.moments(i)[0])), expected_image(shards[1][path])), path
-        assert ds.groups[ds.index["group"][i]] == [GOOD[path]]
+        assert ds[i][1] == GOOD[path]                                        # its one caption
 
 
 def test_a_folder_and_a_brace_pattern_give_the_same_cache(single, shards, tmp_path):
@@ -233,5 +233,5 @@ def test_training_from_the_cache_uses_the_captions(single, shards, tmp_path, mon
     out = train(tmp_path / "cached", "cached", str(single[0]))
     assert out["step"] == 2
     assert_pairs_are_the_shards(spy.pairs, shards[1])                      # pixels: the latents are the crops
-    text = next((single[0] / "text").iterdir()) / "captions.json"          # the first run stored the embeddings
-    assert set(json.loads(text.read_text())["captions"]) == set(GOOD.values()) | set(CORRUPT.values())
+    listing = json.loads((single[0] / "listing.json").read_text())          # every caption of the shards, once
+    assert set(listing["vocabulary"]) == set(GOOD.values()) | set(CORRUPT.values())
