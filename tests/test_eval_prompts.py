@@ -66,7 +66,7 @@ def test_missing_inception_weights_stop_a_run_before_its_first_step(tmp_path, mo
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     out = tmp_path / "run"
     t0 = time.time()
-    with pytest.raises(FileNotFoundError, match="no Inception weights at .*empty_hub"):
+    with pytest.raises(SystemExit, match="preflight: no Inception weights at .*empty_hub"):
         main_jepat.main(main_jepat.parse_args(["--img_size", "16", "--patch_size", "8", "--num_samples", "32",
                                                "--batch_size", "8", "--device", "cpu", "--precision", "fp32",
                                                "--eval_prompts_file", str(tmp_path / "prompts.txt"),

@@ -24,7 +24,10 @@ def preflight(out_dir: Path, needed_bytes: int, options: Optional[EvalOptions]) 
     """The evaluation's weights and references (``options``: the evaluation that will run, if it
     generates from prompts), a writable output folder, and free disk for one checkpoint."""
     if options is not None and options.prompts is not None:
-        check_options(options)
+        try:
+            check_options(options)
+        except (FileNotFoundError, ValueError) as e:   # a message, not a traceback: nothing has run yet
+            raise SystemExit(f"preflight: {e}") from None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".preflight."):
