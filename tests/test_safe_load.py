@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,9 @@ from models.safe_load import CheckpointFileError, UnsafeCheckpointError, load_to
 from models.vae import load_kl16
 from tests.helpers import tiny_model
 from util.training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+ROOT = Path(__file__).resolve().parents[1]
+
 
 class CreatesMarker:
     """Unpickling this calls open(marker, "w"): the file appears if the pickle is run."""
@@ -56,6 +61,16 @@ def test_a_crafted_checkpoint_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(UnsafeCheckpointError):
         load_kl16(str(path))                   # the VAE loader goes through the same gate
     assert not marker.exists() and not (tmp_path / "opened").exists()
+
+
+def test_main_sample_refuses_a_crafted_checkpoint_with_one_line(tmp_path):
+    path, marker = crafted_checkpoint(tmp_path)
+    out = subprocess.run([sys.executable, "main_sample.py", "--checkpoint", str(path), "--prompt", "a red circle",
+                          "--out_dir", str(tmp_path / "samples"), "--device", "cpu"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert "error: refused to load" in out.stderr and "Traceback" not in out.stderr
+    assert not marker.exists() and not (tmp_path / "samples").exists()
 
 
 def test_truncated_and_foreign_files_name_the_file_and_what_was_expected(tmp_path):
