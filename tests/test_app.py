@@ -20,9 +20,7 @@ import pytest
 import torch
 
 import app
-import main_jepat
 from models.sampler import SamplingConfig
-from tests.test_train import SMALL
 from util.pretrained import build_generator, load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,14 +30,10 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-
                   "--no-first-run", "--window-size=1280,1500"]
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A shapes checkpoint of 2 steps: 16 px images in 8 px patches (4 tokens), 4 sampling iterations."""
-    out = tmp_path_factory.mktemp("app_run")
-    args = main_jepat.get_args_parser().parse_args(SMALL + ["--output_dir", str(out), "--epochs", "1", "--max_steps",
-                                                            "2", "--num_iter", "4", "--ode_steps", "2"])
-    main_jepat.main(args)
-    return out / "checkpoint-last.pth"
+@pytest.fixture
+def tiny_checkpoint(shapes_run) -> Path:
+    """The session's 2-step shapes run (tests/conftest.py): 16 px images as 4 tokens, 4 iterations."""
+    return shapes_run / "checkpoint-last.pth"
 
 
 def request(**changes):

@@ -168,7 +168,7 @@ def model_card(pre: Pretrained) -> str:
         f"* images: {img.get('img_size')} px through the `{img.get('tokenizer')}` tokenizer, patch {img.get('patch_size')}"
         f" ({c.get('seq_len')} tokens of width {c.get('token_dim')})",
         f"* {pre.step} optimizer steps{hours}; recipe `{t.get('recipe', '?')}`, batch {t.get('batch_size', '?')} "
-        f"per process, lr {t.get('lr') or t.get('blr', '?')}",
+        f"per process, " + (f"lr {t['lr']}" if t.get("lr") else f"base lr {t.get('blr', '?')} per 256 images"),
         f"* sampling defaults: {s.get('num_iter')} iterations, guidance {s.get('cfg')} ({s.get('cfg_schedule')}), "
         f"temperature {s.get('temperature')}, {s.get('ode_steps')} {s.get('sampler')} ODE steps", "",
         "## Metrics", "", *_metric_lines(pre.metrics), "",
