@@ -35,7 +35,7 @@ def numpy_array_globals() -> list:
     None of them calls anything a file names; the array's items are read by the same restricted
     unpickler."""
     reconstruct = np._core.multiarray._reconstruct
-    return [np.ndarray, np.dtype, np.dtypes.UInt32DType, np.dtypes.Float64DType, np.dtypes.Int64DType,
+    return [np.ndarray, np.dtype, np.dtypes.UInt32DType,
             (reconstruct, "numpy.core.multiarray._reconstruct"),
             (reconstruct, "numpy._core.multiarray._reconstruct")]
 
