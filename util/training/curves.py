@@ -55,16 +55,22 @@ def plot_curves(history: List[Dict], evals: Series, path: Path, title: str = "")
         raise ValueError("nothing to plot: no logged steps and no evaluation figures")
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
+    last_step = max(x for _, series, _ in panels for pts in series.values() for x, _ in pts)
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     for i, (name, series, log_y) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for label, points in series.items():
+        for j, (label, points) in enumerate(series.items()):
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if len(xs) < 8 else None, markersize=4, label=label, linewidth=1.2)
+                few = len(xs) < 8          # evaluations: markers, and the last value in the legend
+                ax.plot(xs, ys, marker="osD^v<>p"[j % 8] if few else None, markersize=5, linewidth=1.2,
+                        label=f"{label} ({ys[-1]:.3g})" if few else label, alpha=0.85)
         if log_y and all(y > 0 for pts in series.values() for _, y in pts):
             ax.set_yscale("log")
+        if name == "evaluation":
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_xlim(0, last_step * 1.04 + 1)   # every panel spans the whole run
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)
