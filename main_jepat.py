@@ -23,11 +23,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.tensorboard import SummaryWriter
 
 from engine_jepat import ModelInputs, StepSettings, param_groups, train_one_epoch
 from models.flow_head import SAMPLERS
-from models.jepat import FUSION_MODES, JEPAT, JEPAT_MODELS, JEPATConfig, build_model, config_dict
+from models.jepat import FUSION_MODES, JEPAT, JEPAT_MODELS, build_model, config_dict
 from models.loss import JEPATLoss
 from models.sampler import CFG_SCHEDULES, SamplingConfig
 from models.text_encoders import TEXT_ENCODERS
@@ -38,9 +37,12 @@ from util.data.latent_cache import CachedLatentDataset, CachedLatentInput
 from util.evaluation.evaluate import (EvalOptions, add_evaluation_args, eval_options, evaluate,
                                       log_unseen, training_grid)
 from util.evaluation.generate import ImageGenerator
+from util.pretrained import build_generator, load_pretrained
 from util.recipes import DEFAULT_RECIPE, RECIPES, apply_recipe, given, recipe_help
-from util.runtime import PRECISIONS, DistEnv, init_runtime, resolve_precision, setup_logging, shutdown_runtime
-from util.training.checkpoint import TrainingCheckpoint, TrainState, checkpoint_recipe, load_checkpoint
+from util.runtime import PRECISIONS, DistEnv, init_runtime, resolve_precision, setup_logging, shutdown_runtime, user_errors
+from util.training.checkpoint import TrainingCheckpoint, TrainState
+from util.training.curves import write_curves
+from util.training.loggers import LOGGERS, RunLogger, parse_log_with
 from util.training.parallel import Parallel, add_distributed_args
 from util.training.preflight import checkpoint_bytes, preflight
 from util.training.schedules import Schedules
@@ -143,7 +145,10 @@ def add_sampling_and_runtime_args(p: argparse.ArgumentParser) -> None:
     _recipe_arg(g, "save_every_steps", "also refresh checkpoint-last.pth every N steps (0: at epoch ends)", type=int)
     _recipe_arg(g, "log_freq", "steps between loss read-backs / log lines", type=int)
     g.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (schedules still span --epochs)")
-    _recipe_arg(g, "grid_freq", "epochs between TensorBoard sample grids (0: none)", type=int)
+    _recipe_arg(g, "grid_freq", "epochs between logged sample grids (0: none)", type=int)
+    g.add_argument("--log_with", type=parse_log_with, default="tensorboard",
+                   help=f"comma list of {', '.join(LOGGERS)} (or none): where scalars, grids and evaluation figures go")
+    g.add_argument("--wandb_project", default="jepat", help="W&B project (entity and mode: WANDB_ENTITY, WANDB_MODE)")
     g.add_argument("--evaluate", action="store_true", help="only evaluate the --resume checkpoint")
     g.add_argument("--no_eval", action="store_true", help="skip the evaluation after training")
 
@@ -349,17 +354,17 @@ class StopSignals:
 
 
 class RunMonitor:
-    """What the engine reports to: TensorBoard scalars, the history written to train_log.json,
-    checkpoints every ``--save_every_steps`` steps, stop signals and ``--max_steps``."""
+    """What the engine reports to: the loggers (TensorBoard, W&B), the history written to
+    train_log.json, checkpoints every ``--save_every_steps`` steps, stop signals and ``--max_steps``."""
 
-    def __init__(self, run: Run, signals: StopSignals, writer: Optional[SummaryWriter]) -> None:
-        self.run, self.signals, self.writer, self.history = run, signals, writer, []
+    def __init__(self, run: Run, signals: StopSignals, logger: Optional[RunLogger], history: List[Dict]) -> None:
+        self.run, self.signals, self.logger, self.history = run, signals, logger, history
 
     def log(self, step: int, values: Dict[str, float]) -> None:
-        if self.writer is None:
+        if self.logger is None:
             return
         for k, v in values.items():
-            self.writer.add_scalar(f"train/{k}", v, step)
+            self.logger.add_scalar(f"train/{k}", v, step)
         self.history.append({"step": step, "elapsed_s": self.run.state.train_seconds(), **values})
 
     def after_step(self, state: TrainState) -> bool:
@@ -370,7 +375,7 @@ class RunMonitor:
 
 
 def end_of_epoch(run: Run, monitor: RunMonitor) -> None:
-    """Epoch counters, checkpoints, the TensorBoard grid and the online evaluation."""
+    """Epoch counters, checkpoints, the logged sample grid and the online evaluation."""
     args, st = run.args, run.state
     whole = st.batch_in_epoch >= run.steps_per_epoch * args.accum_iter
     if whole:
@@ -380,14 +385,14 @@ def end_of_epoch(run: Run, monitor: RunMonitor) -> None:
     run.checkpoint.save("last")
     if whole and args.grid_freq and st.epoch % args.grid_freq == 0:
         ema = run.parallel.sampling_ema() if run.parallel.strategy == "fsdp" or run.env.is_main else None
-        if ema is not None and monitor.writer is not None:
+        if ema is not None and monitor.logger is not None:
             grid, prompts = training_grid(generator(run, ema), run.captions.sample_captions(18), args.seed)
-            monitor.writer.add_image("samples/ema", grid, st.step)
-            monitor.writer.add_text("samples/prompts", " | ".join(prompts), st.step)
+            monitor.logger.add_image("samples/ema", grid, st.step)
+            monitor.logger.add_text("samples/prompts", " | ".join(prompts), st.step)
     if whole and args.eval_freq and not args.no_eval and st.epoch % args.eval_freq == 0:
         folder = run.out_dir / f"eval-epoch{st.epoch:04d}"
         folder.mkdir(parents=True, exist_ok=True)
-        run_evaluation(run, folder, monitor.writer)
+        run_evaluation(run, folder, monitor.logger)
     if monitor.history:
         h = monitor.history[-1]
         log.info("epoch %d step %d loss %.4f (flow %.4f, jepa %.4f) lr %.2e  %.0fs", st.epoch, st.step, h["loss"],
@@ -399,23 +404,32 @@ def generator(run: Run, ema: JEPAT) -> ImageGenerator:
                           run.args.precision)
 
 
-def run_evaluation(run: Run, out_dir: Path, writer: Optional[SummaryWriter]) -> Dict:
+def run_evaluation(run: Run, out_dir: Path, logger: Optional[RunLogger]) -> Dict:
     """The evaluation of the run's EMA (under FSDP a consolidated copy: rank 0 only)."""
     ema = run.parallel.sampling_ema()
     if ema is None:
         return {}
     return evaluate(generator(run, ema), run.eval, out_dir, run.state.step, run.env, run.shapes,
-                    {"checkpoint": run.args.resume or None}, writer)
+                    {"checkpoint": run.args.resume or None}, logger)
+
+
+def earlier_history(run: Run) -> List[Dict]:
+    """The rows of train_log.json up to the resumed step, so a resumed run's log and curves go on."""
+    path = run.out_dir / "train_log.json"
+    if not run.args.resume or not run.env.is_main or not path.is_file():
+        return []
+    return [r for r in json.loads(path.read_text()) if r.get("step", 0) <= run.state.step]
 
 
 def train(run: Run) -> Dict:
-    """Epochs until ``--epochs`` (or ``--max_steps``, or a stop signal), then the evaluation."""
+    """Epochs until ``--epochs`` (or ``--max_steps``, or a stop signal), then the evaluation, and
+    (rank 0) train_log.json and curves.png."""
     args, st = run.args, run.state
-    writer = SummaryWriter(str(run.out_dir / "tb")) if run.env.is_main else None
+    logger = RunLogger.open(args.log_with, run.out_dir, vars(args), args.wandb_project) if run.env.is_main else None
     stop_step = st.step + 10 ** 12 if args.max_steps is None else args.max_steps
     try:
         with StopSignals(run.env) as signals:
-            monitor = RunMonitor(run, signals, writer)
+            monitor = RunMonitor(run, signals, logger, earlier_history(run))
             st.started = time.time()
             while st.epoch < args.epochs and st.step < stop_step and not signals.requested():
                 run.sampler.set_position(st.epoch, st.batch_in_epoch)
@@ -429,11 +443,13 @@ def train(run: Run) -> Dict:
             return {"stopped_by_signal": signals.signal, "step": st.step}
         result = {"train_seconds": st.train_seconds() - st.prior_seconds, "step": st.step}
         if not args.no_eval:
-            result.update(run_evaluation(run, run.out_dir, writer))
+            result.update(run_evaluation(run, run.out_dir, logger))
+        if run.env.is_main:
+            write_curves(run.out_dir, f"{args.recipe}: {args.model}, {st.step} steps")
         return result
     finally:
-        if writer is not None:
-            writer.close()
+        if logger is not None:
+            logger.close()
 
 
 # ==================================================================== evaluation of a saved checkpoint
@@ -449,40 +465,33 @@ def training_captions(captions: CaptionStore, recipe: Dict, source: Dict) -> Opt
 
 
 def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv) -> Dict:
-    """``--evaluate --resume CKPT``: the checkpoint rebuilds its own model, caption store and
-    tokenizer; it is evaluated on its training prompts unless prompt flags say otherwise, with
-    its own sampling settings unless a flag gives another value."""
+    """``--evaluate --resume CKPT_OR_FOLDER``: a checkpoint or model folder rebuilds its own model,
+    caption store and tokenizer; it is evaluated on its training prompts unless prompt flags say
+    otherwise, with its own sampling settings unless a flag gives another value."""
     if not args.resume:
-        raise SystemExit("--evaluate needs --resume CHECKPOINT")
-    ckpt = load_checkpoint(args.resume)
-    recipe = checkpoint_recipe(ckpt)
-    captions_recipe = {**recipe["captions"], **{k: getattr(args, k) for k in ("text_encoder_path", "data_path")
-                                                if getattr(args, k)}}
-    source = captions_recipe.get("source") or (   # format-1 checkpoints did not record it
-        {"kind": "shapes"} if is_shapes_data(captions_recipe["dataset"], captions_recipe["data_path"]) else {})
-    captions = build_caption_store(captions_recipe, env.device)
-    options = eval_options(args, source, training_captions(captions, captions_recipe, source))
+        raise SystemExit("--evaluate needs --resume CHECKPOINT (a checkpoint-*.pth or a model folder)")
+    pretrained = load_pretrained(args.resume)
+    overrides = {k: getattr(args, k) for k in ("text_encoder_path", "data_path") if getattr(args, k)}
+    gen = build_generator(pretrained, env.device, args.precision, given(args, SAMPLING_KEYS), overrides,
+                          args.vae_path, use_text_cache=True)
+    recipe = {**pretrained.recipe["captions"], **overrides}
+    source = recipe.get("source") or (   # format-1 checkpoints did not record it
+        {"kind": "shapes"} if is_shapes_data(recipe["dataset"], recipe["data_path"]) else {})
+    options = eval_options(args, source, training_captions(gen.captions, recipe, source))
     if options.prompts is not None:
         if source.get("class_prompts"):   # the training captions are known: class prompts, or a cache's table
             log_unseen(options.prompts, lambda ps: [p in set(source["class_prompts"]) for p in ps])
-        elif captions.table is not None:
-            log_unseen(options.prompts, captions.known)
-        captions.require(options.prompts.prompts)
+        elif gen.captions.table is not None:
+            log_unseen(options.prompts, gen.captions.known)
+        gen.captions.require(options.prompts.prompts)
     preflight(Path(args.output_dir), 0, options)
-    model = JEPAT(JEPATConfig(**ckpt["model_config"])).to(env.device)
-    model.load_state_dict(ckpt["ema"])
-    model.requires_grad_(False).eval()
-    tokenizer = build_tokenizer(recipe["image"]["tokenizer"], args.vae_path or recipe["image"]["vae_path"]).to(env.device)
-    sampling = SamplingConfig(**{**recipe["sampling"], **given(args, SAMPLING_KEYS)})
-    gen = ImageGenerator(model, captions, tokenizer, sampling, env.device, args.precision)
-    out_dir = Path(args.output_dir)
-    writer = SummaryWriter(str(out_dir / "tb")) if env.is_main else None
+    logger = RunLogger.open(args.log_with, Path(args.output_dir), vars(args)) if env.is_main else None
     try:
-        return evaluate(gen, options, out_dir, ckpt["state"]["step"], env, source.get("kind") == "shapes",
-                        {"checkpoint": args.resume}, writer)
+        return evaluate(gen, options, Path(args.output_dir), pretrained.step, env, source.get("kind") == "shapes",
+                        {"checkpoint": args.resume}, logger)
     finally:
-        if writer is not None:
-            writer.close()
+        if logger is not None:
+            logger.close()
 
 
 def main(args: argparse.Namespace) -> Dict:
@@ -501,4 +510,5 @@ def main(args: argparse.Namespace) -> Dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    with user_errors():
+        main(parse_args())

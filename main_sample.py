@@ -1,12 +1,15 @@
-"""Generate images from text with a trained JEPA-T checkpoint (its EMA weights).
+"""Generate images from text with a trained JEPA-T checkpoint or model folder (its EMA weights),
+or export a checkpoint as a Hugging Face-style model folder.
 
     python main_sample.py --checkpoint output/shapes/checkpoint-last.pth \
         --prompt "a red circle" --prompt "a square that is green" --out_dir samples/
     python main_sample.py --checkpoint CKPT --prompts_file prompts.txt --cfg 4 --sampler euler
+    python main_sample.py --checkpoint CKPT --export_dir exported/shapes    # model.safetensors + config.json + README.md
+    python main_sample.py --checkpoint exported/shapes --prompt "a red circle"
 
-The checkpoint rebuilds its own model, text encoder and tokenizer, and its sampling settings are
-the defaults of every sampling flag. Writes one PNG per image, ``grid.png`` (one row per prompt)
-and ``manifest.jsonl``.
+The checkpoint (or folder) rebuilds its own model, text encoder and tokenizer, and its sampling
+settings are the defaults of every sampling flag. Writes one PNG per image, ``grid.png`` (one row
+per prompt) and ``manifest.jsonl``.
 """
 from __future__ import annotations
 
@@ -20,20 +23,21 @@ from typing import List
 from torchvision.utils import save_image
 
 from models.flow_head import SAMPLERS
-from models.jepat import JEPAT, JEPATConfig
-from models.sampler import CFG_SCHEDULES, SamplingConfig
-from models.tokenizers import build_tokenizer
-from util.data.captions import build_caption_store, check_widths
-from util.evaluation.generate import ImageGenerator, save_images
-from util.runtime import PRECISIONS, init_runtime, resolve_precision, setup_logging, shutdown_runtime
-from util.training.checkpoint import checkpoint_recipe, load_checkpoint
+from models.sampler import CFG_SCHEDULES
+from util.evaluation.generate import save_images
+from util.pretrained import build_generator, export_pretrained, load_pretrained
+from util.runtime import PRECISIONS, init_runtime, resolve_precision, setup_logging, shutdown_runtime, user_errors
 
 log = logging.getLogger("jepat.sample")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("JEPA-T sampling", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="checkpoint written by main_jepat.py")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint-*.pth written by main_jepat.py, or a model folder written by --export_dir")
+    p.add_argument("--export_dir", default=None,
+                   help="write the checkpoint's EMA as model.safetensors + config.json + README.md model card here "
+                        "(then sample too if prompts are given)")
     p.add_argument("--prompt", action="append", default=[], help="a caption; repeat for several")
     p.add_argument("--prompts_file", default=None, help="text file, one prompt per line")
     p.add_argument("--num_per_prompt", type=int, default=4)
@@ -51,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae_path", default=None, help="VAE weights (default: the training run's --vae_path)")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA (checkpoints only)")
     return p
 
 
@@ -62,7 +66,7 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
         if not path.is_file():
             raise SystemExit(f"no prompts file at {path}")
         prompts += [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
-    if not prompts:
+    if not prompts and not args.export_dir:
         raise SystemExit("give at least one --prompt or a --prompts_file")
     return prompts
 
@@ -70,23 +74,19 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
 def main(args: argparse.Namespace) -> List[dict]:
     setup_logging()
     prompts = read_prompts(args)
+    pretrained = load_pretrained(args.checkpoint, raw=args.raw)
+    if args.export_dir:
+        export_pretrained(pretrained, args.export_dir)
+        if not prompts:
+            return []
     env = init_runtime(args.device)
     try:
-        device = env.device
-        precision = resolve_precision(device, args.precision)
-        ckpt = load_checkpoint(args.checkpoint)
-        recipe = checkpoint_recipe(ckpt)
-        model = JEPAT(JEPATConfig(**ckpt["model_config"])).to(device)
-        model.load_state_dict(ckpt["model" if args.raw else "ema"])
-        captions_recipe = {**recipe["captions"], **({"text_encoder_path": args.text_encoder_path}
-                                                    if args.text_encoder_path else {})}
-        captions = build_caption_store(captions_recipe, device, use_cache=False)   # free prompts: the encoder
-        check_widths(captions, model.cfg.text_token_dim, model.cfg.text_pooled_dim, args.checkpoint)
-        tokenizer = build_tokenizer(recipe["image"]["tokenizer"], args.vae_path or recipe["image"]["vae_path"]).to(device)
         overrides = {k: getattr(args, k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "ode_steps",
                                                    "sampler") if getattr(args, k) is not None}
-        sampling = SamplingConfig(**{**recipe["sampling"], **overrides})
-        gen = ImageGenerator(model, captions, tokenizer, sampling, device, precision)
+        text_path = {"text_encoder_path": args.text_encoder_path} if args.text_encoder_path else {}
+        gen = build_generator(pretrained, env.device, resolve_precision(env.device, args.precision), overrides,
+                              text_path, args.vae_path)   # free prompts: the text encoder, not a cache
+        sampling = gen.sampling
         expanded = [p for p in prompts for _ in range(args.num_per_prompt)]
         images = gen.generate(expanded, args.seed, args.batch_size)
     finally:
@@ -103,4 +103,5 @@ def main(args: argparse.Namespace) -> List[dict]:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    with user_errors():
+        main(get_args_parser().parse_args())

@@ -33,7 +33,7 @@ def main() -> None:
         args = main_jepat.parse_args(["--evaluate", "--resume", str(ckpt), "--eval_per_combo", str(a.eval_per_combo),
                                       "--output_dir", str(run / "curve" / ckpt.stem)])
         m = main_jepat.main(args)
-        secs = torch.load(ckpt, map_location="cpu", weights_only=False)["state"].get("train_seconds", float("nan"))
+        secs = torch.load(ckpt, map_location="cpu", weights_only=True)["state"].get("train_seconds", float("nan"))
         rows.append((secs / 60, m["step"], m["seen"]["joint_acc"], m["heldout"]["joint_acc"]))
     print(f"{'train min':>9} {'step':>6} {'seen joint':>10} {'held-out joint':>14}")
     for minutes, step, seen, held in rows:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -20,6 +20,7 @@ from models.jepat import JEPAT, random_orders
 from models.text_encoders import TextEmbeddings
 
 CFG_SCHEDULES = ("constant", "linear")
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]   # (step, tokens [B,L,d], known [B,L] bool)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def num_hidden_after(step: int, num_iter: int, seq_len: int, hidden_now: int) ->
 @torch.no_grad()
 def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: SamplingConfig,
                   generator: Optional[torch.Generator] = None, batch_null: Optional[bool] = None,
-                  orders: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  orders: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                  on_step: Optional[StepHook] = None) -> torch.Tensor:
     """Generate image tokens for a batch of captions.
 
     Args:
@@ -67,6 +69,8 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
         orders, noise: the randomness drawn by the caller instead of from ``generator``: unmasking
             orders [B, L] and the flow's unit starting noise per token position [B, L, d]. With
             both, image b depends only on its own row (evaluation seeds every image by its id).
+        on_step: called after each unmasking step with (step, the canvas: tokens [B, L, d] with
+            zeros where still hidden, known [B, L] bool); it only watches, the samples do not change.
     Returns: tokens [B, L, d] (float32).
     """
     mc = model.cfg
@@ -108,4 +112,7 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
                                       cfg.sampler, guidance, generator, eps)          # [B*n,d]
         tokens = tokens.scatter(1, reveal[..., None].expand(-1, -1, d), new.view(B, n, d).float())
         hidden = hidden_next
+        if on_step is not None:
+            known = torch.zeros(B, L, dtype=torch.bool, device=device).scatter(1, orders[:, hidden:], True)
+            on_step(step, tokens, known)
     return tokens

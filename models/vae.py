@@ -21,6 +21,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from models.safe_load import load_torch_file
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def load_kl16(path: Optional[str] = None) -> Tuple[torch.nn.Module, str]:
     path = os.path.expanduser(path or DEFAULT_KL16_PATH)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no KL-16 checkpoint at {path}; {KL16_SOURCE}; put it there or pass --vae_path")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_torch_file(path, "KL-16 VAE checkpoint (MAR's kl16.ckpt)")   # tensors only: nothing in it runs
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict under 'model'; expected MAR's kl16.ckpt")

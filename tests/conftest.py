@@ -27,3 +27,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def shapes_run(tmp_path_factory):
+    """One epoch of two steps of the shapes recipe (16 px, 4 tokens, 4 sampling iterations) with its
+    sample grid and judged evaluation, logged to TensorBoard and to an offline W&B run under
+    ``<run>/wandb_home``: the run folder that the sharing and demo tests read."""
+    import os
+    import main_jepat
+    from tests.test_train import SMALL
+    out = tmp_path_factory.mktemp("shapes_run")
+    saved = {k: os.environ.get(k) for k in ("WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")}
+    os.environ.update(WANDB_MODE="offline", WANDB_DIR=str(out / "wandb_home"), WANDB_SILENT="true")
+    (out / "wandb_home").mkdir()
+    try:
+        args = [a for a in SMALL if a != "--no_eval"] + [
+            "--output_dir", str(out), "--epochs", "1", "--num_samples", "16", "--num_iter", "4", "--ode_steps", "2",
+            "--eval_per_combo", "1", "--grid_freq", "1", "--log_with", "tensorboard,wandb"]
+        main_jepat.main(main_jepat.get_args_parser().parse_args(args))
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return out

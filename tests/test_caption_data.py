@@ -154,7 +154,7 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
     out = main_jepat.main(main_jepat.get_args_parser().parse_args(base + ["--img_size", "16",
                                                                          "--output_dir", str(tmp_path / "run")]))
     assert out["step"] == 2
-    ckpt = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
     assert ckpt["captions"]["token_dim"] == 10 and ckpt["captions"]["dataset"] == "cached"
     with pytest.raises(ValueError, match="made with tokenizer 'pixels' at 16 px.*--img_size 32"):
         main_jepat.main(main_jepat.get_args_parser().parse_args(base + ["--img_size", "32",

@@ -74,7 +74,7 @@ def run_single(out: Path, *extra: str) -> dict:
 
 
 def load(path: Path) -> dict:
-    return torch.load(path, weights_only=False)
+    return torch.load(path, weights_only=True)
 
 
 def assert_same(a: dict, b: dict, exact: bool) -> None:

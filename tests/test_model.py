@@ -262,3 +262,20 @@ def test_x_prediction_head_returns_the_implied_velocity():
     assert torch.allclose(x_head(x_t, t, z), expected, atol=1e-6)
     with pytest.raises(ValueError, match="prediction"):
         FlowHead(TOKEN_DIM, 16, 32, 2, prediction="eps")
+
+
+def test_step_hook_sees_the_canvas_fill_in_without_changing_the_samples():
+    model, text = tiny_model(), random_text(2)
+    sc = SamplingConfig(num_iter=4, cfg=2.0, ode_steps=2, sampler="euler")
+    null = torch.zeros(2, dtype=torch.bool)
+    seen = []
+    hooked = sample_tokens(model, text, null, sc, torch.Generator().manual_seed(0),
+                           on_step=lambda step, tokens, known: seen.append((step, tokens.clone(), known.clone())))
+    plain = sample_tokens(model, text, null, sc, torch.Generator().manual_seed(0))
+    assert torch.equal(hooked, plain)
+    assert [s for s, _, _ in seen] == [0, 1, 2, 3]
+    counts = [int(k[0].sum()) for _, _, k in seen]
+    assert counts == sorted(counts) and counts[-1] == SEQ_LEN and counts[0] >= 1
+    for _, tokens, known in seen:                       # hidden tokens are still zeros, known ones are not
+        assert (tokens[~known] == 0).all() and (tokens[known].abs().sum(-1) > 0).all()
+    assert torch.equal(seen[-1][1], plain)

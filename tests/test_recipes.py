@@ -69,7 +69,7 @@ def test_help_shows_the_recipe_values():
 
 def test_checkpoint_carries_its_recipe_and_sampling_defaults_follow_it(tmp_path):
     run_main(tmp_path / "run", "--epochs", "1", "--max_steps", "1", "--temperature", "0.3", "--num_iter", "3")
-    ckpt = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
     assert ckpt["format_version"] == 2
     assert ckpt["sampling"] == {"num_iter": 3, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 0.3,
                                 "ode_steps": 20, "sampler": "heun"}

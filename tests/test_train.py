@@ -55,8 +55,8 @@ def test_resumed_run_continues_exactly(tmp_path):
     run_main(full, "--epochs", "2")                      # 24 steps uninterrupted
     run_main(part, "--epochs", "2", "--max_steps", "7")  # stopped mid-epoch ...
     run_main(part, "--epochs", "2", "--resume", str(part / "checkpoint-last.pth"))  # ... and resumed
-    a = torch.load(full / "checkpoint-last.pth", weights_only=False)
-    b = torch.load(part / "checkpoint-last.pth", weights_only=False)
+    a = torch.load(full / "checkpoint-last.pth", weights_only=True)
+    b = torch.load(part / "checkpoint-last.pth", weights_only=True)
     assert a["state"]["step"] == b["state"]["step"] == 24
     for key in ("model", "ema"):
         for k in a[key]:
@@ -188,7 +188,7 @@ def test_shapes_evaluation_writes_grids_manifest_and_metrics(tmp_path):
 
 def test_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     run_main(tmp_path, "--epochs", "2", "--max_steps", "3")
-    good = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    good = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     from models.loss import JEPATLoss
     real = JEPATLoss.__call__
 
@@ -200,5 +200,5 @@ def test_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, 
     with pytest.raises(FloatingPointError, match="non-finite"):
         run_main(tmp_path, "--epochs", "2", "--resume", str(tmp_path / "checkpoint-last.pth"),
                  "--save_every_steps", "1")
-    kept = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    kept = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert kept["state"]["step"] == good["state"]["step"] == 3

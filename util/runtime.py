@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from huggingface_hub.utils import disable_progress_bars
 
+from models.safe_load import CheckpointFileError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -124,6 +126,16 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@contextlib.contextmanager
+def user_errors():
+    """For a script's ``__main__``: a file the user passed that is missing, unreadable or refused
+    ends the run with its one-line message (exit status 1), not a traceback."""
+    try:
+        yield
+    except (CheckpointFileError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def setup_logging(env: Optional[DistEnv] = None) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from models.jepat import JEPAT
-from models.sampler import SamplingConfig, sample_tokens
+from models.sampler import SamplingConfig, StepHook, sample_tokens
 from models.tokenizers import Tokenizer, unpatchify
 from util.data.captions import CaptionStore
 from util.runtime import DistEnv, autocast_context
@@ -59,9 +59,11 @@ class ImageGenerator:
                              f"{tokenizer.channels}-channel {tokenizer.name} latents")
 
     @torch.no_grad()
-    def generate_ids(self, prompts: Sequence[str], ids: Sequence[int], seed: int) -> torch.Tensor:
+    def generate_ids(self, prompts: Sequence[str], ids: Sequence[int], seed: int,
+                     on_canvas: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
         """Images [len(ids),3,H,W] in [-1,1] for ``prompts[i]`` of each id, each seeded by (seed, id).
-        Empty prompts give unconditional images (the null condition)."""
+        Empty prompts give unconditional images (the null condition). ``on_canvas(step, images)``
+        gets the canvas after each unmasking step (:meth:`canvas`); the images are the same either way."""
         self.model.eval()
         L, d = self.model.cfg.seq_len, self.model.cfg.token_dim
         orders, noise = [], []
@@ -72,11 +74,29 @@ class ImageGenerator:
         chunk = [prompts[i] for i in ids]
         text = self.captions.lookup(chunk)
         null = torch.tensor([not p.strip() for p in chunk], device=self.device)
+        hook: Optional[StepHook] = None if on_canvas is None else (
+            lambda step, tokens, known: on_canvas(step, self.canvas(tokens, known)))
         with autocast_context(self.device, self.precision):
             tokens = sample_tokens(self.model, text, null, self.sampling, orders=torch.stack(orders),
-                                   noise=torch.stack(noise))                                     # [B,L,d]
+                                   noise=torch.stack(noise), on_step=hook)                       # [B,L,d]
+        return self.decode(tokens)
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B,L,d] -> images [B,3,H,W] in [-1,1] (float32, on the CPU)."""
         latents = unpatchify(tokens.float(), self.tokenizer.channels, self.patch, self.grid)     # [B,c,h,w]
         return self.tokenizer.decode(latents).float().cpu()
+
+    def canvas(self, tokens: torch.Tensor, known: torch.Tensor, hidden_value: float = 0.0) -> torch.Tensor:
+        """What the sampler holds mid-way, as images [B,3,H,W] in [-1,1]: the decoded tokens, with the
+        image area of every still-hidden token painted ``hidden_value`` (0: mid grey).
+
+        Hidden tokens are zeros in token space, which a VAE decodes to a blur that looks like content;
+        painting their patches grey shows exactly which tokens are decided and which are not."""
+        images = self.decode(tokens)                                                             # [B,3,H,W]
+        cell = images.shape[-1] // self.grid                                                     # patch * stride
+        mask = known.view(-1, 1, self.grid, self.grid).float().cpu()                             # [B,1,g,g]
+        mask = mask.repeat_interleave(cell, 2).repeat_interleave(cell, 3)                        # [B,1,H,W]
+        return images * mask + hidden_value * (1 - mask)
 
     def generate(self, prompts: Sequence[str], seed: int, batch_size: int = 64) -> torch.Tensor:
         """Images [N,3,H,W] in [-1,1], one per prompt (ids 0..N-1), in batches on this process."""

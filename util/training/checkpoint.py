@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from models.jepat import JEPAT, config_dict
+from models.safe_load import CheckpointFileError, load_torch_file, numpy_array_globals
 from util.training.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3   # 3: RNG states as tensors and numbers (weights_only=True reads it)
 
 
 def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -42,15 +43,28 @@ def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
 
 
 def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python's, numpy's, torch's (and CUDA's) global RNG states as tensors and plain numbers, so a
+    checkpoint loads with ``weights_only=True``."""
+    version, mt, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state`; also reads the tuples of format 2 checkpoints."""
+    py, npy = state["python"], state["numpy"]
+    if isinstance(py, dict):
+        py = (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss_next"])
+    if isinstance(npy, dict):
+        npy = (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    random.setstate(py)
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -77,14 +91,17 @@ def save_checkpoint(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
                     expect_preset: Optional[str] = None) -> Dict[str, Any]:
-    """Read a checkpoint; ``expect_preset`` raises a clear error for a checkpoint of another preset."""
+    """Read a checkpoint with ``weights_only=True``: tensors and plain data only, nothing in the file
+    can run code (format 2 files also need numpy's array type for their RNG state, allowed here).
+    ``expect_preset`` raises a clear error for a checkpoint of another preset."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}; pass the path of a checkpoint-*.pth file written by "
                                 "main_jepat.py")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+    state = load_torch_file(path, "JEPA-T checkpoint", map_location, allowed=numpy_array_globals())
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
-        raise ValueError(f"{path} is not a JEPA-T checkpoint (no 'model' / 'model_config' entries)")
+        raise CheckpointFileError(f"{path} is not a JEPA-T checkpoint: expected a dictionary with 'model' and "
+                                  "'model_config' entries, as main_jepat.py writes")
     preset = state["model_config"].get("preset", "")
     if expect_preset is not None and preset != expect_preset:
         raise ValueError(f"checkpoint {path} holds a '{preset}' model but '{expect_preset}' was asked for; "
