@@ -123,7 +123,7 @@ def generate(gen: ImageGenerator, request: Request, show_steps: bool, workdir: P
         return grid, [], None
     L, K = gen.model.cfg.seq_len, len(canvases)
     frames = [to_grid(c, request.per_prompt) for c in canvases]
-    captions = [f"iteration {k + 1}/{K}: {n} of {L} tokens" for k, n in enumerate(known_after_each_step(K, L))]
+    captions = [f"{k + 1}/{K}: {n}/{L} tokens" for k, n in enumerate(known_after_each_step(K, L))]
     gif = Path(tempfile.mkstemp(suffix=".gif", prefix="fill_in_", dir=workdir)[1])
     frames[0].save(gif, save_all=True, append_images=frames[1:] + [grid], duration=[300] * K + [2000], loop=0)
     return grid, list(zip(frames, captions)), str(gif)

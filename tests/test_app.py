@@ -66,7 +66,7 @@ def test_frames_show_the_canvas_filling_in(tiny_checkpoint, tmp_path):
     grid, frames, gif = app.generate(gen, req, True, tmp_path)
     scale = math.ceil(app.DISPLAY_PX / 16)
     assert grid.size == ((2 * 17 + 1) * scale, (2 * 17 + 1) * scale)            # 2 x 2 images, 1 px padding
-    assert [c for _, c in frames] == [f"iteration {k}/4: {k} of 4 tokens" for k in (1, 2, 3, 4)]
+    assert [c for _, c in frames] == [f"{k}/4: {k}/4 tokens" for k in (1, 2, 3, 4)]
     assert frames[-1][0].tobytes() == grid.tobytes()                             # nothing hidden after the last
     grey = (torch.tensor(list(frames[0][0].tobytes())).view(-1, 3) == 128).all(1).sum().item()
     assert grey > 0.5 * grid.width * grid.height                                 # 3 of 4 tokens still hidden

@@ -62,8 +62,8 @@ def load_pretrained(path: str | os.PathLike, raw: bool = False) -> Pretrained:
     path = Path(path)
     if path.is_dir():
         if raw:
-            raise ValueError(f"{path} is a model folder: it holds the EMA weights only; --raw needs a training "
-                             "checkpoint (checkpoint-*.pth)")
+            raise CheckpointFileError(f"{path} is a model folder: it holds the EMA weights only; --raw needs a "
+                                      "training checkpoint (checkpoint-*.pth)")
         return _load_folder(path)
     ckpt = load_checkpoint(path)
     step = int(ckpt.get("state", {}).get("step", 0))
