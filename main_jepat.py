@@ -480,7 +480,8 @@ def evaluate_checkpoint(args: argparse.Namespace, env: DistEnv) -> Dict:
     options = eval_options(args, source, training_captions(gen.captions, recipe, source))
     if options.prompts is not None:
         if source.get("class_prompts"):   # the training captions are known: class prompts, or a cache's table
-            log_unseen(options.prompts, lambda ps: [p in set(source["class_prompts"]) for p in ps])
+            trained = set(source["class_prompts"])
+            log_unseen(options.prompts, lambda ps: [p in trained for p in ps])
         elif gen.captions.table is not None:
             log_unseen(options.prompts, gen.captions.known)
         gen.captions.require(options.prompts.prompts)

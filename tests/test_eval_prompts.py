@@ -36,7 +36,7 @@ def test_class_checkpoint_is_evaluated_on_its_training_prompts(tmp_path, one_thr
     run = tmp_path / "run"
     main_jepat.main(main_jepat.parse_args(RUN + ["--data_path", str(data), "--max_steps", "1", "--no_eval",
                                                  "--output_dir", str(run)]))
-    ckpt = torch.load(run / "checkpoint-last.pth", weights_only=False)
+    ckpt = torch.load(run / "checkpoint-last.pth", weights_only=True)
     training = ["a photo of a my class", "a photo of a tench", "a photo of a goldfish"]
     assert ckpt["captions"]["source"] == {"kind": "class", "class_prompts": training,
                                           "class_names": ["my class", "tench", "goldfish"],

@@ -78,7 +78,7 @@ def test_the_readme_path_runs_as_written(dataset, tmp_path):
     assert [c.split()[0] for c in commands] == ["bash", "torchrun", "torchrun", "python"]
     data = {"imagenet": lambda: write_class_folders(tmp_path / "folders"),
             "captions": lambda: write_manifest(tmp_path / "data"),
-            "webdataset": lambda: write_shards(tmp_path / "shards") and tmp_path / "shards"}[dataset]()
+            "webdataset": lambda: (write_shards(tmp_path / "shards"), tmp_path / "shards")[1]}[dataset]()
     env = {"DATASET": dataset, "DATA": str(data), "CACHE": str(tmp_path / "cache"), "VAE": "unused-by-pixels",
            "CLIP": "", "GPUS": "2", "RUN": str(tmp_path / "run"), "REF": str(reference_images(tmp_path / "ref")),
            "NPROC": "2", "OMP_NUM_THREADS": "1", "JEPAT_VENV": str(Path(sys.executable).parents[1])}

@@ -224,7 +224,7 @@ def test_raw_training_reads_the_shards(shards, tmp_path, monkeypatch, one_thread
     out = train(tmp_path / "raw", "webdataset", f"{root}/{{00000..00003}}.tar")
     assert out["step"] == 2
     assert_pairs_are_the_shards(spy.pairs, images)
-    ckpt = torch.load(tmp_path / "raw" / "checkpoint-last.pth", weights_only=False)
+    ckpt = torch.load(tmp_path / "raw" / "checkpoint-last.pth", weights_only=True)
     assert ckpt["captions"]["dataset"] == "webdataset" and ckpt["captions"]["source"] == {"kind": "caption"}
 
 

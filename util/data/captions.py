@@ -60,13 +60,18 @@ class CaptionStore:
         in_table = self.table.find(captions) >= 0 if self.table is not None else [False] * len(captions)
         return [c in self.index or bool(t) for c, t in zip(captions, in_table)]
 
-    def add(self, captions: Sequence[str]) -> None:
-        """Encode the captions not yet held (in batches) and keep them, evicting the least recently
-        used beyond ``capacity``."""
-        new = [c for c in dict.fromkeys(captions) if c not in self.index]
-        if self.table is not None and new:
-            rows = self.table.find(new)
-            new = [c for c, r in zip(new, rows) if r < 0]
+    def _table_rows(self, captions: Sequence[str]) -> Dict[str, int]:
+        """Table row of each caption not held in memory that the table holds."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self.index]
+        if self.table is None or not missing:
+            return {}
+        return {c: int(r) for c, r in zip(missing, self.table.find(missing)) if r >= 0}
+
+    def add(self, captions: Sequence[str], in_table: Optional[Dict[str, int]] = None) -> None:
+        """Encode the captions held neither in memory nor in the table (in batches) and keep them,
+        evicting the least recently used beyond ``capacity``. ``in_table``: ``_table_rows`` of them."""
+        in_table = self._table_rows(captions) if in_table is None else in_table
+        new = [c for c in dict.fromkeys(captions) if c not in self.index and c not in in_table]
         if not new:
             return
         if len(new) > self.capacity:
@@ -115,13 +120,14 @@ class CaptionStore:
         for c in captions:                 # the batch's own captions are the most recent: it never evicts them
             if c in self.index:
                 self.index.move_to_end(c)
-        self.add(captions)
+        in_table = self._table_rows(captions)      # one search of the table per batch
+        self.add(captions, in_table)
         held = [c in self.index for c in captions]
         if all(held):
             return self.slots[torch.tensor([self.index[c] for c in captions], device=self.device)]
-        # the others are in the table: add() encodes only what neither holds
-        rows = self.table.find([c for c, h in zip(captions, held) if not h])
-        from_table = self.table.rows(torch.from_numpy(rows), self.device)
+        # the others are in the table: add() encoded only what neither holds
+        rows = torch.tensor([in_table[c] for c, h in zip(captions, held) if not h], dtype=torch.long)
+        from_table = self.table.rows(rows, self.device)
         if not any(held):
             return from_table
         emb = self.slots[torch.tensor([self.index.get(c, 0) for c in captions], device=self.device)]
