@@ -312,3 +312,36 @@ def test_judge_rejects_an_l_and_a_rectangle():
     assert J.judge(bar)[1] is None
     scores = J.shape_scores((S.render("red", "circle", 16.0, 16.0, 16.0).min(axis=2) < 128).astype(np.float32))
     assert max(scores, key=scores.get) == "circle" and scores["circle"] > 0.9
+
+
+# ------------------------------------------------------------------ fidelity (shapes_fidelity.py)
+def test_fidelity_features_measure_position_size_and_color():
+    from util.evaluation.shapes_fidelity import FEATURES, features_of
+    f = dict(zip(FEATURES, features_of(S.render("blue", "square", 8.0, 10.0, 14.0, 32))))
+    assert f["cx"] == pytest.approx(100 * 10 / 32, abs=2) and f["cy"] == pytest.approx(100 * 14 / 32, abs=2)
+    assert f["size"] == pytest.approx(100 * 8 / 32, abs=4) and f["width"] == pytest.approx(f["height"])
+    assert f["b"] > 70 and f["r"] < 20 and f["largest_piece"] == 100
+    blank = dict(zip(FEATURES, features_of(np.full((32, 32, 3), 255, np.uint8))))
+    assert blank["size"] == 0 and blank["r"] == 100
+
+
+def test_fidelity_tells_the_data_from_a_sampler_without_variety():
+    from util.evaluation.shapes_fidelity import fidelity
+    targets = [c for c in S.SEEN_COMBOS for _ in range(16)]
+    rendered = fidelity(S.render_fresh(targets, 24, 123), targets, seed=0)
+    assert rendered["fd"] < 2 * rendered["fd_floor"] and 0.8 < rendered["spread"] < 1.2
+    same = np.stack([S.render(c, s, 12.0, 12.0, 12.0, 24) for c, s in targets])     # one picture per prompt
+    collapsed = fidelity(same, targets, seed=0)
+    assert collapsed["spread"] == 0 and collapsed["fd"] > 10 * collapsed["fd_floor"]
+    assert collapsed["fd_floor"] == rendered["fd_floor"]                                # the floor is the data's
+    tensor = torch.from_numpy(same).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert fidelity(tensor, targets, seed=0)["fd"] == pytest.approx(collapsed["fd"], rel=1e-6)
+    with pytest.raises(ValueError, match="targets"):
+        fidelity(same[:3], targets, seed=0)
+
+
+def test_dataset_items_keep_their_geometry():
+    # pinned: item 4 of this set, as every earlier release drew it
+    m = S.ShapesDataset("train", num_samples=5, resolution=24, seed=3).meta(4)
+    assert (m["color"], m["shape"], m["template"]) == ("yellow", "triangle", 3)
+    assert (m["size"], m["cx"], m["cy"]) == pytest.approx((15.289305705682919, 13.999269642193482, 13.20518075704214))

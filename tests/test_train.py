@@ -180,6 +180,8 @@ def test_shapes_evaluation_writes_grids_manifest_and_metrics(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["seen"]["n"] == 15 * 2 and metrics["heldout"]["n"] == 3 * 2
     assert 0.0 <= metrics["seen"]["joint_acc"] <= 1.0 and result["seen"] == metrics["seen"]
+    for split in ("seen", "heldout"):
+        assert metrics[split]["fd"] >= 0 and metrics[split]["fd_floor"] > 0 and metrics[split]["spread"] >= 0
     rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 36 and all((tmp_path / r["file"]).is_file() for r in rows)
     heldout_targets = {tuple(r["target"]) for r in rows if r["split"] == "heldout"}

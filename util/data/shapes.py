@@ -113,6 +113,27 @@ def render(
     return np.asarray(small, dtype=np.uint8).copy()
 
 
+def draw_geometry(rng: np.random.Generator, resolution: int) -> tuple[float, float, float]:
+    """The data's variety within a prompt: size uniform in ``SIZE_RANGE`` of the side, and the
+    centre uniform wherever the shape keeps ``MARGIN`` pixels from the border. Returns
+    ``(size, cx, cy)`` in pixels."""
+    size = float(rng.uniform(SIZE_RANGE[0], SIZE_RANGE[1]) * resolution)
+    lo, hi = MARGIN + size / 2.0, resolution - MARGIN - size / 2.0
+    cx = float(rng.uniform(lo, hi))
+    cy = float(rng.uniform(lo, hi))
+    return size, cx, cy
+
+
+def render_fresh(targets: Sequence[tuple[str, str]], resolution: int, seed: int) -> np.ndarray:
+    """New images of the given ``(color, shape)`` targets, with geometry drawn as the data draws
+    it (image ``i`` from ``(seed, i)``): uint8 [N, H, W, 3]."""
+    out = np.empty((len(targets), resolution, resolution, 3), dtype=np.uint8)
+    for i, (color, shape) in enumerate(targets):
+        size, cx, cy = draw_geometry(np.random.default_rng([seed, i]), resolution)
+        out[i] = render(color, shape, size, cx, cy, resolution)
+    return out
+
+
 def to_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 [H, W, 3] -> float32 tensor [3, H, W] in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
@@ -182,11 +203,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.split_id, j])
         color, shape = self.combos[int(rng.integers(len(self.combos)))]
         template = int(rng.integers(len(TEMPLATES)))
-        res = self.resolution
-        size = float(rng.uniform(SIZE_RANGE[0], SIZE_RANGE[1]) * res)
-        lo, hi = MARGIN + size / 2.0, res - MARGIN - size / 2.0
-        cx = float(rng.uniform(lo, hi))
-        cy = float(rng.uniform(lo, hi))
+        size, cx, cy = draw_geometry(rng, self.resolution)
         return dict(color=color, shape=shape, size=size, cx=cx, cy=cy, template=template)
 
     def image(self, i: int) -> np.ndarray:

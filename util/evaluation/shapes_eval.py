@@ -12,6 +12,7 @@ from torchvision.utils import save_image
 
 from util.data import shapes
 from util.evaluation import judge
+from util.evaluation.shapes_fidelity import fidelity
 from util.evaluation.generate import ImageGenerator, save_images
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ def shapes_prompts(combos: Sequence[Tuple[str, str]], per_combo: int) -> Tuple[L
 
 
 def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: int) -> Dict:
-    """Judged color / shape / joint accuracy for seen and held-out prompts, with ``grid_seen.png``,
+    """Judged color / shape / joint accuracy and fidelity to the data's variety (shapes_fidelity.py)
+    for seen and held-out prompts, with ``grid_seen.png``,
     ``grid_heldout.png`` (one row per combination) and ``samples/<split>/*.png`` listed with their
     prompts and judgements in ``manifest.jsonl``. Returns the metrics."""
     out_dir = Path(out_dir)
@@ -42,14 +44,17 @@ def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: in
         judged = judge.judge_batch(images)
         result = judge.score(judged, targets)
         result["seconds_per_image"] = seconds / len(prompts)
+        result.update(fidelity(images, targets, seed + offset))
         metrics[split] = result
         save_image((images + 1) / 2, out_dir / f"grid_{split}.png", nrow=per_combo, padding=1, pad_value=0.5)
         names = save_images(images, out_dir / "samples" / split)
         for name, p, t, j in zip(names, prompts, targets, judged):
             manifest.append({"file": f"samples/{split}/{name}", "split": split, "prompt": p,
                              "target": list(t), "judged": list(j), "correct": tuple(j) == tuple(t)})
-        log.info("%s: joint %.3f color %.3f shape %.3f over %d images (%.2f s/image)", split,
-                 result["joint_acc"], result["color_acc"], result["shape_acc"], result["n"], result["seconds_per_image"])
+        log.info("%s: joint %.3f color %.3f shape %.3f over %d images (%.2f s/image); fidelity FD %.1f "
+                 "(rendered vs rendered %.1f), spread %.2f of the data's", split, result["joint_acc"],
+                 result["color_acc"], result["shape_acc"], result["n"], result["seconds_per_image"],
+                 result["fd"], result["fd_floor"], result["spread"])
     with open(out_dir / "manifest.jsonl", "w") as f:
         for row in manifest:
             f.write(json.dumps(row) + "\n")
