@@ -195,23 +195,37 @@ class JEPAT(nn.Module):
             full = block(full)
         return self.predictor_norm(full)[:, n_buf:]                                     # [B,L,D]
 
-    def fuse_text(self, z: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """Cross-attention over the caption TOKENS, then raw pooled text injected: [B,L,D] -> [B,L,D]."""
+    def fuse_text(self, z: torch.Tensor, cond: Dict[str, torch.Tensor],
+                  positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cross-attention over the caption TOKENS, then raw pooled text injected: [B,n,D] -> [B,n,D].
+
+        Every position is fused on its own (queries only), so ``z`` may hold any subset of the L
+        positions: ``positions`` [B,n] long says which (None: all L in order)."""
         if self.cfg.fusion in ("full", "late_only"):
-            z = z + self.cross_attn(self.cross_norm(z), cond["tau"], cond["tau_mask"])  # [B,L,D]
+            z = z + self.cross_attn(self.cross_norm(z), cond["tau"], cond["tau_mask"])  # [B,n,D]
             u = self.text_inject(cond["u"])                                             # [B,D]
         else:
             u = torch.zeros_like(z[:, 0])
-        z = self.fuse(torch.cat([z, u[:, None].expand_as(z)], dim=-1))                 # [B,L,D]
-        return z + self.head_pos
+        z = self.fuse(torch.cat([z, u[:, None].expand_as(z)], dim=-1))                 # [B,n,D]
+        return z + (self.head_pos if positions is None else self.head_pos[0][positions])
+
+    @property
+    def text_free_backbone(self) -> bool:
+        """True when the encoder and predictor never see the caption (late fusion, or none): the
+        conditional and null rows of CFG then share one backbone pass."""
+        return self.cfg.fusion in ("late_only", "none")
+
+    def backbone(self, x: torch.Tensor, cond: Dict[str, torch.Tensor], orders: torch.Tensor,
+                 num_masked: int) -> torch.Tensor:
+        """Encoder and predictor: [B,L,D] states before text fusion (see ``forward``)."""
+        visible = orders[:, num_masked:] if num_masked > 0 else None                   # [B,n_vis]
+        return self.predict(self.encode(x, cond, visible), cond, visible)
 
     def forward(self, x: torch.Tensor, cond: Dict[str, torch.Tensor], orders: torch.Tensor,
                 num_masked: int) -> torch.Tensor:
         """x [B,L,d] tokens (masked ones are ignored), orders [B,L] random permutations;
         the first ``num_masked`` of each order are hidden. Returns z [B,L,D] for the flow head."""
-        visible = orders[:, num_masked:] if num_masked > 0 else None                   # [B,n_vis]
-        h = self.encode(x, cond, visible)
-        return self.fuse_text(self.predict(h, cond, visible), cond)
+        return self.fuse_text(self.backbone(x, cond, orders, num_masked), cond)
 
     @torch.no_grad()
     def encode_full(self, x: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 All L tokens start hidden, in a random order per image. Step k of K runs the conditioning
 (once per batch, not per step), encoder, predictor and text fusion on the tokens known so far,
-with the conditional and null-condition rows in one batch; floor(L * cos(pi/2 * k/K)) tokens
+with the conditional and null-condition rows in one batch (with late fusion the encoder and
+predictor never see the caption, so the two rows share one backbone pass and only the text fusion
+and the flow head run twice; text fusion runs only where tokens are revealed); floor(L * cos(pi/2 * k/K)) tokens
 stay hidden after step k (at least one fewer each step); the tokens that leave the mask are
 drawn by integrating the flow head's ODE from temperature-scaled noise.
 """
@@ -92,16 +94,21 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
         drop = null
     cond = model.condition(text, drop)                                                # once per batch
     rows = 2 if use_null else 1
-    orders_in = torch.cat([orders] * rows)                                            # [rB,L], fixed
+    # late fusion: the backbone never sees the caption, so both CFG rows share one pass
+    passes = 1 if model.text_free_backbone else rows
+    cond_in = {k: v[:B] for k, v in cond.items()} if passes == 1 else cond
+    orders_in = torch.cat([orders] * passes)                                          # [pB,L], fixed
     hidden = L
     for step in range(num_iter):
-        x_in = torch.cat([tokens] * rows)                                             # [rB,L,d]
-        z = model(x_in, cond, orders_in, hidden)                                      # [rB,L,D]
+        h = model.backbone(torch.cat([tokens] * passes), cond_in, orders_in, hidden)  # [pB,L,D]
         hidden_next = num_hidden_after(step, num_iter, L, hidden)
         reveal = orders[:, hidden_next:hidden]                                        # [B,n]
         n = reveal.shape[1]
-        idx = torch.cat([reveal] * rows)[..., None].expand(-1, -1, z.shape[-1])       # [rB,n,D]
-        z_sel = z.gather(1, idx).flatten(0, 1)                                        # [rB*n,D]
+        at = torch.cat([reveal] * passes)                                             # [pB,n]
+        h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))                    # [pB,n,D]
+        # text fusion runs on the revealed positions only; each position is fused on its own
+        z = model.fuse_text(torch.cat([h] * (rows // passes)), cond, torch.cat([reveal] * rows))
+        z_sel = z.flatten(0, 1)                                                       # [rB*n,D]
         guidance = None
         if use_null:
             known = (L - hidden_next) / L if cfg.cfg_schedule == "linear" else 1.0

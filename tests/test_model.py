@@ -279,3 +279,30 @@ def test_step_hook_sees_the_canvas_fill_in_without_changing_the_samples():
     for _, tokens, known in seen:                       # hidden tokens are still zeros, known ones are not
         assert (tokens[~known] == 0).all() and (tokens[known].abs().sum(-1) > 0).all()
     assert torch.equal(seen[-1][1], plain)
+
+
+def test_text_fusion_of_a_subset_of_positions_equals_fusing_all_of_them():
+    for fusion in ("full", "late_only", "input_only"):
+        model, text = tiny_model(fusion=fusion).eval(), random_text(2)
+        cond = model.condition(text, torch.tensor([False, True]))
+        z = torch.randn(2, SEQ_LEN, 32)
+        positions = torch.stack([torch.randperm(SEQ_LEN)[:5] for _ in range(2)])          # [2,5]
+        part = model.fuse_text(z.gather(1, positions[..., None].expand(-1, -1, 32)), cond, positions)
+        whole = model.fuse_text(z, cond).gather(1, positions[..., None].expand(-1, -1, 32))
+        assert torch.allclose(part, whole, atol=1e-5), fusion
+
+
+@pytest.mark.parametrize("fusion", ["late_only", "full"])
+def test_late_fusion_shares_one_backbone_pass_between_the_cfg_rows(fusion, monkeypatch):
+    model, text = tiny_model(fusion=fusion).eval(), random_text(3)
+    rows = []
+    model.encoder_blocks[0].register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+    shared = _sample(model, text, cfg=3.0)
+    assert set(rows) == ({3} if fusion == "late_only" else {6})                          # B rows, or B + B
+    # the same samples as running both rows through the backbone
+    monkeypatch.setattr(type(model), "text_free_backbone", property(lambda self: False))
+    rows.clear()
+    separate = _sample(model, text, cfg=3.0)
+    assert set(rows) == {6}
+    assert torch.allclose(shared, separate, atol=1e-4)
+    assert not torch.allclose(shared, _sample(model, text, cfg=1.0), atol=1e-3)         # guidance still acts
