@@ -7,11 +7,15 @@ Every figure is measured in this one run, on this machine, with the same model a
   the EMA, a loss read-back on every step, AdamW's plain loop), and with all of them together;
   FLOP per step from ``torch.utils.flop_counter`` and the achieved share of the measured matmul
   rate.
-* sample: seconds per image of our sampler (conditional and null branches in one batch, Heun) at
-  the given settings, against the published settings and habits (CFG as two full passes, Euler).
+* sample: seconds per image on the same weights and prompts of the published sampler's cost
+  structure (CFG as two full passes, 100 Euler steps), ours with full fusion (both CFG rows in one
+  batch, Heun), ours with late fusion (the rows share one backbone pass; text fusion only at the
+  revealed positions), and that with fewer ODE steps (``--fast_ode_steps``) or iterations.
+  ``--profile`` adds the operators and FLOP share of one two-iteration sampling call.
 
     python benchmarks/bench_speed.py --preset tiny
     python benchmarks/bench_speed.py --preset base --batch 8 --steps 3 --sample_batch 2 --num_iter 16
+    python benchmarks/bench_speed.py --preset base --skip train --sample_batch 2 --num_iter 16 --profile
     python benchmarks/bench_speed.py --preset base --profile   # top operators of one step (torch.profiler)
 """
 from __future__ import annotations
@@ -182,6 +186,67 @@ def profile_step(trainer: Trainer, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def sample_variants(a, num_iter: int) -> Dict[str, tuple]:
+    """name -> (fusion the model runs with, sampler function, SamplingConfig): the published cost
+    structure first, then ours step by step."""
+    ref = SamplingConfig(num_iter=a.ref_num_iter or num_iter, cfg=3.0, temperature=0.95,
+                         ode_steps=a.ref_ode_steps, sampler="euler")
+    ours = SamplingConfig(num_iter=num_iter, cfg=3.0, temperature=0.95, ode_steps=a.ode_steps, sampler="heun")
+    fast = SamplingConfig(**{**ours.__dict__, "ode_steps": a.fast_ode_steps, "num_iter": a.fast_num_iter or num_iter})
+    return {
+        f"published: 2 passes, {ref.ode_steps} Euler, {ref.num_iter} it": ("full", sample_reference, ref),
+        f"ours full fusion: 1 batch, {ours.ode_steps} Heun": ("full", None, ours),
+        f"ours late_only: shared backbone, {ours.ode_steps} Heun": ("late_only", None, ours),
+        f"ours late_only, {fast.ode_steps} Heun, {fast.num_iter} it": ("late_only", None, fast),
+    }
+
+
+def sample_table(model, text: TextEmbeddings, a, num_iter: int, batch: int, rate: float, dtype) -> Dict:
+    """Seconds per image of each sampling variant on the same weights and prompts, one call each
+    after an untimed two-iteration warm-up; with ``--profile``, the operators and FLOP of one
+    two-iteration call of the third variant."""
+    device = text.pooled.device
+    null = torch.zeros(batch, dtype=torch.bool, device=device)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    rows, out = {}, {}
+    for name, (fusion, fn, cfg) in sample_variants(a, num_iter).items():
+        if any(name.startswith(x) for x in filter(None, a.skip_sample.split(","))):
+            continue
+        model.cfg.fusion = fusion                    # same weights: only the path through them differs
+        run = fn or (lambda m, t, c, g: sample_tokens(m, t, null, c, generator=g))
+        with autocast_context(device, precision):
+            run(model, text, SamplingConfig(**{**cfg.__dict__, "num_iter": 2, "ode_steps": 1}),
+                torch.Generator(device=device).manual_seed(0))
+            sync(device)
+            t0 = time.perf_counter()
+            run(model, text, cfg, torch.Generator(device=device).manual_seed(0))
+            sync(device)
+        rows[name] = (time.perf_counter() - t0) / batch
+        print(f"  {name:52s} {rows[name]:8.2f} s/image", flush=True)
+    first = next(iter(rows.values()))
+    print(f"\nsampling, batch {batch}, CFG 3 ({precision}):")
+    print(f"{'variant':52s} {'s/image':>8s} {'x faster than the first':>24s}")
+    for name, sec in rows.items():
+        print(f"{name:52s} {sec:8.2f} {first / sec:24.2f}")
+        out[name] = {"seconds_per_image": sec, "speedup": first / sec}
+    model.cfg.fusion = "late_only"
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        cfg = SamplingConfig(num_iter=2, cfg=3.0, ode_steps=a.ode_steps, sampler="heun")
+        with autocast_context(device, precision), profile(activities=acts, with_flops=True) as prof:
+            t0 = time.perf_counter()
+            sample_tokens(model, text, null, cfg, generator=torch.Generator(device=device).manual_seed(0))
+            sync(device)
+            sec = time.perf_counter() - t0
+        flops = sum(e.flops for e in prof.key_averages())
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\none sampling call of 2 iterations (late_only, {a.ode_steps} Heun): {flops / 1e12:.3f} TFLOP in "
+              f"{sec:.2f} s under the profiler = {100 * flops / sec / rate:.0f}% of the measured matmul rate")
+        print(prof.key_averages().table(sort_by=key, row_limit=12))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(jepat.JEPAT_MODELS))
@@ -190,11 +255,14 @@ def main() -> None:
     p.add_argument("--sample_batch", type=int, default=None, help="images per sampling call (default: 16 tiny, 2 otherwise)")
     p.add_argument("--num_iter", type=int, default=None, help="our sampler's iterations (default: 16 tiny, 64 otherwise)")
     p.add_argument("--ode_steps", type=int, default=20, help="our Heun steps")
-    p.add_argument("--ref_num_iter", type=int, default=64, help="published sampler: iterations")
+    p.add_argument("--ref_num_iter", type=int, default=None, help="published sampler: iterations (default: ours)")
     p.add_argument("--ref_ode_steps", type=int, default=100, help="published sampler: Euler steps")
+    p.add_argument("--fast_ode_steps", type=int, default=10, help="the last row's Heun steps")
+    p.add_argument("--fast_num_iter", type=int, default=None, help="the last row's iterations (default: ours)")
+    p.add_argument("--skip_sample", default="", help="comma list of sampling rows (by name prefix) to leave out")
     p.add_argument("--variants", default="", help="comma list of train variants to time (default: all); "
                    "'ours' and 'all' are the two ends")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: train, sample, reference_sample")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: train, sample")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -261,27 +329,8 @@ def main() -> None:
     table = CaptionStore(encoder, device)
     prompts = [captions[i % len(captions)] for i in range(sample_batch)]
     text = table.lookup(prompts)
-    null = torch.zeros(sample_batch, dtype=torch.bool, device=device)
     if "sample" not in skip:
-        ours = SamplingConfig(num_iter=num_iter, cfg=3.0, cfg_schedule="linear", temperature=0.95,
-                              ode_steps=a.ode_steps, sampler="heun")
-        gen = torch.Generator(device=device).manual_seed(0)
-        sec = time_steps(lambda: sample_tokens(model, text, null, ours, generator=gen), 1, device)
-        res["sample_ours"] = {"num_iter": num_iter, "ode_steps": a.ode_steps, "sampler": "heun",
-                              "batch": sample_batch, "seconds_per_image": sec / sample_batch}
-        print(f"\nsampling, batch {sample_batch}: ours ({num_iter} iterations, {a.ode_steps} Heun steps, CFG in one "
-              f"batch): {sec / sample_batch:.2f} s/image")
-    if "reference_sample" not in skip:
-        ref = SamplingConfig(num_iter=a.ref_num_iter, cfg=3.0, temperature=0.95, ode_steps=a.ref_ode_steps,
-                             sampler="euler")
-        gen = torch.Generator(device=device).manual_seed(0)
-        sec_ref = time_steps(lambda: sample_reference(model, text, ref, gen), 1, device)
-        res["sample_reference"] = {"num_iter": a.ref_num_iter, "ode_steps": a.ref_ode_steps, "sampler": "euler",
-                                   "batch": sample_batch, "seconds_per_image": sec_ref / sample_batch}
-        print(f"published settings ({a.ref_num_iter} iterations, {a.ref_ode_steps} Euler steps, CFG as two passes): "
-              f"{sec_ref / sample_batch:.2f} s/image")
-        if "sample_ours" in res:
-            print(f"ours is {sec_ref / res['sample_ours']['seconds_per_image'] / sample_batch:.2f}x faster")
+        res["sample"] = sample_table(model, text, a, num_iter, sample_batch, rate, dtype)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -93,6 +93,9 @@ class GaussianOracleHead(torch.nn.Module):
         b = t ** 2 * self.SIGMA ** 2 + (1 - t) ** 2
         return z + a / b * (x_t - t * z)
 
+    def prepare(self, z):
+        return lambda x_t, t: self(x_t, torch.full((x_t.shape[0],), t), z)
+
 
 @pytest.mark.parametrize("sampler,steps,tol", [("euler", 200, 2e-2), ("heun", 20, 2e-3)])
 def test_ode_transports_noise_to_the_data(sampler, steps, tol):
@@ -306,3 +309,12 @@ def test_late_fusion_shares_one_backbone_pass_between_the_cfg_rows(fusion, monke
     assert set(rows) == {6}
     assert torch.allclose(shared, separate, atol=1e-4)
     assert not torch.allclose(shared, _sample(model, text, cfg=1.0), atol=1e-3)         # guidance still acts
+
+
+@pytest.mark.parametrize("prediction", ["v", "x"])
+def test_prepared_head_velocity_equals_the_forward_pass(prediction):
+    head = tiny_model(flow_prediction=prediction).flow_head.eval()
+    z, x = torch.randn(5, 32), torch.randn(5, TOKEN_DIM)
+    velocity = head.prepare(z)
+    for t in (0.0, 0.25, 0.25, 0.5, 0.99):                      # a repeated t comes from the cache
+        assert torch.allclose(velocity(x, t), head(x, torch.full((5,), t), z), atol=1e-5, rtol=1e-4), t
