@@ -315,8 +315,9 @@ def build_run(args: argparse.Namespace, env: DistEnv) -> Run:
     if ckpt is not None:
         checkpoint.restore(ckpt)
         log.info("resumed %s at epoch %d, batch %d, step %d", args.resume, state.epoch, state.batch_in_epoch, state.step)
-    log.info("%d process(es) x batch %d x accum %d = global batch %d, lr %.3g, strategy %s", env.world_size,
-             args.batch_size, args.accum_iter, global_batch, lr, parallel.strategy)
+    log.info("%d process(es) x batch %d x accum %d = global batch %d, lr %.3g, strategy %s (backend %s), AdamW fused=%s",
+             env.world_size, args.batch_size, args.accum_iter, global_batch, lr, parallel.strategy,
+             torch.distributed.get_backend() if env.initialized else "none", optimizer.defaults.get("fused"))
     if env.is_main:
         with open(out_dir / "args.json", "w") as f:
             json.dump({**vars(args), "resolved_lr": lr, "total_steps": total_steps, "world_size": env.world_size,

@@ -247,7 +247,7 @@ def sample_table(model, text: TextEmbeddings, a, num_iter: int, batch: int, rate
     return out
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(jepat.JEPAT_MODELS))
     p.add_argument("--batch", type=int, default=None, help="train batch (default: 64 tiny, 8 otherwise)")
@@ -268,7 +268,11 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--profile", action="store_true", help="print the top operators of one train step")
     p.add_argument("--json", default="", help="also write the results here")
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = get_args_parser().parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)
