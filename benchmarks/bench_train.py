@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from engine_jepat import param_groups, update_ema
-from util.runtime import autocast_context  # noqa: E402
+from util.runtime import autocast_context, init_runtime, resolve_precision  # noqa: E402
 from models.jepat import build_model  # noqa: E402
 from models.text_encoders import TextEmbeddings  # noqa: E402
 from models.loss import EMATarget, JEPATLoss  # noqa: E402
@@ -139,6 +139,19 @@ def run_one(args: argparse.Namespace, preset: str, precision: str, compiled: boo
             "matmul_TFLOPs": rate / 1e12, "share_of_matmul": flops / step_s / rate}
 
 
+def check_auto_precision(rows: List[Dict], device: str) -> None:
+    """Whether ``--precision auto`` picks the faster of fp32 and bf16 for every measured pair."""
+    auto = resolve_precision(init_runtime(device).device, "auto")
+    for preset in dict.fromkeys(r["preset"] for r in rows):
+        for compiled in (False, True):
+            speed = {r["precision"]: r["images_per_s"] for r in rows if r["preset"] == preset and r["compile"] == compiled}
+            if {"fp32", "bf16"} <= set(speed):
+                best = max(("fp32", "bf16"), key=speed.get)
+                print(f"--precision auto picks {auto} here; {preset} compile={'on' if compiled else 'off'}: fp32 "
+                      f"{speed['fp32']:.2f} img/s, bf16 {speed['bf16']:.2f} img/s: auto is "
+                      f"{'the faster' if auto == best else 'THE SLOWER'} ({speed[best] / speed[auto]:.2f}x)")
+
+
 def main(args: argparse.Namespace) -> List[Dict]:
     if args.one:
         preset, precision, compiled = args.one.split(",")
@@ -165,6 +178,7 @@ def main(args: argparse.Namespace) -> List[Dict]:
     if rows:
         print(f"device: {rows[0]['device']}; batch {args.batch_size}, {args.seq_len} tokens/image, "
               f"{args.steps} timed steps")
+        check_auto_precision(rows, args.device)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

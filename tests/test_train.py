@@ -204,3 +204,22 @@ def test_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, 
                  "--save_every_steps", "1")
     kept = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert kept["state"]["step"] == good["state"]["step"] == 3
+
+
+def test_auto_precision_on_the_cpu_follows_the_measured_bf16_speed(monkeypatch):
+    from util import runtime
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda: False)      # no native bf16: no measuring
+    runtime.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("measured although bf16 is emulated"))
+    assert runtime.cpu_bf16_speedup() == 0.0 and runtime.resolve_precision(cpu, "auto") == "fp32"
+    monkeypatch.undo()
+    for speedup, expected in ((0.05, "fp32"), (1.0, "fp32"), (1.8, "bf16")):
+        monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda s=speedup: s)
+        assert runtime.resolve_precision(cpu, "auto") == expected
+    assert runtime.resolve_precision(cpu, "fp32") == "fp32" and runtime.resolve_precision(cpu, "bf16") == "bf16"
+    monkeypatch.undo()
+    runtime.cpu_bf16_speedup.cache_clear()
+    monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda: None)       # unknown CPU: measured
+    assert runtime.cpu_bf16_speedup(n=64, reps=1) > 0
+    runtime.cpu_bf16_speedup.cache_clear()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -102,9 +105,37 @@ def shutdown_runtime(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
+def cpu_bf16_flags() -> Optional[bool]:
+    """Whether the CPU announces native bf16 matmuls (avx512_bf16 or amx_bf16 in /proc/cpuinfo);
+    None where the file is missing (not Linux)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_speedup(n: int = 512, reps: int = 3) -> float:
+    """fp32 over bf16 time of an n x n matmul on this CPU (> 1: bf16 is faster), measured once
+    per process; 0 without measuring where the CPU announces no native bf16."""
+    if cpu_bf16_flags() is False:
+        return 0.0
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        times[dtype] = time.perf_counter() - t0
+    return times[torch.float32] / times[torch.bfloat16]
+
+
 def resolve_precision(device: torch.device, precision: str) -> str:
-    """``auto``: bf16 where it is fast. On CPUs without AVX512/AMX (AVX2 only), bf16 matmuls
-    are emulated and measured 10-100x slower than fp32 (benchmarks/README.md), so fp32."""
+    """``auto``: bf16 on GPUs (fp16 where bf16 is missing); on the CPU, bf16 only where it is
+    measured faster (``cpu_bf16_speedup``): without AVX-512-BF16 or AMX, bf16 matmuls are
+    emulated and 10-30x slower than fp32 (benchmarks/README.md)."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
     if device.type == "cuda":
@@ -113,8 +144,7 @@ def resolve_precision(device: torch.device, precision: str) -> str:
             return "fp16"
         return "bf16" if precision == "auto" else precision
     if precision == "auto":
-        capability = torch.backends.cpu.get_cpu_capability()
-        return "bf16" if ("AVX512" in capability or "AMX" in capability) else "fp32"
+        return "bf16" if cpu_bf16_speedup() > 1.1 else "fp32"
     if precision == "fp16":
         raise ValueError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
     return precision
