@@ -57,7 +57,7 @@ RECIPES: Dict[str, Dict[str, Any]] = {
         dataset="shapes", num_samples=16000, num_workers=0,
         batch_size=16, epochs=3, blr=0.0112, lr_schedule="cosine", warmup_epochs=0.4, weight_decay=0.02,
         grad_clip=3.0, ema_rate=0.999, ema_rate_start=0.99, strategy="ddp", grad_checkpointing=False,
-        num_iter=16, cfg=3.0, cfg_schedule="linear", temperature=0.05, ode_steps=20, sampler="heun",
+        num_iter=16, cfg=3.0, cfg_schedule="linear", temperature=0.1, ode_steps=20, sampler="heun",
         log_freq=50, save_every_steps=0, grid_freq=1,
     ),
     "imagenet-base": dict(_IMAGENET, model="base"),
