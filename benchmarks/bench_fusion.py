@@ -38,8 +38,12 @@ def run_variant(a, rest: list, mode: str, seed: int, folder: Path, per_epoch: in
     """Train one variant (or, with --reuse, evaluate its existing checkpoint-last.pth) and return its row."""
     judged = ["--eval_per_combo", str(a.eval_per_combo), "--probe", "--probe_train", str(a.probe_train),
               "--probe_test", str(a.probe_test)]
-    ckpt = folder / "checkpoint-last.pth"
+    ckpt, done = folder / "checkpoint-last.pth", folder / "row.json"
     t0 = time.time()
+    if a.reuse and done.is_file() and ckpt.is_file() and done.stat().st_mtime > ckpt.stat().st_mtime:
+        row = json.loads(done.read_text())
+        if "evaluated" in row:
+            return row                                   # evaluated after its checkpoint was written
     if a.reuse and ckpt.is_file():
         m = main_jepat.main(main_jepat.parse_args(rest + judged + [
             "--evaluate", "--resume", str(ckpt), "--seed", str(seed), "--output_dir", str(folder / "eval")]))
@@ -52,7 +56,8 @@ def run_variant(a, rest: list, mode: str, seed: int, folder: Path, per_epoch: in
         if "stopped_by_signal" in m:
             raise SystemExit(f"the {mode} run was stopped by signal {m['stopped_by_signal']} at step {m['step']}")
     row = {"fusion": mode, "seed": seed, "steps": m["step"], "train_seconds": m["train_seconds"],
-           "total_seconds": time.time() - t0, "seen": m["seen"], "heldout": m["heldout"], "probe": m["probe"]}
+           "total_seconds": time.time() - t0, "seen": m["seen"], "heldout": m["heldout"], "probe": m["probe"],
+           "evaluated": time.time()}
     (folder / "row.json").write_text(json.dumps(row, indent=2))
     return row
 
@@ -80,7 +85,8 @@ def main() -> None:
     p.add_argument("--modes", default=",".join(FUSION_MODES), help=f"comma-separated subset of {FUSION_MODES}")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each trains every mode")
     p.add_argument("--reuse", action="store_true",
-                   help="evaluate an existing <output_dir>/seed<S>/<mode>/checkpoint-last.pth instead of training")
+                   help="evaluate an existing <output_dir>/seed<S>/<mode>/checkpoint-last.pth instead of training "
+                        "(read back its row.json when that is newer than the checkpoint)")
     p.add_argument("--eval_per_combo", type=int, default=16)
     p.add_argument("--probe_train", type=int, default=1000)
     p.add_argument("--probe_test", type=int, default=500)

@@ -217,15 +217,21 @@ def test_training_and_sampling_share_one_conditioning_path(monkeypatch):
     assert len(calls) == 1 and calls[0].tolist() == [False] * 4 + [True] * 4  # once per batch, cond + null
 
 
-def test_training_losses_backpropagate_to_every_part():
-    model = tiny_model().train()
+@pytest.mark.parametrize("fusion", jepat_module.FUSION_MODES)
+def test_training_losses_backpropagate_to_every_trainable_part(fusion):
+    model = tiny_model(fusion=fusion).train()
     ema = copy.deepcopy(model)
     out = JEPATLoss()(model, EMATarget(ema), torch.randn(4, SEQ_LEN, TOKEN_DIM), random_text(4),
                       torch.Generator().manual_seed(0))
     out["loss"].backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    no_grad = [n for n, p in trainable.items() if p.grad is None or p.grad.abs().sum() == 0]
     # with cond_drop_prob 0.1 and 4 samples the null params may see no gradient in one step
     assert set(no_grad) <= {"null_pooled", "null_token"}, no_grad
+    # exactly the parts the mode never uses are frozen (and they keep their place in the state dict)
+    frozen = {n.split(".")[0] for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == set(jepat_module.UNUSED_BY_FUSION[fusion])
+    assert set(model.state_dict()) == set(tiny_model(fusion="full").state_dict())
     assert all(p.grad is None for p in ema.parameters())
 
 
@@ -248,8 +254,10 @@ def test_registry_and_errors():
 
 @pytest.mark.parametrize("preset", ["base", "large", "huge"])
 def test_parameter_counts_within_one_percent_of_the_reference(preset):
+    # the reference counts the published code's model, which fuses text everywhere (full)
     with torch.device("meta"):
-        model = build_model(preset, token_dim=16, seq_len=256, text_token_dim=768, text_pooled_dim=768)
+        model = build_model(preset, token_dim=16, seq_len=256, text_token_dim=768, text_pooled_dim=768,
+                            fusion="full")
     total = model.num_params()["total"]
     assert abs(total / REFERENCE_COUNTS[preset] - 1) < 0.01, total
 

@@ -136,8 +136,9 @@ class Parallel:
             module = TrainingStep(model, loss, EMATarget(ema))
             if self.strategy == "ddp":
                 ids = [env.device.index] if env.device.type == "cuda" else None
-                # a fusion mode or loss weight that leaves parameters unused needs the slower search
-                unused = model.cfg.fusion != "full" or loss.flow_weight == 0 or loss.jepa_weight == 0
+                # a loss weight of 0 leaves a head unused, which needs the slower search (the parts a
+                # fusion mode leaves unused are frozen by the model itself)
+                unused = loss.flow_weight == 0 or loss.jepa_weight == 0
                 module = self._ddp = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused,
                                                              gradient_as_bucket_view=True)
         self.train_module = torch.compile(module, backend=compile_backend) if compile_backend else module
