@@ -335,6 +335,7 @@ class StopSignals:
 
     def __init__(self, env: DistEnv) -> None:
         self.env, self.signal, self._saved = env, 0, {}
+        self._received = 0   # written only by the handler, so an all-reduce in flight cannot overwrite it
 
     def __enter__(self) -> "StopSignals":
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -346,11 +347,12 @@ class StopSignals:
             signal.signal(sig, handler)
 
     def _on_signal(self, signum, frame) -> None:
-        self.signal = signum
+        self._received = signum
 
     def requested(self) -> bool:
-        """Whether any rank got a signal; all ranks agree (a host-side all-reduce, no GPU sync)."""
-        self.signal = self.env.max_over_ranks(self.signal)
+        """Whether any rank got a signal; all ranks agree (a host-side all-reduce, no GPU sync).
+        A signal that lands while the all-reduce waits is seen at the next call, never lost."""
+        self.signal = max(self.signal, self.env.max_over_ranks(self._received))
         return self.signal != 0
 
 

@@ -223,3 +223,16 @@ def test_auto_precision_on_the_cpu_follows_the_measured_bf16_speed(monkeypatch):
     monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda: None)       # unknown CPU: measured
     assert runtime.cpu_bf16_speedup(n=64, reps=1) > 0
     runtime.cpu_bf16_speedup.cache_clear()
+
+
+def test_a_stop_signal_that_lands_during_the_rank_agreement_is_not_lost():
+    import signal as sig
+
+    class Env:                                   # the signal arrives while the all-reduce waits
+        def max_over_ranks(self, value):
+            stops._on_signal(sig.SIGUSR1, None)
+            return value
+
+    stops = main_jepat.StopSignals(Env())
+    stops.requested()
+    assert stops.requested() and stops.signal == sig.SIGUSR1
