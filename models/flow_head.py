@@ -14,8 +14,8 @@ import torch.nn as nn
 from models.blocks import TimestepEmbedder, modulate
 
 SAMPLERS = ("euler", "heun")
-Modulations = Tuple[List[Sequence[torch.Tensor]], Sequence[torch.Tensor]]   # per block (shift, scale, gate); final (shift, scale)
 PREDICTIONS = ("v", "x")
+Modulations = Tuple[List[Sequence[torch.Tensor]], Sequence[torch.Tensor]]   # per block (shift, scale, gate); final (shift, scale)
 
 
 class AdaLNResBlock(nn.Module):
@@ -100,7 +100,7 @@ class FlowHead(nn.Module):
             return out
         return (out.float() - x_t.float()) / one_minus_t                                # [N,d]
 
-    def prepare(self, z: torch.Tensor) -> "Velocity":
+    def prepare(self, z: torch.Tensor) -> "VelocityFn":
         """velocity(x_t, t) for fixed z [N,Dz] and one flow time t (a float) for all rows, as the
         ODE solvers call it: z is embedded once, and the time embedding and the adaLN modulations
         (about 60% of the head's multiply-adds) once per distinct t. Heun evaluates every interior
@@ -149,7 +149,6 @@ def flow_matching_loss(head: FlowHead, x: torch.Tensor, z: torch.Tensor, repeat:
 
 
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
-Velocity = VelocityFn
 
 
 def integrate_flow(velocity: VelocityFn, noise: torch.Tensor, steps: int, sampler: str = "heun") -> torch.Tensor:

@@ -180,7 +180,7 @@ class JEPAT(nn.Module):
         h = h + pos[:, n_buf:]                                                          # [B,L,D]
         if visible is not None:
             h = h.gather(1, visible[..., None].expand(-1, -1, D))                       # [B,n_vis,D]
-        c = self.cfg.fusion in ("full", "input_only")
+        c = not self.text_free_backbone
         buf = pos[:, :n_buf] + (cond["c"][:, None] if c else 0)                          # [B,n_buf,D]
         h = self.z_proj_ln(torch.cat([buf, h], dim=1))                                  # [B,n_buf+n_vis,D]
         for block in self.encoder_blocks:
@@ -202,7 +202,7 @@ class JEPAT(nn.Module):
             full = self.mask_token.to(h.dtype).expand(B, n_buf + L, D)
             full = full.scatter(1, idx[..., None].expand(-1, -1, D), h)                # [B,n_buf+L,D]
         full = full + self.predictor_pos
-        if self.cfg.fusion in ("full", "input_only"):
+        if not self.text_free_backbone:
             full = full + cond["c"][:, None]                                            # [B,n_buf+L,D]
         for block in self.predictor_blocks:
             full = block(full)

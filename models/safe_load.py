@@ -1,8 +1,8 @@
 """Reading ``torch.save`` files without running code from them.
 
 A pickle can name any Python callable and have it called while it is read, so a checkpoint
-downloaded from the internet can run a shell command when ``torch.load(weights_only=False)``
-opens it. Every file the project reads goes through :func:`load_torch_file`: ``torch.load`` with
+downloaded from the internet can run a shell command when an unrestricted ``torch.load``
+(``weights_only`` switched off) opens it. Every file the project reads goes through :func:`load_torch_file`: ``torch.load`` with
 ``weights_only=True`` (tensors, numbers, strings, lists, tuples, dicts only), plus an explicit
 allow-list the caller names. Whatever else a file asks for is refused before anything is built,
 and a truncated or foreign file gives an error that names it and says what was expected instead
