@@ -25,8 +25,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from models.flow_head import SAMPLERS
-from models.sampler import CFG_SCHEDULES, SamplingConfig, num_hidden_after
+from models.flow_head import ODE_SOLVERS
+from models.sampler import GUIDANCE_SCHEDULES, SamplingConfig, num_hidden_after
 from util.evaluation.generate import ImageGenerator
 from util.pretrained import Pretrained, build_generator, load_pretrained
 from util.runtime import PRECISIONS, init_runtime, resolve_precision, setup_logging, user_errors
@@ -64,8 +64,8 @@ def _number(name: str, value: Optional[float], integer: bool, problems: List[str
     return int(value) if integer else float(value)
 
 
-def parse_request(text: str, per_prompt: Optional[float], cfg: Optional[float], schedule: str,
-                  temperature: Optional[float], num_iter: Optional[float], ode_steps: Optional[float], sampler: str,
+def parse_request(text: str, per_prompt: Optional[float], guidance: Optional[float], schedule: str,
+                  temperature: Optional[float], num_iter: Optional[float], ode_steps: Optional[float], solver: str,
                   seed: Optional[float], seq_len: int) -> Request:
     """The page's inputs checked and turned into a request; RequestError lists every problem."""
     problems: List[str] = []
@@ -74,12 +74,13 @@ def parse_request(text: str, per_prompt: Optional[float], cfg: Optional[float], 
     prompts = prompts or [""]
     n = _number("images per prompt", per_prompt, True, problems)
     sampling = SamplingConfig(num_iter=_number("iterations", num_iter, True, problems),
-                              cfg=_number("guidance scale", cfg, False, problems), cfg_schedule=schedule,
+                              guidance_scale=_number("guidance scale", guidance, False, problems),
+                              guidance_schedule=schedule,
                               temperature=_number("temperature", temperature, False, problems),
-                              ode_steps=_number("ODE steps", ode_steps, True, problems), sampler=sampler)
+                              ode_steps=_number("ODE steps", ode_steps, True, problems), ode_solver=solver)
     seed_value = _number("seed", seed, True, problems)
-    if schedule not in CFG_SCHEDULES or sampler not in SAMPLERS:
-        problems.append(f"choose a schedule from {CFG_SCHEDULES} and a sampler from {SAMPLERS}")
+    if schedule not in GUIDANCE_SCHEDULES or solver not in ODE_SOLVERS:
+        problems.append(f"choose a schedule from {GUIDANCE_SCHEDULES} and an ODE solver from {ODE_SOLVERS}")
     if not problems and len(prompts) * n > MAX_IMAGES:
         problems.append(f"{len(prompts)} prompts x {n} images is more than {MAX_IMAGES} images; ask for fewer")
     if problems:
@@ -142,9 +143,9 @@ def build_demo(pre: Pretrained, gen: ImageGenerator, workdir: Path) -> gr.Blocks
     """The page: inputs on the left, the grid, the animation and the iteration frames on the right."""
     s = gen.sampling
 
-    def run(text, per_prompt, cfg, schedule, temperature, num_iter, ode_steps, sampler, seed, show_steps):
+    def run(text, per_prompt, guidance, schedule, temperature, num_iter, ode_steps, solver, seed, show_steps):
         try:
-            request = parse_request(text, per_prompt, cfg, schedule, temperature, num_iter, ode_steps, sampler, seed,
+            request = parse_request(text, per_prompt, guidance, schedule, temperature, num_iter, ode_steps, solver, seed,
                                     gen.model.cfg.seq_len)
         except RequestError as e:
             return None, None, [], f"**Not generated:** {e}."
@@ -160,12 +161,12 @@ def build_demo(pre: Pretrained, gen: ImageGenerator, workdir: Path) -> gr.Blocks
                 prompts = gr.Textbox(label="prompts, one per line (empty: unconditional)", lines=3,
                                      placeholder="a red circle", elem_id="prompts")
                 per_prompt = gr.Number(4, label="images per prompt", precision=0, elem_id="per_prompt")
-                cfg = gr.Number(s.cfg, label="guidance scale", elem_id="cfg")
-                schedule = gr.Radio(list(CFG_SCHEDULES), value=s.cfg_schedule, label="guidance schedule")
+                guidance = gr.Number(s.guidance_scale, label="guidance scale", elem_id="guidance_scale")
+                schedule = gr.Radio(list(GUIDANCE_SCHEDULES), value=s.guidance_schedule, label="guidance schedule")
                 temperature = gr.Number(s.temperature, label="temperature", elem_id="temperature")
                 num_iter = gr.Number(s.num_iter, label="iterations", precision=0, elem_id="num_iter")
                 ode_steps = gr.Number(s.ode_steps, label="ODE steps", precision=0, elem_id="ode_steps")
-                sampler = gr.Radio(list(SAMPLERS), value=s.sampler, label="ODE sampler")
+                solver = gr.Radio(list(ODE_SOLVERS), value=s.ode_solver, label="ODE solver")
                 seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
                 show_steps = gr.Checkbox(True, label="show the canvas after each iteration")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
@@ -177,7 +178,7 @@ def build_demo(pre: Pretrained, gen: ImageGenerator, workdir: Path) -> gr.Blocks
                                      interactive=False, elem_id="animation")
                 frames = gr.Gallery(label="the canvas after each iteration (grey: still hidden)", columns=4,
                                     height="auto", object_fit="contain", format="png", elem_id="frames")
-        button.click(run, [prompts, per_prompt, cfg, schedule, temperature, num_iter, ode_steps, sampler, seed,
+        button.click(run, [prompts, per_prompt, guidance, schedule, temperature, num_iter, ode_steps, solver, seed,
                            show_steps], [grid, animation, frames, message])
     return demo
 

@@ -1,21 +1,33 @@
-"""The training loop of JEPA-T: device-agnostic, with no host sync on the hot path except at
-logging intervals. ``main_jepat.py`` builds what it needs; generation lives in
-``util/evaluation/generate.py``."""
+"""The training loop of JEPA-T, read top to bottom in ``train``: fetch, inputs, forward/backward
+with accumulation, optimizer step, EMA, log, save, evaluate, stop. Device-agnostic, with no host
+sync on the hot path except at logging intervals. ``main_jepat.py`` builds the ``Run``."""
 from __future__ import annotations
 
+import json
 import logging
 import math
-from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Protocol, Sequence, Tuple
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from models.jepat import JEPAT
 from models.text_encoders import TextEmbeddings
 from models.tokenizers import Tokenizer, patchify
+from util.config import TrainConfig, to_dict
 from util.data.captions import CaptionStore
-from util.runtime import autocast_context, interactive
-from util.training.checkpoint import TrainState
+from util.data.datasets import DataOrder
+from util.evaluation.evaluate import EvalOptions, evaluate, training_grid
+from util.evaluation.generate import ImageGenerator
+from util.runtime import DistEnv, autocast_context, interactive
+from util.training.checkpoint import TrainingCheckpoint, TrainState
+from util.training.curves import write_curves
+from util.training.loggers import RunLogger, parse_log_with
 from util.training.parallel import Parallel, grad_norm_value, seed_step
 from util.training.schedules import Schedules
 
@@ -41,17 +53,6 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, momentum: float) ->
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - momentum)
 
 
-@dataclass
-class StepSettings:
-    """The per-step settings of ``train_one_epoch``."""
-    precision: str = "fp32"          # fp32 | bf16 | fp16 (autocast; fp16 uses the Parallel's GradScaler)
-    grad_clip: float = 3.0           # max gradient norm (<= 0: none, still measured)
-    accum_iter: int = 1              # micro-batches per optimizer step
-    log_freq: int = 50               # optimizer steps between loss read-backs (the only host syncs)
-    max_steps: Optional[int] = None  # stop once this many optimizer steps are done
-    seed: int = 0                    # micro-batch m of step s draws from seed_step(seed, s, rank * accum + m)
-
-
 class ModelInputs:
     """A loader batch (images or cached latents [B,...], captions) -> the model's inputs:
     tokens [B,L,d] (frozen tokenizer, then patchify) and caption embeddings (caption store)."""
@@ -66,71 +67,150 @@ class ModelInputs:
         return x, self.captions.lookup(captions)
 
 
-class Monitor(Protocol):
-    """What the loop reports to (``main_jepat.RunMonitor``): logged values and the end of each step."""
+@dataclass
+class Run:
+    """Everything one training run holds, built once by ``main_jepat.build_run``."""
+    config: TrainConfig
+    env: DistEnv
+    out_dir: Path
+    tokenizer: Tokenizer                 # decodes grids and evaluation samples
+    captions: CaptionStore
+    model: JEPAT
+    ema: JEPAT
+    parallel: Parallel
+    optimizer: torch.optim.Optimizer
+    schedules: Schedules
+    loader: DataLoader
+    order: DataOrder                     # which items each rank reads, resumable mid-epoch
+    inputs: ModelInputs
+    state: TrainState
+    checkpoint: TrainingCheckpoint
+    eval: EvalOptions
+    shapes: bool                         # trained on the shapes set: its judged evaluation applies
+    steps_per_epoch: int
+    history: List[Dict] = field(default_factory=list)   # the rows of train_log.json
 
-    def log(self, step: int, values: Dict[str, float]) -> None: ...
 
-    def after_step(self, state: TrainState) -> bool:
-        """Called after every optimizer step; True stops the epoch (checkpoints, signals, --max_steps)."""
+class StopSignals:
+    """SIGTERM / SIGUSR1 (preemption) on any rank stop every rank at the same step. The handlers
+    live only as long as the ``with`` block."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env, self.signal, self._saved = env, 0, {}
+        self._received = 0   # written only by the handler, so an all-reduce in flight cannot overwrite it
+
+    def __enter__(self) -> "StopSignals":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._saved[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        self._received = signum
+
+    def requested(self) -> bool:
+        """Whether any rank got a signal; all ranks agree (a host-side all-reduce, no GPU sync).
+        A signal that lands while the all-reduce waits is seen at the next call, never lost."""
+        self.signal = max(self.signal, self.env.max_over_ranks(self._received))
+        return self.signal != 0
 
 
-def train_one_epoch(parallel: Parallel, loader: Iterable, optimizer: torch.optim.Optimizer, inputs: ModelInputs,
-                    schedules: Schedules, state: TrainState, settings: StepSettings, monitor: Monitor
-                    ) -> Dict[str, float]:
-    """One pass over ``loader`` (which starts at ``state.batch_in_epoch``).
+# ==================================================================== the loop
+def train(run: Run) -> Dict:
+    """Optimizer steps until ``optim.epochs`` (or ``runtime.max_steps``, or a stop signal), then the
+    evaluation, and (rank 0) train_log.json and curves.png.
 
-    ``accum_iter`` micro-batches make one optimizer step (their losses divided by ``accum_iter``,
-    no gradient sync on all but the last). Losses are summed on the device and read back every
-    ``log_freq`` steps, summed over ranks, so every rank logs the same values; a non-finite loss
-    raises FloatingPointError there, before any checkpoint can be written.
+    ``accum_iter`` micro-batches make one optimizer step (losses divided by ``accum_iter``, no
+    gradient sync on all but the last). Losses are summed on the device and read back every
+    ``log_freq`` steps; a non-finite loss raises FloatingPointError there, before any checkpoint.
     """
-    parallel.model.train()
-    device, accum, scaler = parallel.env.device, max(1, settings.accum_iter), parallel.scaler
-    sums = torch.zeros(5, device=device)       # loss, flow, jepa, count, non-finite count since the last flush
-    last: Dict[str, float] = {}
-    bar = tqdm(total=len(loader), desc=f"epoch {state.epoch}", leave=False, dynamic_ncols=True,
-               disable=not (interactive() and log.isEnabledFor(logging.INFO)))
-    epoch_end = (state.batch_in_epoch + len(loader)) // accum * accum   # micro-batches that make whole steps
-    micro = 0
-    for images, captions in loader:
-        if (settings.max_steps is not None and state.step >= settings.max_steps) or state.batch_in_epoch >= epoch_end:
-            break
-        if micro == 0:
-            applied = {"lr": schedules.lr.apply(optimizer, state.step),
-                       "weight_decay": schedules.weight_decay.apply(optimizer, state.step),
-                       "ema_momentum": schedules.ema(state.step)}
-            optimizer.zero_grad(set_to_none=True)
-        seed_step(settings.seed, state.step, parallel.env.rank * accum + micro, state.host_generator)
-        x, text = inputs(images, captions)
-        sync = micro == accum - 1
-        with parallel.grad_sync(sync):
-            with autocast_context(device, settings.precision):
-                out = parallel.train_module(x, text, state.host_generator)
-            loss = out["loss"] / accum if accum > 1 else out["loss"]
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-        state.batch_in_epoch += 1
-        detached = out["loss"].detach().float()
-        sums += torch.stack([detached, out["flow"].float(), out["jepa"].float(), torch.ones((), device=device),
-                             (~torch.isfinite(detached)).float()])
-        if not sync:
-            micro += 1
-            continue
-        micro = 0
-        grad_norm = _optimizer_step(parallel, optimizer, settings.grad_clip)
-        update_ema(parallel.ema, parallel.model, applied["ema_momentum"])
-        state.step += 1
-        bar.update(accum)
-        if state.step % settings.log_freq == 0:
-            last = _flush(parallel, sums, state, {**applied, "grad_norm": grad_norm, "mask_ratio": out["mask_ratio"]},
-                          monitor, bar)
-        if monitor.after_step(state):
-            break
-    if sums[3] > 0:   # the same count on every rank
-        last = _flush(parallel, sums, state, {**applied, "grad_norm": grad_norm, "mask_ratio": out["mask_ratio"]},
-                      monitor, bar)
-    bar.close()
-    return last
+    c, st, env, parallel, optimizer = run.config, run.state, run.env, run.parallel, run.optimizer
+    accum, device = c.optim.accum_iter, env.device
+    max_steps = c.runtime.max_steps if c.runtime.max_steps is not None else math.inf
+    logger = RunLogger.open(parse_log_with(c.runtime.log_with), run.out_dir, config_record(c), c.runtime.wandb_project) \
+        if env.is_main else None
+    sums = torch.zeros(5, device=device)   # loss, flow, jepa, micro-batches, non-finite ones since the last log
+    stop = False
+    try:
+        with StopSignals(env) as signals:
+            st.started = time.time()
+            while st.epoch < c.optim.epochs and st.step < max_steps and not stop:
+                run.parallel.model.train()
+                run.order.set_position(st.epoch, st.batch_in_epoch)
+                epoch_end = run.steps_per_epoch * accum     # micro-batches that make whole steps
+                bar = _progress(run)
+                micro = 0
+                for images, captions in run.loader:                                   # 1. fetch
+                    if st.batch_in_epoch >= epoch_end:
+                        break
+                    if micro == 0:
+                        applied = {"lr": run.schedules.lr.apply(optimizer, st.step),
+                                   "weight_decay": run.schedules.weight_decay.apply(optimizer, st.step),
+                                   "ema_momentum": run.schedules.ema(st.step)}
+                        optimizer.zero_grad(set_to_none=True)
+                    seed_step(c.runtime.seed, st.step, env.rank * accum + micro, st.host_generator)
+                    x, text = run.inputs(images, captions)                            # 2. inputs
+                    last_micro = micro == accum - 1
+                    with parallel.grad_sync(last_micro):                              # 3. forward/backward
+                        with autocast_context(device, c.runtime.precision):
+                            out = parallel.train_module(x, text, st.host_generator)
+                        loss = out["loss"] / accum if accum > 1 else out["loss"]
+                        (parallel.scaler.scale(loss) if parallel.scaler is not None else loss).backward()
+                    st.batch_in_epoch += 1
+                    detached = out["loss"].detach().float()
+                    sums += torch.stack([detached, out["flow"].float(), out["jepa"].float(),
+                                         torch.ones((), device=device), (~torch.isfinite(detached)).float()])
+                    if not last_micro:
+                        micro += 1
+                        continue
+                    micro = 0
+                    grad_norm = _optimizer_step(parallel, optimizer, c.optim.grad_clip)   # 4. optimizer step
+                    update_ema(parallel.ema, parallel.model, applied["ema_momentum"])    # 5. EMA
+                    st.step += 1
+                    bar.update(accum)
+                    if st.step % c.runtime.log_freq == 0:                              # 6. log
+                        _log(run, logger, sums, {**applied, "grad_norm": grad_norm, "mask_ratio": out["mask_ratio"]},
+                             bar)
+                    if c.runtime.save_every_steps and st.step % c.runtime.save_every_steps == 0:
+                        run.checkpoint.save("last")                                    # 7. save
+                    stop = signals.requested() or st.step >= max_steps                 # 9. stop
+                    if stop:
+                        break
+                if sums[3] > 0:   # the same count on every rank
+                    _log(run, logger, sums, {**applied, "grad_norm": grad_norm, "mask_ratio": out["mask_ratio"]}, bar)
+                bar.close()
+                whole = st.batch_in_epoch >= epoch_end
+                if whole:
+                    st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+                    if c.runtime.save_freq and st.epoch % c.runtime.save_freq == 0:
+                        run.checkpoint.save(str(st.epoch))                             # 7. save
+                run.checkpoint.save("last")
+                if whole:
+                    _epoch_grid_and_evaluation(run, logger)                            # 8. evaluate
+                _log_epoch(run)
+                stop = stop or signals.requested()                                     # 9. stop
+        if env.is_main:
+            (run.out_dir / "train_log.json").write_text(json.dumps(run.history, indent=1))
+        if signals.signal:
+            log.info("stopped by signal %d at step %d; checkpoint-last.pth written", signals.signal, st.step)
+            return {"stopped_by_signal": signals.signal, "step": st.step}
+        result = {"train_seconds": st.train_seconds() - st.prior_seconds, "step": st.step}
+        if not c.eval.skip:
+            result.update(run_evaluation(run, run.out_dir, logger))
+        if env.is_main:
+            write_curves(run.out_dir, f"{c.recipe}: {c.model.preset}, {st.step} steps")
+        return result
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _progress(run: Run) -> tqdm:
+    return tqdm(total=len(run.loader), desc=f"epoch {run.state.epoch}", leave=False, dynamic_ncols=True,
+                disable=not (interactive() and log.isEnabledFor(logging.INFO)))
 
 
 def _optimizer_step(parallel: Parallel, optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
@@ -147,25 +227,70 @@ def _optimizer_step(parallel: Parallel, optimizer: torch.optim.Optimizer, grad_c
     return grad_norm
 
 
-def _flush(parallel: Parallel, sums: torch.Tensor, state: TrainState, applied: Dict, monitor: Monitor,
-           bar: tqdm) -> Dict[str, float]:
-    """Read the accumulated losses back (the only host sync), summed over ranks; check
-    finiteness; report. ``applied``: the schedule values of the last step, its grad norm and mask ratio."""
-    parallel.reduce_sum_(sums)
+def _log(run: Run, logger: Optional[RunLogger], sums: torch.Tensor, applied: Dict, bar: tqdm) -> None:
+    """Read the accumulated losses back (the only host sync), summed over ranks; check finiteness;
+    log. ``applied``: the schedule values of the last step, its grad norm and mask ratio."""
+    st = run.state
+    run.parallel.reduce_sum_(sums)
     count, bad = int(sums[3].item()), int(sums[4].item())
     loss, flow, jepa = (sums[:3] / max(count, 1)).tolist()
     if bad or not math.isfinite(loss):
         raise FloatingPointError(
-            f"non-finite loss within the {count} steps ending at step {state.step}; the last checkpoint "
-            "was written before it and is kept. Lower --lr or use --precision fp32 to investigate")
+            f"non-finite loss within the {count} steps ending at step {st.step}; the last checkpoint "
+            "was written before it and is kept. Lower optim.lr or use --precision fp32 to investigate")
     sums.zero_()
     values = {"loss": loss, "flow_loss": flow, "jepa_loss": jepa, "lr": applied["lr"],
               "weight_decay": applied["weight_decay"], "ema_momentum": applied["ema_momentum"],
               "grad_norm": grad_norm_value(applied["grad_norm"]), "mask_ratio": float(applied["mask_ratio"])}
     if bar.disable:
-        log.info("epoch %d step %d: loss %.4f (flow %.4f, jepa %.4f) lr %.2e grad norm %.3g", state.epoch,
-                 state.step, loss, flow, jepa, values["lr"], values["grad_norm"])
+        log.info("epoch %d step %d: loss %.4f (flow %.4f, jepa %.4f) lr %.2e grad norm %.3g", st.epoch,
+                 st.step, loss, flow, jepa, values["lr"], values["grad_norm"])
     else:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
-    monitor.log(state.step, values)
-    return values
+    if logger is not None:
+        for k, v in values.items():
+            logger.add_scalar(f"train/{k}", v, st.step)
+        run.history.append({"step": st.step, "elapsed_s": st.train_seconds(), **values})
+
+
+def _log_epoch(run: Run) -> None:
+    if run.history:
+        h = run.history[-1]
+        log.info("epoch %d step %d loss %.4f (flow %.4f, jepa %.4f) lr %.2e  %.0fs", run.state.epoch, run.state.step,
+                 h["loss"], h["flow_loss"], h["jepa_loss"], h["lr"], h["elapsed_s"])
+
+
+def _epoch_grid_and_evaluation(run: Run, logger: Optional[RunLogger]) -> None:
+    """At the end of an epoch: the logged sample grid every ``grid_freq`` epochs and the
+    evaluation every ``eval.freq`` epochs."""
+    c, epoch = run.config, run.state.epoch
+    if c.runtime.grid_freq and epoch % c.runtime.grid_freq == 0:
+        ema = run.parallel.sampling_ema() if run.parallel.strategy == "fsdp" or run.env.is_main else None
+        if ema is not None and logger is not None:
+            grid, prompts = training_grid(generator(run, ema), run.captions.sample_captions(18), c.runtime.seed)
+            logger.add_image("samples/ema", grid, run.state.step)
+            logger.add_text("samples/prompts", " | ".join(prompts), run.state.step)
+    if c.eval.freq and not c.eval.skip and epoch % c.eval.freq == 0:
+        folder = run.out_dir / f"eval-epoch{epoch:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        run_evaluation(run, folder, logger)
+
+
+def generator(run: Run, ema: JEPAT) -> ImageGenerator:
+    return ImageGenerator(ema, run.captions, run.tokenizer, run.config.sampling, run.env.device,
+                          run.config.runtime.precision)
+
+
+def run_evaluation(run: Run, out_dir: Path, logger: Optional[RunLogger]) -> Dict:
+    """The evaluation of the run's EMA (under FSDP a consolidated copy: rank 0 only)."""
+    ema = run.parallel.sampling_ema()
+    if ema is None:
+        return {}
+    return evaluate(generator(run, ema), run.eval, out_dir, run.state.step, run.env, run.shapes,
+                    {"checkpoint": run.config.runtime.resume or None}, logger)
+
+
+def config_record(config: TrainConfig) -> Dict:
+    """The tree as flat ``section.name`` values (TensorBoard hparams text, W&B config)."""
+    return {f"{section}.{k}": v for section, values in to_dict(config).items() if isinstance(values, dict)
+            for k, v in values.items()}

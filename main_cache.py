@@ -1,14 +1,17 @@
 """Cache tokenizer (VAE) moments of a dataset, of every image (and of its horizontal flip for class
 folders, or with --random_flip), plus the caption embeddings, so that training reads latents instead of running the VAE and the text encoder.
 
-    python main_cache.py --dataset imagenet --data_path /data/imagenet --cache_dir cache/in256-kl16
+    python main_cache.py --config imagenet-base --dataset imagenet --data_path /data/imagenet \
+        --cache_dir cache/in256-kl16 --vae_path kl16.ckpt --text_encoder_path clip.bin
     python main_cache.py --dataset webdataset --data_path '/data/cc3m/{00000..00331}.tar' --cache_dir cache/cc3m
     torchrun --nproc_per_node 8 main_cache.py ...           # any number of ranks (NCCL on GPUs, gloo on CPUs)
     bash scripts/cache_vae.sh ...                            # the same through the venv, all visible GPUs
 
 Rerunning the same command after a kill finishes what is missing (nothing twice, nothing left
 out); the end prints ``images seen = cached + skipped`` and writes skipped.jsonl with reasons.
-The format is described in util/data/latent_cache.py.
+The format is described in util/data/latent_cache.py. The tokenizer, resolution and text encoder
+come from the same configuration as training (``--config``; the cache section says where the
+images come from), so that a cache always fits the run that reads it.
 """
 from __future__ import annotations
 
@@ -22,69 +25,58 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.text_encoders import TEXT_ENCODERS, build_text_encoder
-from models.tokenizers import TOKENIZERS, Tokenizer, build_tokenizer
+from models.text_encoders import build_text_encoder
+from models.tokenizers import Tokenizer, build_tokenizer
+from util.config import (DEFAULT_RECIPE, TrainConfig, add_config_args, add_setting_flags, flag_overrides, resolve,
+                         settings)
 from util.data.caption_table import write_caption_table
 from util.data.captions import text_cache_key
-from util.data.image_folders import DEFAULT_PROMPT, Listing, TarMembers, build_listing
+from util.data.image_folders import Listing, TarMembers, build_listing
 from util.data.latent_cache import (PENDING, ListingSource, ShapesSource, cache_shard, finalize_cache, num_shards,
                                     prepare_cache, read_meta, shard_rows)
 from util.data.tar_shards import list_tar_shards
-from util.runtime import init_runtime, interactive, setup_logging, shutdown_runtime
+from util.errors import UserError
+from util.runtime import init_runtime, interactive, setup_logging, shutdown_runtime, user_errors
 
 log = logging.getLogger("jepat.cache")
 
 
+# the settings main_cache.py reads: the cache section and what makes a cache fit a training run
+CACHE_SETTINGS = ["model.img_size", "model.tokenizer", "model.vae_path", "data.num_samples", "runtime.device",
+                  "runtime.seed"]
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("JEPA-T latent caching", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default="imagenet", choices=("imagenet", "captions", "webdataset", "shapes"))
-    p.add_argument("--data_path", default="", help="imagenet: the folder with train/<synset>/...; captions: the "
-                   "image root (or the manifest itself); webdataset: a brace pattern of tar shards "
-                   "(/data/cc3m/{00000..00331}.tar) or a folder of .tar files")
-    p.add_argument("--manifest", default=None, help="captions: JSON Lines manifest (paths relative to --data_path)")
-    p.add_argument("--prompt_template", default=DEFAULT_PROMPT, help="imagenet: caption of a class")
-    p.add_argument("--num_samples", type=int, default=16000, help="shapes: number of images")
-    p.add_argument("--seed", type=int, default=0, help="shapes: dataset seed")
-    p.add_argument("--img_size", type=int, default=256, help="center-crop size (256 or 512 for ImageNet)")
-    p.add_argument("--small_images", default="upscale", choices=("upscale", "skip"),
-                   help="images whose short side is below --img_size: upscale (as ADM) or skip")
-    p.add_argument("--tokenizer", default="kl16", choices=sorted(TOKENIZERS))
-    p.add_argument("--vae_path", default=None, help="kl16: kl16.ckpt; sd-vae: a diffusers folder")
-    p.add_argument("--cache_dir", required=True)
-    p.add_argument("--shard_size", type=int, default=16384, help="entries per shard file")
-    p.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored moments")
-    p.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="also store the moments of each image's horizontal flip (default: on for class folders, "
-                        "off for captions and shapes); training flips only from a cache that has them")
-    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass (x2 with flips)")
-    p.add_argument("--num_workers", type=int, default=4)
-    p.add_argument("--device", default="auto", help="auto: this rank's GPU, else the CPU")
-    p.add_argument("--max_batches", type=int, default=None, help="stop each rank after this many batches "
-                   "(a partial run; rerun without it to finish)")
-    p.add_argument("--text_encoder", default="minilm", choices=sorted(TEXT_ENCODERS))
-    p.add_argument("--text_encoder_path", default=None)
-    p.add_argument("--clip_model", default="ViT-L-14")
-    p.add_argument("--text_max_length", type=int, default=16, help="must match main_jepat.py's")
-    p.add_argument("--text_batch_size", type=int, default=1024, help="captions per text-encoder batch")
-    p.add_argument("--no_text_cache", action="store_true", help="do not cache caption embeddings")
+    p = argparse.ArgumentParser("JEPA-T latent caching", description="Pass the training run's --config so that the "
+                                "tokenizer, resolution and text encoder are the ones it trains with.")
+    add_config_args(p)
+    add_setting_flags(p, [*settings(["cache"]), *CACHE_SETTINGS, *settings(["captions"])])
     return p
 
 
-def build_source(args: argparse.Namespace, cache_dir: Path, listed: bool):
+def resolve_args(ns: argparse.Namespace) -> TrainConfig:
+    config = resolve(ns.config or [DEFAULT_RECIPE], flag_overrides(ns), ns.overrides)
+    if not config.cache.cache_dir:
+        raise UserError("no cache folder: pass --cache_dir (or set cache.cache_dir in the configuration)")
+    return config
+
+
+def build_source(c: TrainConfig, cache_dir: Path, listed: bool):
     """The images to cache. Ranks other than 0 read the listing rank 0 wrote (``listed``)."""
-    if args.dataset == "shapes":
-        return ShapesSource(args.num_samples, args.img_size, args.seed)
+    k = c.cache
+    if k.dataset == "shapes":
+        return ShapesSource(c.data.num_samples, c.model.img_size, c.runtime.seed)
     if listed:
         d = json.loads((cache_dir / "listing.json").read_text())
         source = d.get("caption_source", {})
         members = TarMembers.from_json(d["members"]) if d.get("members") else None
         listing = Listing(d["root"], d["paths"], d["entry_groups"], d["groups"], d["kind"], d["listing_skipped"],
                           source.get("class_names", []), source.get("template", ""), members)
-    elif args.dataset == "webdataset":
-        listing = list_tar_shards(args.data_path)
+    elif k.dataset == "webdataset":
+        listing = list_tar_shards(k.data_path)
     else:
-        listing = build_listing(args.dataset, args.data_path, args.manifest, args.prompt_template)
-    return ListingSource(listing, args.img_size, args.small_images)
+        listing = build_listing(k.dataset, k.data_path, k.manifest, k.prompt_template)
+    return ListingSource(listing, c.model.img_size, k.small_images)
 
 
 def tokenizer_meta(tokenizer: Tokenizer, name: str, img_size: int) -> Dict:
@@ -96,36 +88,38 @@ def tokenizer_meta(tokenizer: Tokenizer, name: str, img_size: int) -> Dict:
             "stochastic": stochastic, "moment_channels": tokenizer.channels * (2 if stochastic else 1)}
 
 
-def main(args: argparse.Namespace) -> Dict:
-    env = init_runtime(args.device, timeout_min=360)
+def main(args: argparse.Namespace | TrainConfig) -> Dict:
+    c = args if isinstance(args, TrainConfig) else resolve_args(args)
+    env = init_runtime(c.runtime.device, timeout_min=360)
     setup_logging(env)
     try:
-        return cache(args, env.rank, env.world_size, env.device, env.barrier)
+        return cache(c, env.rank, env.world_size, env.device, env.barrier)
     finally:
         shutdown_runtime(env)
 
 
-def cache(args: argparse.Namespace, rank: int, world: int, device: torch.device, barrier) -> Dict:
+def cache(c: TrainConfig, rank: int, world: int, device: torch.device, barrier) -> Dict:
     """Every rank caches its shards; rank 0 lists the images first and finalises at the end."""
-    cache_dir = Path(args.cache_dir)
-    tokenizer = build_tokenizer(args.tokenizer, args.vae_path).to(device)
-    tmeta = tokenizer_meta(tokenizer, args.tokenizer, args.img_size)
+    k, m = c.cache, c.model
+    cache_dir = Path(k.cache_dir)
+    tokenizer = build_tokenizer(m.tokenizer, m.vae_path).to(device)
+    tmeta = tokenizer_meta(tokenizer, m.tokenizer, m.img_size)
     if rank == 0:
-        source = build_source(args, cache_dir, listed=False)
-        flipped = args.dataset == "imagenet" if args.random_flip is None else args.random_flip
-        meta = prepare_cache(cache_dir, source, tmeta, args.shard_size, args.dtype,
+        source = build_source(c, cache_dir, listed=False)
+        flipped = k.dataset == "imagenet" if k.random_flip is None else k.random_flip
+        meta = prepare_cache(cache_dir, source, tmeta, k.shard_size, k.dtype,
                              vae_source=str(getattr(tokenizer, "source", "")), flipped=flipped)
         log.info("%d entries to cache in %d shards of %d on %d rank(s), %s at %d px -> %s", len(source),
-                 num_shards(meta), args.shard_size, world, args.tokenizer, args.img_size, cache_dir)
+                 num_shards(meta), k.shard_size, world, m.tokenizer, m.img_size, cache_dir)
     barrier()
     if rank != 0:
-        source, meta = build_source(args, cache_dir, listed=True), read_meta(cache_dir)
+        source, meta = build_source(c, cache_dir, listed=True), read_meta(cache_dir)
 
-    size = args.img_size // tokenizer.stride
+    size = m.img_size // tokenizer.stride
     sample_shape = (tmeta["moment_channels"], size, size)
     encode = tokenizer.moments if tmeta["stochastic"] else tokenizer.encode
-    mine = [k for k in range(num_shards(meta)) if k % world == rank]
-    todo = sum(_pending(cache_dir, meta, k) for k in mine)
+    mine = [s for s in range(num_shards(meta)) if s % world == rank]
+    todo = sum(_pending(cache_dir, meta, s) for s in mine)
     bar = tqdm(total=todo, desc=f"caching (rank {rank}/{world})", dynamic_ncols=True,
                disable=rank != 0 or not interactive())
     skipped_here, done_here = [0], [0]
@@ -138,17 +132,18 @@ def cache(args: argparse.Namespace, rank: int, world: int, device: torch.device,
 
     finished, batches = True, 0
     with torch.no_grad():
-        for k in mine:
-            budget = None if args.max_batches is None else args.max_batches - batches
+        for shard in mine:
+            budget = None if k.max_batches is None else k.max_batches - batches
             if budget is not None and budget <= 0:
                 finished = False
                 break
-            ran, done = cache_shard(cache_dir, meta, k, source, encode, args.batch_size, args.num_workers, device,
+            ran, done = cache_shard(cache_dir, meta, shard, source, encode, k.batch_size, k.num_workers, device,
                                     sample_shape, budget, progress)
             batches += ran
             finished &= done
             if bar.disable and rank == 0:   # a log file gets one line per shard instead of a bar
-                log.info("shard %d done: %d of %d images of rank 0, %d skipped", k, done_here[0], todo, skipped_here[0])
+                log.info("shard %d done: %d of %d images of rank 0, %d skipped", shard, done_here[0], todo,
+                         skipped_here[0])
     bar.close()
     if not finished:
         log.info("rank %d stopped after %d batches (--max_batches); rerun to finish", rank, batches)
@@ -159,8 +154,8 @@ def cache(args: argparse.Namespace, rank: int, world: int, device: torch.device,
         log.info("images seen %d = cached %d + skipped %d (%d converted and cached; %d pending)%s",
                  counts["seen"], counts["cached"], counts["skipped"], counts["converted"], counts["pending"],
                  "" if counts["pending"] else f"; reasons in {cache_dir / 'skipped.jsonl'}")
-        if counts["pending"] == 0 and not args.no_text_cache:
-            cache_text(args, cache_dir, source.vocabulary, device)
+        if counts["pending"] == 0 and not k.skip_text:
+            cache_text(c, cache_dir, source.vocabulary, device)
     barrier()
     return counts
 
@@ -172,17 +167,18 @@ def _pending(cache_dir: Path, meta: Dict, k: int) -> int:
     return int((np.load(state) == PENDING).sum())
 
 
-def cache_text(args: argparse.Namespace, cache_dir: Path, vocabulary, device: torch.device) -> None:
+def cache_text(c: TrainConfig, cache_dir: Path, vocabulary, device: torch.device) -> None:
     """Embed every unique caption once, in batches, into the caption table beside the latents
     (under the text encoder's key); rerun after a kill, it encodes only the rows still missing."""
-    key = text_cache_key(args.text_encoder, args.text_max_length, args.clip_model, args.text_encoder_path)
+    t = c.captions
+    key = text_cache_key(t.text_encoder, t.text_max_length, t.clip_model, t.text_encoder_path)
     target = cache_dir / "text" / key
     state = target / "state.npy"
     if state.is_file() and np.load(state, mmap_mode="r").all():
         log.info("caption embeddings already cached in %s", target)
         return
-    encoder = build_text_encoder(args.text_encoder, path=args.text_encoder_path, clip_model=args.clip_model,
-                                 max_length=args.text_max_length or None, device=str(device))
+    encoder = build_text_encoder(t.text_encoder, path=t.text_encoder_path, clip_model=t.clip_model,
+                                 max_length=t.text_max_length or None, device=str(device))
     bar = tqdm(total=len(vocabulary), desc="captions", dynamic_ncols=True, disable=not interactive())
     done = [0]
 
@@ -191,10 +187,11 @@ def cache_text(args: argparse.Namespace, cache_dir: Path, vocabulary, device: to
         done[0] += n
         if bar.disable and (done[0] // 100_000 > (done[0] - n) // 100_000 or done[0] == len(vocabulary)):
             log.info("captions: %d of %d encoded", done[0], len(vocabulary))
-    write_caption_table(target, vocabulary, encoder, args.text_batch_size, progress)
+    write_caption_table(target, vocabulary, encoder, c.cache.text_batch_size, progress)
     bar.close()
     log.info("cached %d caption embeddings (%s) in %s", len(vocabulary), key, target)
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    with user_errors():
+        main(get_args_parser().parse_args())

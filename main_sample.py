@@ -3,7 +3,7 @@ or export a checkpoint as a Hugging Face-style model folder.
 
     python main_sample.py --checkpoint output/shapes/checkpoint-last.pth \
         --prompt "a red circle" --prompt "a square that is green" --out_dir samples/
-    python main_sample.py --checkpoint CKPT --prompts_file prompts.txt --cfg 4 --sampler euler
+    python main_sample.py --checkpoint CKPT --prompts_file prompts.txt --guidance_scale 4 --ode_solver heun
     python main_sample.py --checkpoint CKPT --export_dir exported/shapes    # model.safetensors + config.json + README.md
     python main_sample.py --checkpoint exported/shapes --prompt "a red circle"
 
@@ -22,8 +22,8 @@ from typing import List
 
 from torchvision.utils import save_image
 
-from models.flow_head import SAMPLERS
-from models.sampler import CFG_SCHEDULES
+from util.config import add_setting_flags, flag_overrides, settings
+from util.errors import UserError
 from util.evaluation.generate import save_images
 from util.pretrained import build_generator, export_pretrained, load_pretrained
 from util.runtime import PRECISIONS, init_runtime, resolve_precision, setup_logging, shutdown_runtime, user_errors
@@ -42,13 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts_file", default=None, help="text file, one prompt per line")
     p.add_argument("--num_per_prompt", type=int, default=4)
     p.add_argument("--out_dir", default="samples")
-    g = p.add_argument_group("sampling (default: the checkpoint's own settings)")
-    g.add_argument("--num_iter", type=int, default=None, help="unmasking iterations")
-    g.add_argument("--cfg", type=float, default=None, help="guidance scale")
-    g.add_argument("--cfg_schedule", default=None, choices=CFG_SCHEDULES)
-    g.add_argument("--temperature", type=float, default=None)
-    g.add_argument("--ode_steps", type=int, default=None)
-    g.add_argument("--sampler", default=None, choices=SAMPLERS)
+    add_setting_flags(p, [path for path in settings(["sampling"])], default_suppressed=False,
+                      title="sampling (default: the checkpoint's own settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--text_encoder_path", default=None, help="override the text encoder weights used in training")
@@ -64,10 +59,10 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
-            raise SystemExit(f"no prompts file at {path}")
+            raise UserError(f"no prompts file at {path}")
         prompts += [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
     if not prompts and not args.export_dir:
-        raise SystemExit("give at least one --prompt or a --prompts_file")
+        raise UserError("give at least one --prompt or a --prompts_file")
     return prompts
 
 
@@ -81,8 +76,7 @@ def main(args: argparse.Namespace) -> List[dict]:
             return []
     env = init_runtime(args.device)
     try:
-        overrides = {k: getattr(args, k) for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "ode_steps",
-                                                   "sampler") if getattr(args, k) is not None}
+        overrides = {path.split(".", 1)[1]: v for path, v in flag_overrides(args).items()}
         text_path = {"text_encoder_path": args.text_encoder_path} if args.text_encoder_path else {}
         gen = build_generator(pretrained, env.device, resolve_precision(env.device, args.precision), overrides,
                               text_path, args.vae_path)   # free prompts: the text encoder, not a cache

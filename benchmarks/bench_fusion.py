@@ -1,5 +1,5 @@
 """The paper's fusion ablation on ``shapes``: train each fusion variant with the same budget, seed
-and recipe (the shapes recipe of util/recipes.py), then print the judged accuracy on seen and held-out
+and recipe (the shapes recipe, configs/shapes.yaml), then print the judged accuracy on seen and held-out
 color-shape prompts and the linear-probe accuracy of each frozen encoder side by side.
 
     full        input-level condition + post-predictor cross-attention + raw-text injection
@@ -93,7 +93,7 @@ def main() -> None:
     p.add_argument("--output_dir", default="output/bench_fusion")
     p.add_argument("rest", nargs="*", help="after --: extra main_jepat.py arguments")
     a = p.parse_args()
-    batch = main_jepat.parse_args(a.rest).batch_size
+    batch = main_jepat.parse_args(a.rest).config.optim.batch_size
     per_epoch = math.ceil(a.steps / a.epochs)
     modes = a.modes.split(",")
     for mode in modes:

@@ -85,8 +85,9 @@ def main() -> None:
     rows = []
     for temperature, num_iter, ode, sampler, cfg in itertools.product(
             temperatures, ints(a.num_iter), ints(a.ode_steps), a.samplers.split(","), floats(a.cfg)):
-        sampling = SamplingConfig(num_iter=num_iter, cfg=cfg, cfg_schedule=recipe["sampling"].get("cfg_schedule", "linear"),
-                                  temperature=temperature, ode_steps=ode, sampler=sampler)
+        sampling = SamplingConfig(num_iter=num_iter, guidance_scale=cfg, temperature=temperature, ode_steps=ode,
+                                  guidance_schedule=recipe["sampling"].get("guidance_schedule", "linear"),
+                                  ode_solver=sampler)
         row = {"temperature": temperature, "num_iter": num_iter, "ode_steps": ode, "sampler": sampler, "cfg": cfg}
         seconds, count = 0.0, 0
         for offset, (split, (prompts, targets)) in enumerate(splits.items()):

@@ -170,7 +170,7 @@ def sample_reference(model, text: TextEmbeddings, cfg: SamplingConfig, generator
             t = torch.full((x.shape[0],), i * dt, device=device)
             v_c = model.flow_head(x, t, zc)
             v_u = model.flow_head(x, t, zu)
-            x = x + dt * (v_u + cfg.cfg * (v_c - v_u))
+            x = x + dt * (v_u + cfg.guidance_scale * (v_c - v_u))
         tokens = tokens.scatter(1, reveal[..., None].expand(-1, -1, d), x.view(B, -1, d).float())
         hidden = hidden_next
     return tokens
@@ -189,9 +189,10 @@ def profile_step(trainer: Trainer, rows: int = 15) -> str:
 def sample_variants(a, num_iter: int) -> Dict[str, tuple]:
     """name -> (fusion the model runs with, sampler function, SamplingConfig): the published cost
     structure first, then ours step by step."""
-    ref = SamplingConfig(num_iter=a.ref_num_iter or num_iter, cfg=3.0, temperature=0.95,
-                         ode_steps=a.ref_ode_steps, sampler="euler")
-    ours = SamplingConfig(num_iter=num_iter, cfg=3.0, temperature=0.95, ode_steps=a.ode_steps, sampler="heun")
+    ref = SamplingConfig(num_iter=a.ref_num_iter or num_iter, guidance_scale=3.0, temperature=0.95,
+                         ode_steps=a.ref_ode_steps, ode_solver="euler")
+    ours = SamplingConfig(num_iter=num_iter, guidance_scale=3.0, temperature=0.95, ode_steps=a.ode_steps,
+                          ode_solver="heun")
     fast = SamplingConfig(**{**ours.__dict__, "ode_steps": a.fast_ode_steps, "num_iter": a.fast_num_iter or num_iter})
     return {
         f"published: 2 passes, {ref.ode_steps} Euler, {ref.num_iter} it": ("full", sample_reference, ref),
@@ -233,7 +234,7 @@ def sample_table(model, text: TextEmbeddings, a, num_iter: int, batch: int, rate
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        cfg = SamplingConfig(num_iter=2, cfg=3.0, ode_steps=a.ode_steps, sampler="heun")
+        cfg = SamplingConfig(num_iter=2, guidance_scale=3.0, ode_steps=a.ode_steps, ode_solver="heun")
         with autocast_context(device, precision), profile(activities=acts, with_flops=True) as prof:
             t0 = time.perf_counter()
             sample_tokens(model, text, null, cfg, generator=torch.Generator(device=device).manual_seed(0))

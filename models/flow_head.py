@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from models.blocks import TimestepEmbedder, modulate
 
-SAMPLERS = ("euler", "heun")
+ODE_SOLVERS = ("euler", "heun")
 PREDICTIONS = ("v", "x")
 Modulations = Tuple[List[Sequence[torch.Tensor]], Sequence[torch.Tensor]]   # per block (shift, scale, gate); final (shift, scale)
 
@@ -151,14 +151,14 @@ def flow_matching_loss(head: FlowHead, x: torch.Tensor, z: torch.Tensor, repeat:
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
-def integrate_flow(velocity: VelocityFn, noise: torch.Tensor, steps: int, sampler: str = "heun") -> torch.Tensor:
+def integrate_flow(velocity: VelocityFn, noise: torch.Tensor, steps: int, solver: str = "heun") -> torch.Tensor:
     """Integrate dx/dt = velocity(x, t) from t = 0 (x = noise [N,d]) to t = 1 with ``steps`` steps.
 
     ``t`` is one float for all rows. ``euler`` takes one velocity call per step; ``heun`` (second
     order, trapezoidal corrector) takes two. Returns x at t = 1, [N,d].
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown ODE sampler {sampler!r}; choose one of {SAMPLERS}")
+    if solver not in ODE_SOLVERS:
+        raise ValueError(f"unknown ODE solver {solver!r}; choose one of {ODE_SOLVERS}")
     if steps < 1:
         raise ValueError(f"the flow ODE needs at least one step, got {steps}")
     x = noise
@@ -166,7 +166,7 @@ def integrate_flow(velocity: VelocityFn, noise: torch.Tensor, steps: int, sample
         t0, t1 = i / steps, (i + 1) / steps
         h = t1 - t0
         v0 = velocity(x, t0)
-        if sampler == "euler":
+        if solver == "euler":
             x = x + h * v0
         else:
             x_pred = x + h * v0
@@ -176,7 +176,7 @@ def integrate_flow(velocity: VelocityFn, noise: torch.Tensor, steps: int, sample
 
 
 def sample_tokens_from_head(head: nn.Module, z: torch.Tensor, temperature: float, steps: int,
-                            sampler: str, guidance: Optional[torch.Tensor] = None,
+                            solver: str, guidance: Optional[torch.Tensor] = None,
                             generator: Optional[torch.Generator] = None,
                             noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Draw one token per row of z by integrating the head's ODE.
@@ -205,4 +205,4 @@ def sample_tokens_from_head(head: nn.Module, z: torch.Tensor, temperature: float
             v = head_velocity(torch.cat([x, x]), t).float()                             # [2N,d]
             v_cond, v_null = v.chunk(2)
             return v_null + g * (v_cond - v_null)
-    return integrate_flow(velocity, noise, steps, sampler)
+    return integrate_flow(velocity, noise, steps, solver)

@@ -25,7 +25,9 @@ from models.text_encoders import TextEmbeddings
 
 @dataclass
 class JEPATConfig:
-    """Everything needed to rebuild a JEPA-T model; stored in every checkpoint."""
+    """Everything needed to rebuild a JEPA-T model; stored in every checkpoint. The defaults of the
+    fields a run may set (``ModelConfig`` in util/config.py reads them from here) are the published
+    code's and launch scripts'."""
     token_dim: int                   # d: latent channels * patch**2
     seq_len: int                     # L: image tokens
     text_token_dim: int              # Dt: width of the caption token states
@@ -35,7 +37,7 @@ class JEPATConfig:
     predictor_depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    qk_norm: bool = False
+    qk_norm: bool = True             # the published launch scripts pass --qk_norm
     flow_width: int = 1024
     flow_depth: int = 6
     flow_prediction: str = "v"       # the head outputs the velocity (v) or the clean token (x)
@@ -48,15 +50,15 @@ class JEPATConfig:
     diffusion_batch_mul: int = 4
     proj_dropout: float = 0.1
     attn_dropout: float = 0.1
-    fusion: str = "late_only"        # where text enters; see FUSION_MODES (full: the published code)
+    fusion: str = "full"             # where text enters; see FUSION_MODES (full: the published code)
     preset: str = ""
 
 
 # full       input-level condition (buffer tokens, predictor) + cross-attention + raw-text injection:
 #            what the published code does
 # late_only  cross-attention + injection after the predictor only: the paper's task-agnostic backbone,
-#            whose CFG rows share one backbone pass when sampling. The default: over three seeds of
-#            the shapes ablation it judges and scores FD within noise of full (docs/results.md)
+#            whose CFG rows share one backbone pass when sampling (the shapes recipe's: within noise
+#            of full over three seeds there, docs/results.md)
 # input_only the input-level condition only;  none: unconditional
 FUSION_MODES = ("full", "input_only", "late_only", "none")
 _TEXT_TOKENS = ("text_proj", "cross_norm", "cross_attn", "text_inject", "null_token")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from models.flow_head import flow_matching_loss
 from models.jepat import JEPAT, random_orders, sample_mask_ratio
+from models.settings import setting
 from models.text_encoders import TextEmbeddings
 
 PUBLISHED_JEPA_BETA = 2.0   # the SmoothL1 beta of the published JEPA-T code
@@ -42,7 +43,7 @@ class EMATarget(nn.Module):
 @dataclass
 class JEPATLoss:
     """``loss(model, target, x, text, host_generator)`` -> dict of scalar tensors
-    (loss, flow, jepa, mask_ratio).
+    (loss, flow, jepa, mask_ratio). Its fields are the ``loss`` section of the configuration tree.
 
     Args of the call:
         model: the JEPAT being trained (or its DDP/FSDP-wrapped modules' JEPAT).
@@ -50,16 +51,16 @@ class JEPATLoss:
         x: clean image tokens [B,L,d]; text: the batch's caption embeddings.
         host_generator: CPU generator of the per-batch mask ratio (no device sync).
     """
-    flow_weight: float = 1.0
-    jepa_weight: float = 1.0
-    jepa_beta: float = PUBLISHED_JEPA_BETA
+    flow_weight: float = setting(1.0, "weight of the flow-matching loss")
+    jepa_weight: float = setting(1.0, "weight of the JEPA (SmoothL1) loss")
+    jepa_beta: float = setting(PUBLISHED_JEPA_BETA, "SmoothL1 beta of the JEPA loss")
 
     def __post_init__(self) -> None:
         if self.flow_weight < 0 or self.jepa_weight < 0 or self.flow_weight + self.jepa_weight == 0:
             raise ValueError(f"loss weights must be >= 0 and not both 0, got flow {self.flow_weight}, "
                              f"jepa {self.jepa_weight}")
         if self.jepa_beta <= 0:
-            raise ValueError(f"--jepa_beta must be positive, got {self.jepa_beta}")
+            raise ValueError(f"loss.jepa_beta must be positive, got {self.jepa_beta}")
 
     def __call__(self, model: JEPAT, target: nn.Module, x: torch.Tensor, text: TextEmbeddings,
                  host_generator: torch.Generator) -> Dict[str, torch.Tensor]:

@@ -17,11 +17,12 @@ from typing import Callable, Optional
 
 import torch
 
-from models.flow_head import SAMPLERS, sample_tokens_from_head
+from models.flow_head import ODE_SOLVERS, sample_tokens_from_head
 from models.jepat import JEPAT, random_orders
+from models.settings import setting
 from models.text_encoders import TextEmbeddings
 
-CFG_SCHEDULES = ("constant", "linear")
+GUIDANCE_SCHEDULES = ("constant", "linear")
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]   # (step, tokens [B,L,d], known [B,L] bool)
 
 log = logging.getLogger(__name__)
@@ -29,22 +30,29 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SamplingConfig:
-    num_iter: int = 64            # K unmasking steps
-    cfg: float = 3.0              # guidance scale; 1.0 = conditional branch only
-    cfg_schedule: str = "linear"  # constant g, or 1 + (cfg - 1) * share of tokens already known
-    temperature: float = 0.95     # scale of the flow's initial noise
-    ode_steps: int = 20           # flow ODE steps per token
-    sampler: str = "heun"         # euler | heun
+    """How images are drawn: the ``sampling`` section of the configuration tree, stored in every
+    checkpoint as its sampling defaults. The defaults are the published launch scripts'
+    (guidance 1.0, temperature 0.94, 64 iterations, 100 Euler steps of the flow ODE)."""
+    num_iter: int = setting(64, "K unmasking iterations")
+    guidance_scale: float = setting(1.0, "classifier-free guidance scale g (1.0: conditional branch only)")
+    guidance_schedule: str = setting("linear", "constant g, or 1 + (g - 1) x share of tokens already known",
+                                     choices=GUIDANCE_SCHEDULES)
+    temperature: float = setting(0.94, "scale of the flow ODE's initial noise")
+    ode_steps: int = setting(100, "flow ODE steps per token")
+    ode_solver: str = setting("euler", "integrator of the flow ODE", choices=ODE_SOLVERS)
 
     def validate(self) -> None:
-        if self.cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"unknown cfg schedule {self.cfg_schedule!r}; choose one of {CFG_SCHEDULES}")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown ODE sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if self.guidance_schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"unknown guidance schedule {self.guidance_schedule!r}; choose one of "
+                             f"{GUIDANCE_SCHEDULES}")
+        if self.ode_solver not in ODE_SOLVERS:
+            raise ValueError(f"unknown ODE solver {self.ode_solver!r}; choose one of {ODE_SOLVERS}")
         if self.num_iter < 1:
             raise ValueError(f"num_iter must be at least 1, got {self.num_iter}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if self.ode_steps < 1:
+            raise ValueError(f"ode_steps must be at least 1, got {self.ode_steps}")
 
 
 def num_hidden_after(step: int, num_iter: int, seq_len: int, hidden_now: int) -> int:
@@ -57,7 +65,7 @@ def num_hidden_after(step: int, num_iter: int, seq_len: int, hidden_now: int) ->
 
 
 @torch.no_grad()
-def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: SamplingConfig,
+def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, sampling: SamplingConfig,
                   generator: Optional[torch.Generator] = None, batch_null: Optional[bool] = None,
                   orders: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
                   on_step: Optional[StepHook] = None) -> torch.Tensor:
@@ -67,7 +75,7 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
         text: caption embeddings [B, ...] (computed once for the batch by the caller).
         null: [B] bool, True where the prompt is empty and the image is unconditional.
         generator: torch.Generator on the model's device; the same seed gives the same images.
-        batch_null: run the null-condition rows (CFG). Default: whenever cfg != 1.
+        batch_null: run the null-condition rows (CFG). Default: whenever the guidance scale != 1.
         orders, noise: the randomness drawn by the caller instead of from ``generator``: unmasking
             orders [B, L] and the flow's unit starting noise per token position [B, L, d]. With
             both, image b depends only on its own row (evaluation seeds every image by its id).
@@ -77,13 +85,13 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
     """
     mc = model.cfg
     B, L, d = text.pooled.shape[0], mc.seq_len, mc.token_dim
-    cfg.validate()
+    sampling.validate()
     device = text.pooled.device
-    num_iter = cfg.num_iter
+    num_iter = sampling.num_iter
     if num_iter > L:
         log.warning("num_iter %d is more than the %d tokens; using %d (one token per step)", num_iter, L, L)
         num_iter = L
-    use_null = (cfg.cfg != 1.0) if batch_null is None else batch_null
+    use_null = (sampling.guidance_scale != 1.0) if batch_null is None else batch_null
     if orders is None:
         orders = random_orders(B, L, device, generator)                               # [B,L]
     tokens = torch.zeros(B, L, d, device=device)                                      # [B,L,d]
@@ -111,12 +119,12 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, cfg: S
         z_sel = z.flatten(0, 1)                                                       # [rB*n,D]
         guidance = None
         if use_null:
-            known = (L - hidden_next) / L if cfg.cfg_schedule == "linear" else 1.0
-            g = 1.0 + (cfg.cfg - 1.0) * known
+            known = (L - hidden_next) / L if sampling.guidance_schedule == "linear" else 1.0
+            g = 1.0 + (sampling.guidance_scale - 1.0) * known
             guidance = torch.full((B * n,), g, device=device)
         eps = None if noise is None else noise.gather(1, reveal[..., None].expand(-1, -1, d)).flatten(0, 1)
-        new = sample_tokens_from_head(model.flow_head, z_sel, cfg.temperature, cfg.ode_steps,
-                                      cfg.sampler, guidance, generator, eps)          # [B*n,d]
+        new = sample_tokens_from_head(model.flow_head, z_sel, sampling.temperature, sampling.ode_steps,
+                                      sampling.ode_solver, guidance, generator, eps)          # [B*n,d]
         tokens = tokens.scatter(1, reveal[..., None].expand(-1, -1, d), new.view(B, n, d).float())
         hidden = hidden_next
         if on_step is not None:

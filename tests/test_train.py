@@ -10,7 +10,7 @@ import torch
 import main_jepat
 from tests.helpers import tiny_model
 from util.training.checkpoint import load_checkpoint, save_checkpoint
-from util.data.datasets import ResumableSampler
+from util.data.datasets import DataOrder
 from util.training.schedules import CosineValue, LRSchedule, WeightDecaySchedule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,12 +98,12 @@ def test_schedules_apply_what_they_log():
 
 
 def test_resumable_sampler_positions():
-    s = ResumableSampler(40, 4, seed=3)
+    s = DataOrder(40, 4, seed=3)
     s.set_epoch(1)
     whole = list(s)
     s.set_position(1, 3)
     assert list(s) == whole[12:]
-    ranks = [ResumableSampler(40, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [DataOrder(40, 2, seed=3, rank=r, world_size=2) for r in (0, 1)]
     for r in ranks:
         r.set_epoch(1)
     a, b = list(ranks[0]), list(ranks[1])

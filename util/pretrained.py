@@ -25,13 +25,12 @@ from models.sampler import SamplingConfig
 from models.tokenizers import build_tokenizer
 from util.data.captions import build_caption_store, check_widths
 from util.evaluation.generate import ImageGenerator
-from util.training.checkpoint import checkpoint_recipe, load_checkpoint
+from util.training.checkpoint import checkpoint_recipe, load_checkpoint, training_summary
 
 log = logging.getLogger(__name__)
 
 WEIGHTS, CONFIG, CARD, METRICS = "model.safetensors", "config.json", "README.md", "metrics.json"
-FOLDER_FORMAT, FOLDER_VERSION = "jepat-pretrained", 1
-TRAINING_KEYS = ("recipe", "dataset", "epochs", "batch_size", "accum_iter", "lr", "blr", "seed")
+FOLDER_FORMAT, FOLDER_VERSION = "jepat-pretrained", 2   # 2: the configuration tree
 
 
 @dataclass
@@ -44,6 +43,8 @@ class Pretrained:
     source: Path
     training: Dict[str, Any] = field(default_factory=dict)   # recipe, epochs, batch, lr, train_seconds
     metrics: Optional[Dict[str, Any]] = None      # the run's metrics.json at this step, if any
+    config: Optional[Dict[str, Any]] = None       # the run's configuration tree (None: written before it existed)
+    captions_info: Dict[str, Any] = field(default_factory=dict)   # encoder widths, how the captions were made
 
     def build_model(self, device: torch.device | str) -> JEPAT:
         """The network with these weights, frozen, in eval mode, on ``device``."""
@@ -67,11 +68,9 @@ def load_pretrained(path: str | os.PathLike, raw: bool = False) -> Pretrained:
         return _load_folder(path)
     ckpt = load_checkpoint(path)
     step = int(ckpt.get("state", {}).get("step", 0))
-    args = ckpt.get("args", {})
-    training = {k: args[k] for k in TRAINING_KEYS if k in args}
-    training["train_seconds"] = ckpt.get("state", {}).get("train_seconds")
     return Pretrained(ckpt["model_config"], ckpt["model" if raw else "ema"], checkpoint_recipe(ckpt), step, path,
-                      training, _run_metrics(path.parent / METRICS, step))
+                      training_summary(ckpt), _run_metrics(path.parent / METRICS, step), ckpt.get("config"),
+                      ckpt.get("captions_info", {}))
 
 
 def _run_metrics(path: Path, step: int) -> Optional[Dict[str, Any]]:
@@ -108,9 +107,8 @@ def _load_folder(folder: Path) -> Pretrained:
                                   f"({weights_path.stat().st_size} bytes): {e}") from None
     metrics_path = folder / METRICS
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
-    recipe = {k: config[k] for k in ("sampling", "captions", "image")}
-    return Pretrained(config["model_config"], weights, recipe, int(config.get("step", 0)), folder,
-                      config.get("training", {}), metrics)
+    return Pretrained(config["model_config"], weights, checkpoint_recipe(config), int(config.get("step", 0)), folder,
+                      config.get("training", {}), metrics, config.get("config"), config.get("captions_info", {}))
 
 
 def export_pretrained(pre: Pretrained, out_dir: str | os.PathLike) -> Path:
@@ -119,8 +117,9 @@ def export_pretrained(pre: Pretrained, out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in pre.weights.items()}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "weights": "ema", "step": str(pre.step)})
+    stored = {"config": pre.config, "captions_info": pre.captions_info} if pre.config is not None else pre.recipe
     config = {"format": FOLDER_FORMAT, "format_version": FOLDER_VERSION, "model_config": pre.model_config,
-              **pre.recipe, "step": pre.step, "training": pre.training}
+              **stored, "step": pre.step, "training": pre.training}
     (out / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     if pre.metrics is not None:
         (out / METRICS).write_text(json.dumps(pre.metrics, indent=2) + "\n")
@@ -169,8 +168,9 @@ def model_card(pre: Pretrained) -> str:
         f" ({c.get('seq_len')} tokens of width {c.get('token_dim')})",
         f"* {pre.step} optimizer steps{hours}; recipe `{t.get('recipe', '?')}`, batch {t.get('batch_size', '?')} "
         f"per process, " + (f"lr {t['lr']}" if t.get("lr") else f"base lr {t.get('blr', '?')} per 256 images"),
-        f"* sampling defaults: {s.get('num_iter')} iterations, guidance {s.get('cfg')} ({s.get('cfg_schedule')}), "
-        f"temperature {s.get('temperature')}, {s.get('ode_steps')} {s.get('sampler')} ODE steps", "",
+        f"* sampling defaults: {s.get('num_iter')} iterations, guidance {s.get('guidance_scale')} "
+        f"({s.get('guidance_schedule')}), temperature {s.get('temperature')}, {s.get('ode_steps')} "
+        f"{s.get('ode_solver')} ODE steps", "",
         "## Metrics", "", *_metric_lines(pre.metrics), "",
         "## Use", "", "```bash",
         "hf download USER/REPO --local-dir jepat-model        # or any copy of this folder",

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from huggingface_hub.utils import disable_progress_bars
 
 from models.safe_load import CheckpointFileError
+from util.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +72,9 @@ def _device(name: str, local_rank: int, distributed: bool) -> torch.device:
     if not name.startswith("cuda"):
         return torch.device(name)
     if not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}, but this process sees no GPU; use --device cpu")
+        raise UserError(f"--device {name}, but this process sees no GPU; use --device cpu")
     if ":" in name and distributed and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        raise SystemExit(f"--device {name} names one GPU, but torchrun starts several processes per node; "
+        raise UserError(f"--device {name} names one GPU, but torchrun starts several processes per node; "
                          "pass --device cuda (each process takes the GPU of its LOCAL_RANK)")
     device = torch.device("cuda", int(name.split(":")[1]) if ":" in name else local_rank)
     torch.cuda.set_device(device)
@@ -160,11 +161,11 @@ def autocast_context(device: torch.device, precision: str) -> contextlib.Abstrac
 
 @contextlib.contextmanager
 def user_errors():
-    """For a script's ``__main__``: a file the user passed that is missing, unreadable or refused
-    ends the run with its one-line message (exit status 1), not a traceback."""
+    """For a script's ``__main__``: a setting or file the user passed that is wrong, missing,
+    unreadable or refused ends the run with its one-line message (exit status 1), not a traceback."""
     try:
         yield
-    except (CheckpointFileError, FileNotFoundError) as e:
+    except (UserError, CheckpointFileError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

@@ -22,6 +22,7 @@ import torch
 
 from models.text_encoders import TextEmbeddings, TextEncoder, build_text_encoder
 from util.data.caption_table import CaptionTable
+from util.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -145,18 +146,18 @@ class CaptionStore:
             return
         name = self.info["name"]
         if self.recipe is None:
-            raise SystemExit(f"{len(missing)} caption(s) are not in the cached text embeddings (e.g. {missing[0]!r}) "
+            raise UserError(f"{len(missing)} caption(s) are not in the cached text embeddings (e.g. {missing[0]!r}) "
                              "and no text encoder is known to encode them")
         try:
             encoder = text_encoder(self.recipe, self.device)
         except (OSError, RuntimeError, ValueError) as e:
-            raise SystemExit(f"{len(missing)} prompt(s) are not in the cached caption embeddings (e.g. {missing[0]!r}) "
+            raise UserError(f"{len(missing)} prompt(s) are not in the cached caption embeddings (e.g. {missing[0]!r}) "
                              f"and the text encoder {name!r} that would encode them cannot be built ({e}); pass its "
                              "weights with --text_encoder_path, or use prompts the cache holds") from None
         have = (encoder.token_dim, encoder.pooled_dim, encoder.max_length)
         want = (self.info["token_dim"], self.info["pooled_dim"], self.info["max_length"])
         if have != want:
-            raise SystemExit(f"text encoder {name!r} gives (token width, pooled width, length) {have}, but the cached "
+            raise UserError(f"text encoder {name!r} gives (token width, pooled width, length) {have}, but the cached "
                              f"embeddings have {want}; pass the encoder the cache was made with")
         log.info("%d prompt(s) are not in the caption cache (e.g. %r): %s encodes them", len(missing), missing[0], name)
         self.encoder = encoder
@@ -221,5 +222,5 @@ def check_widths(store: CaptionStore, token_dim: int, pooled_dim: int, source: s
     """The store's embeddings must have the widths the model was built for."""
     have = (store.info["token_dim"], store.info["pooled_dim"])
     if have != (token_dim, pooled_dim):
-        raise SystemExit(f"text encoder {store.info['name']} gives widths {have} but {source} was trained with "
+        raise UserError(f"text encoder {store.info['name']} gives widths {have} but {source} was trained with "
                          f"{(token_dim, pooled_dim)}; pass the same encoder (--text_encoder_path)")

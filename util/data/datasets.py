@@ -76,7 +76,7 @@ def collate(batch: List[Tuple[torch.Tensor, str | int]]) -> Tuple[torch.Tensor, 
     return images, torch.tensor(captions, dtype=torch.long) if isinstance(captions[0], int) else captions
 
 
-class ResumableSampler(Sampler[int]):
+class DataOrder(Sampler[int]):
     """Shuffled indices, one permutation per (seed, epoch), split across ranks, that can start
     part-way through an epoch (``set_position``) so a resumed run sees exactly the data an
     uninterrupted one would have seen. Drops the tail so every rank gets the same count.

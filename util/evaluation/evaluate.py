@@ -6,7 +6,6 @@ score), or, for models trained on the built-in ``shapes`` set, the judged shapes
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -19,39 +18,15 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid, save_image
 
+from util.config import EvalConfig
 from util.evaluation import clip_score, fid, probe
 from util.evaluation.generate import ImageGenerator, SampleFolder, image_name, image_seed, save_adm_npz
 from util.evaluation.prompts import PromptSet, class_balanced_prompts, file_prompts, read_class_names, read_lines
 from util.evaluation.shapes_eval import evaluate_shapes
 from util.runtime import DistEnv
+from util.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-def add_evaluation_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("evaluation (FID / IS / precision-recall / CLIP score / linear probe)")
-    g.add_argument("--eval_freq", type=int, default=0, help="also evaluate every N epochs during training (0: only at the end)")
-    g.add_argument("--eval_class_names", default=None,
-                   help="class names, one per line, plain or 'wnid<TAB>name' (util/data/imagenet_classes.txt): "
-                        "class-balanced prompts (default for class-folder training: exactly its class prompts)")
-    g.add_argument("--eval_class_template", default=None,
-                   help="prompt for a class name, e.g. 'a photo of a {}' (default: the training one, else '{}')")
-    g.add_argument("--eval_prompts_file", default=None, help="text file, one free-text prompt per line")
-    g.add_argument("--num_images", type=int, default=None,
-                   help="images to generate (default: 50000 for class names, one per prompt for a prompts file)")
-    g.add_argument("--eval_batch_size", type=int, default=64, help="generation / feature batch per rank")
-    g.add_argument("--eval_per_combo", type=int, default=16, help="shapes evaluation: images per color-shape combination")
-    g.add_argument("--fid_ref", default=None, help="FID reference: mu/sigma statistics .npz (e.g. ADM's) or an image folder")
-    g.add_argument("--eval_metrics", default="fid,isc,prc", help="comma-separated subset of fid,isc,prc,kid")
-    g.add_argument("--fid_feature_extractor", default=fid.INCEPTION, help="a torch-fidelity feature extractor")
-    g.add_argument("--inception_weights", default=None, help="default: torch-fidelity's file in the torch.hub cache")
-    g.add_argument("--save_npz", action="store_true", help="also write the samples as an ADM-suite .npz (arr_0, arr_1)")
-    g.add_argument("--clip_score_model", default="ViT-B-32", help="open_clip model of the CLIP score")
-    g.add_argument("--clip_score_weights", default=None,
-                   help="open_clip checkpoint file or cached pretrained tag; without it the CLIP score is skipped")
-    g.add_argument("--probe", action="store_true", help="shapes: linear probe of the frozen encoder (color, shape)")
-    g.add_argument("--probe_train", type=int, default=1000, help="probe training images")
-    g.add_argument("--probe_test", type=int, default=500, help="probe test images")
 
 
 @dataclass
@@ -72,36 +47,36 @@ class EvalOptions:
     seed: int = 0
 
 
-def eval_prompts(args: argparse.Namespace, source: Dict,
+def eval_prompts(e: EvalConfig, source: Dict,
                  training_captions: Optional[Callable[[int], List[str]]] = None) -> Optional[PromptSet]:
-    """The prompt of every evaluation image: from --eval_class_names or --eval_prompts_file, else
+    """The prompt of every evaluation image: from ``class_names`` or ``prompts_file``, else
     the training captions: for class folders exactly the class prompts, class-balanced (50,000
     images unless --num_images); for caption data up to 30,000 of its captions, spread over all of
     them (``training_captions(n)``), one image each. ``source``: how the training captions were made."""
-    if args.eval_class_names and args.eval_prompts_file:
-        raise SystemExit("give --eval_class_names or --eval_prompts_file, not both")
+    if e.class_names and e.prompts_file:
+        raise UserError("give --eval_class_names or --eval_prompts_file, not both")
     def num(classes: int) -> int:   # 50 per class for ImageNet's 1000 (FID-50K), ~50,000 in all otherwise
-        return args.num_images or max(1, round(50_000 / classes)) * classes
-    if args.eval_class_names:
-        template = args.eval_class_template or source.get("template") or "{}"
-        names = read_class_names(args.eval_class_names)
+        return e.num_images or max(1, round(50_000 / classes)) * classes
+    if e.class_names:
+        template = e.class_template or source.get("template") or "{}"
+        names = read_class_names(e.class_names)
         return class_balanced_prompts(names, num(len(names)), template)
-    if args.eval_prompts_file:
-        return file_prompts(read_lines(args.eval_prompts_file, "prompts"), args.num_images)
+    if e.prompts_file:
+        return file_prompts(read_lines(e.prompts_file, "prompts"), e.num_images)
     if source.get("kind") == "class" and source.get("class_prompts"):
-        if args.eval_class_template:
+        if e.class_template:
             if not source.get("class_names"):
-                raise SystemExit("--eval_class_template needs the class names: pass --eval_class_names too")
+                raise UserError("--eval_class_template needs the class names: pass --eval_class_names too")
             return class_balanced_prompts(source["class_names"], num(len(source["class_names"])),
-                                          args.eval_class_template)
+                                          e.class_template)
         prompts = class_balanced_prompts(source["class_prompts"], num(len(source["class_prompts"])), "{}")
         prompts.source = "training class prompts"
         prompts.extra["template"] = source.get("template")
         return prompts
     if source.get("kind") == "caption" and training_captions is not None:
-        captions = training_captions(args.num_images or 30_000)
+        captions = training_captions(e.num_images or 30_000)
         if captions:
-            prompts = file_prompts(captions, args.num_images)
+            prompts = file_prompts(captions, e.num_images)
             prompts.source = "training captions"
             return prompts
     return None
@@ -118,16 +93,15 @@ def log_unseen(prompts: PromptSet, known: Callable[[Sequence[str]], List[bool]])
     prompts.extra["unseen_prompts"] = len(unseen)
 
 
-def eval_options(args: argparse.Namespace, source: Dict,
+def eval_options(e: EvalConfig, seed: int, source: Dict,
                  training_captions: Optional[Callable[[int], List[str]]] = None) -> EvalOptions:
-    """The options of ``add_evaluation_args``; prompt files are read (and checked) here, at start-up."""
-    prompts = eval_prompts(args, source, training_captions)
-    return EvalOptions(prompts=prompts, fid_ref=args.fid_ref, metrics=tuple(m for m in args.eval_metrics.split(",") if m),
-                       feature_extractor=args.fid_feature_extractor, inception_weights=args.inception_weights,
-                       save_npz=args.save_npz, clip_score_model=args.clip_score_model,
-                       clip_score_weights=args.clip_score_weights, batch_size=args.eval_batch_size,
-                       per_combo=args.eval_per_combo, probe=args.probe,
-                       probe_sizes=(args.probe_train, args.probe_test), seed=args.seed)
+    """The options of the ``eval`` section; prompt files are read (and checked) here, at start-up."""
+    return EvalOptions(prompts=eval_prompts(e, source, training_captions), fid_ref=e.fid_ref,
+                       metrics=tuple(m for m in e.metrics.split(",") if m), feature_extractor=e.feature_extractor,
+                       inception_weights=e.inception_weights, save_npz=e.save_npz,
+                       clip_score_model=e.clip_score_model, clip_score_weights=e.clip_score_weights,
+                       batch_size=e.batch_size, per_combo=e.per_combo, probe=e.probe,
+                       probe_sizes=(e.probe_train, e.probe_test), seed=seed)
 
 
 def check_options(options: EvalOptions) -> List[str]:

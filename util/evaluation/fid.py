@@ -332,7 +332,7 @@ def main() -> None:
     device = torch.device(a.device)
     if a.stats_of:
         if not a.save_stats:
-            raise SystemExit("--stats_of needs --save_stats OUT.npz")
+            p.error("--stats_of needs --save_stats OUT.npz")
         layer = _registry()[a.feature_extractor].get_default_feature_layer_for_metric("fid")
         feats = extract_features(a.stats_of, a.feature_extractor, [layer], device, a.batch_size, a.inception_weights)
         save_statistics(a.save_stats, feats[layer], a.feature_extractor)

@@ -2,11 +2,10 @@
 one object, ``TrainingCheckpoint``, that owns what a training checkpoint holds and how it is restored.
 
 A checkpoint holds the trainable model only (never the frozen text encoder or tokenizer), its EMA,
-the model config (so a checkpoint rebuilds its own model), its own recipe as plain dictionaries
-(``sampling``: the sampler's defaults; ``captions``: how the training captions were made and
-embedded; ``image``: tokenizer, patch and image size) and, for training, the optimizer, scaler,
-step counters, generator and RNG states. The launch arguments are kept under ``args`` for the
-record; nothing reads them back, so renaming a flag never breaks an old checkpoint.
+the model config (so a checkpoint rebuilds its own model), the run's resolved configuration tree
+(``config``, util/config.py, as plain data: its sampling section is the sampler's defaults), what
+the run measured of its captions (``captions_info``: encoder widths, how the captions were made) and,
+for training, the optimizer, scaler, step counters, generator and RNG states.
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ from util.training.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3   # 3: RNG states as tensors and numbers (weights_only=True reads it)
+FORMAT_VERSION = 4   # 4: the configuration tree (3: RNG states as tensors and numbers)
 
 
 def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -112,14 +111,38 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+SAMPLING_RENAMED = {"cfg": "guidance_scale", "cfg_schedule": "guidance_schedule", "sampler": "ode_solver"}
+
+
+def upgrade_sampling(sampling: Dict[str, Any]) -> Dict[str, Any]:
+    """Sampling settings under their current names (format 1-3 files say cfg, cfg_schedule, sampler)."""
+    return {SAMPLING_RENAMED.get(k, k): v for k, v in sampling.items()}
+
+
+def recipe_of_config(config: Dict[str, Any], captions_info: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The ``sampling``, ``captions`` and ``image`` views of a stored configuration tree (plus what
+    the run measured of its captions: encoder widths, length and how the captions were made)."""
+    model, data = config["model"], config["data"]
+    data_path = (data["data_path"] or config.get("cache", {}).get("cache_dir", "")) if data["dataset"] == "cached" \
+        else data["data_path"]
+    return {"sampling": dict(config["sampling"]),
+            "captions": {"dataset": data["dataset"], "data_path": data_path, **config["captions"], **captions_info},
+            "image": {k: model[k] for k in ("tokenizer", "vae_path", "patch_size", "img_size")}}
+
+
 def checkpoint_recipe(ckpt: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
-    """The checkpoint's own recipe: ``sampling``, ``captions`` and ``image`` dictionaries. Reads
-    format 1 too (which kept them among the launch arguments)."""
+    """The checkpoint's own recipe: ``sampling``, ``captions`` and ``image`` dictionaries, from its
+    configuration tree (format 4). Reads formats 1 to 3 too: 2 and 3 kept the three dictionaries,
+    1 kept them among the launch arguments; their sampling keys are renamed to today's."""
+    if "config" in ckpt:
+        return recipe_of_config(ckpt["config"], ckpt.get("captions_info", {}))
     if "sampling" in ckpt:
-        return {k: dict(ckpt[k]) for k in ("sampling", "captions", "image")}
+        recipe = {k: dict(ckpt[k]) for k in ("sampling", "captions", "image")}
+        recipe["sampling"] = upgrade_sampling(recipe["sampling"])
+        return recipe
     args, te = ckpt.get("args", {}), ckpt.get("text_encoder", {})
-    sampling = {k: args[k] for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "ode_steps", "sampler")
-                if k in args}
+    sampling = upgrade_sampling({k: args[k] for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "ode_steps",
+                                                      "sampler") if k in args})
     captions = {"dataset": args.get("dataset"), "data_path": args.get("data_path"),
                 "text_encoder": te.get("name", args.get("text_encoder")), "clip_model": args.get("clip_model"),
                 "text_encoder_path": args.get("text_encoder_path"), "text_max_length": args.get("text_max_length"),
@@ -127,6 +150,21 @@ def checkpoint_recipe(ckpt: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     image = {"tokenizer": ckpt.get("tokenizer"), "vae_path": args.get("vae_path"),
              "patch_size": ckpt.get("patch_size"), "img_size": ckpt.get("img_size")}
     return {"sampling": sampling, "captions": captions, "image": image}
+
+
+def training_summary(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+    """Recipe, data, epochs, batch, lr and seed of the run that wrote ``ckpt`` (for model cards)."""
+    if "config" in ckpt:
+        c = ckpt["config"]
+        summary = {"recipe": c.get("recipe"), "dataset": c["data"]["dataset"], "epochs": c["optim"]["epochs"],
+                   "batch_size": c["optim"]["batch_size"], "accum_iter": c["optim"]["accum_iter"],
+                   "lr": c["optim"]["lr"], "blr": c["optim"]["blr"], "seed": c["runtime"]["seed"]}
+    else:
+        args = ckpt.get("args", {})
+        summary = {k: args[k] for k in ("recipe", "dataset", "epochs", "batch_size", "accum_iter", "lr", "blr", "seed")
+                   if k in args}
+    summary["train_seconds"] = ckpt.get("state", {}).get("train_seconds")
+    return summary
 
 
 def check_compatible(ckpt: Dict, model: JEPAT, path: str) -> None:
@@ -158,8 +196,8 @@ class TrainState:
 class TrainingCheckpoint:
     """What a training checkpoint holds, saved from and restored into one run.
 
-    ``record`` holds what describes the run and never changes during it: the model config and the
-    ``sampling``, ``captions``, ``image`` and ``args`` dictionaries.
+    ``record`` holds what describes the run and never changes during it: the model config, the
+    configuration tree and the captions' info.
     """
 
     def __init__(self, out_dir: Path, parallel: Parallel, optimizer: torch.optim.Optimizer, state: TrainState,

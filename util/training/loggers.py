@@ -10,7 +10,6 @@ disk under ``$WANDB_DIR/wandb``, by default ``<output_dir>/wandb``, for a later 
 """
 from __future__ import annotations
 
-import argparse
 import html
 import importlib
 import json
@@ -30,14 +29,14 @@ WANDB_ID_FILE = "wandb_run_id.txt"
 
 
 def parse_log_with(text: str) -> Tuple[str, ...]:
-    """argparse type of ``--log_with``: a comma list of LOGGERS, or 'none'."""
+    """``runtime.log_with``: a comma list of LOGGERS, or 'none'."""
     names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
     if names == ("none",):
         return ()
     unknown = [n for n in names if n not in LOGGERS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)} "
-                                         "(comma-separated) or none")
+        raise ValueError(f"runtime.log_with: unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)} "
+                         "(comma-separated) or none")
     return names
 
 
@@ -75,7 +74,7 @@ class RunLogger:
         try:
             wandb = importlib.import_module("wandb")
         except ImportError:
-            raise SystemExit("--log_with wandb needs the wandb package: pip install -r requirements.txt") from None
+            raise RuntimeError("runtime.log_with wandb needs the wandb package: pip install -r requirements.txt") from None
         id_file = out_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else None
         run = wandb.init(project=project, name=out_dir.name, id=run_id, resume="allow" if run_id else None,

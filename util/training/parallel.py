@@ -9,7 +9,6 @@ steps draw exactly what N*A ranks (or one process with N*A accumulation steps) w
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import logging
@@ -28,28 +27,10 @@ from torch.nn.parallel import DistributedDataParallel
 from models.jepat import JEPAT
 from models.loss import EMATarget, JEPATLoss
 from models.text_encoders import TextEmbeddings
+from util.config import STRATEGIES
 from util.runtime import DistEnv
 
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("ddp", "fsdp")
-COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
-
-
-def add_distributed_args(p: argparse.ArgumentParser) -> None:
-    """The ``distributed`` argument group of main_jepat.py (strategy and checkpointing come from the recipe)."""
-    g = p.add_argument_group("distributed (torchrun) and memory")
-    g.add_argument("--strategy", choices=STRATEGIES, default=argparse.SUPPRESS,
-                   help="under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard, for huge)")
-    g.add_argument("--accum_iter", type=int, default=1,
-                   help="micro-batches per optimizer step (global batch = batch_size x processes x accum_iter)")
-    g.add_argument("--grad_checkpointing", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                   help="recompute encoder/predictor blocks in the backward pass (activation checkpointing)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the training step")
-    g.add_argument("--compile_backend", default="inductor", choices=COMPILE_BACKENDS)
-    g.add_argument("--dist_timeout_min", type=float, default=30.0,
-                   help="collective timeout (checkpoint gathers and evaluation on rank 0 must fit in it)")
-
 
 # -------------------------------------------------------------------- randomness
 def step_seed(seed: int, step: int, shard: int) -> int:

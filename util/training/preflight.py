@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from util.evaluation.evaluate import EvalOptions, check_options
+from util.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +28,16 @@ def preflight(out_dir: Path, needed_bytes: int, options: Optional[EvalOptions]) 
         try:
             check_options(options)
         except (FileNotFoundError, ValueError) as e:   # a message, not a traceback: nothing has run yet
-            raise SystemExit(f"preflight: {e}") from None
+            raise UserError(f"preflight: {e}") from None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".preflight."):
             pass
     except OSError as e:
-        raise SystemExit(f"the output folder {out_dir} is not writable ({e}); pass another --output_dir") from None
+        raise UserError(f"the output folder {out_dir} is not writable ({e}); pass another --output_dir") from None
     free = shutil.disk_usage(out_dir).free
     if free < needed_bytes:
-        raise SystemExit(f"{out_dir} has {free / 2**30:.2f} GiB free but one checkpoint needs "
+        raise UserError(f"{out_dir} has {free / 2**30:.2f} GiB free but one checkpoint needs "
                          f"{needed_bytes / 2**30:.2f} GiB; free some space or pass another --output_dir")
     log.info("preflight passed: %s writable, %.1f GiB free for checkpoints of %.2f GiB", out_dir, free / 2**30,
              needed_bytes / 2**30)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
+
+from util.config import OptimConfig
 
 
 class LRSchedule:
@@ -65,11 +66,12 @@ class Schedules:
     ema: CosineValue
 
     @classmethod
-    def build(cls, lr: float, warmup_epochs: float, steps_per_epoch: int, total_steps: int, lr_schedule: str,
-              min_lr: float, weight_decay: float, weight_decay_end: Optional[float], ema_start: Optional[float],
-              ema_end: float) -> "Schedules":
-        """``weight_decay_end`` / ``ema_start`` None: constant weight decay / EMA momentum."""
-        return cls(lr=LRSchedule(lr, int(warmup_epochs * steps_per_epoch), total_steps, lr_schedule, min_lr),
-                   weight_decay=WeightDecaySchedule(weight_decay, weight_decay if weight_decay_end is None
-                                                    else weight_decay_end, total_steps),
-                   ema=CosineValue(ema_end if ema_start is None else ema_start, ema_end, total_steps))
+    def build(cls, optim: OptimConfig, lr: float, steps_per_epoch: int, total_steps: int) -> "Schedules":
+        """The schedules of the ``optim`` section at peak lr ``lr`` (resolved from blr and the global
+        batch). ``weight_decay_end`` / ``ema_rate_start`` None: constant weight decay / EMA momentum."""
+        wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
+        ema_start = optim.ema_rate if optim.ema_rate_start is None else optim.ema_rate_start
+        return cls(lr=LRSchedule(lr, int(optim.warmup_epochs * steps_per_epoch), total_steps, optim.lr_schedule,
+                                 optim.min_lr),
+                   weight_decay=WeightDecaySchedule(optim.weight_decay, wd_end, total_steps),
+                   ema=CosineValue(ema_start, optim.ema_rate, total_steps))
