@@ -31,7 +31,7 @@ from util.config import (DEFAULT_RECIPE, TrainConfig, add_config_args, add_setti
                          settings)
 from util.data.caption_table import write_caption_table
 from util.data.captions import text_cache_key
-from util.data.image_folders import Listing, TarMembers, build_listing
+from util.data.image_folders import CaptionOrigin, Listing, TarMembers, build_listing
 from util.data.latent_cache import (PENDING, ListingSource, ShapesSource, cache_shard, finalize_cache, num_shards,
                                     prepare_cache, read_meta, shard_rows)
 from util.data.tar_shards import list_tar_shards
@@ -68,10 +68,10 @@ def build_source(c: TrainConfig, cache_dir: Path, listed: bool):
         return ShapesSource(c.data.num_samples, c.model.img_size, c.runtime.seed)
     if listed:
         d = json.loads((cache_dir / "listing.json").read_text())
-        source = d.get("caption_source", {})
+        origin = CaptionOrigin.from_dict(d.get("caption_source"))
         members = TarMembers.from_json(d["members"]) if d.get("members") else None
         listing = Listing(d["root"], d["paths"], d["entry_groups"], d["groups"], d["kind"], d["listing_skipped"],
-                          source.get("class_names", []), source.get("template", ""), members)
+                          origin.class_names, origin.template, members)
     elif k.dataset == "webdataset":
         listing = list_tar_shards(k.data_path)
     else:

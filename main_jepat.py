@@ -30,7 +30,8 @@ from models.tokenizers import Tokenizer, build_tokenizer
 from util.config import (DEFAULT_RECIPE, ModelConfig, TrainConfig, add_config_args, add_setting_flags,
                          flag_overrides, resolve, settings, to_dict, to_yaml)
 from util.data.captions import CaptionStore, build_caption_store, caption_recipe
-from util.data.datasets import DataOrder, build_dataset, collate, is_shapes_data
+from util.data.datasets import DataOrder, build_dataset, is_shapes_data
+from util.data.image_folders import CaptionOrigin
 from util.data.latent_cache import CachedLatentDataset, CachedLatentInput
 from util.errors import UserError
 from util.evaluation.evaluate import EvalOptions, eval_options, evaluate, log_unseen
@@ -121,17 +122,19 @@ def build_data(c: TrainConfig, env: DistEnv, captions: CaptionStore, tokenizer: 
                  "" if len(vocabulary) <= captions.capacity else f": more than the {captions.capacity} the store "
                  "keeps, so they are encoded as they come; cache them with main_cache.py to read them from disk")
     order = DataOrder(len(dataset), c.optim.batch_size, seed=c.runtime.seed, rank=env.rank, world_size=env.world_size)
-    loader = DataLoader(dataset, batch_size=c.optim.batch_size, sampler=order, collate_fn=collate,
+    # torch's default collate: images stacked, captions as a list of strings (or a tensor of caption-table rows)
+    loader = DataLoader(dataset, batch_size=c.optim.batch_size, sampler=order,
                         num_workers=c.data.num_workers, drop_last=True, pin_memory=env.device.type == "cuda",
                         generator=torch.Generator().manual_seed(c.runtime.seed))  # keeps the global RNG untouched
     inputs = ModelInputs(train_tokenizer, captions, c.model.patch_size, env.device)
-    return order, loader, inputs, dataset.caption_source()
+    return order, loader, inputs, dataset.caption_origin()
 
 
-def plan_evaluation(c: TrainConfig, env: DistEnv, source: Dict, captions: CaptionStore, model: JEPAT) -> EvalOptions:
+def plan_evaluation(c: TrainConfig, env: DistEnv, origin: CaptionOrigin, captions: CaptionStore,
+                    model: JEPAT) -> EvalOptions:
     """The evaluation after training (by default the training prompts), with everything it will
     need checked now: weights, references, prompt encodings, the output folder and its free disk."""
-    options = eval_options(c.eval, c.runtime.seed, {} if c.eval.skip else source, captions.sample_captions)
+    options = eval_options(c.eval, c.runtime.seed, CaptionOrigin() if c.eval.skip else origin, captions.sample_captions)
     will_generate = not c.eval.skip and options.prompts is not None
     if will_generate and c.runtime.strategy == "fsdp" and env.world_size > 1:
         if c.eval.class_names or c.eval.prompts_file:
@@ -157,8 +160,8 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     model = make_model(c.model, tokenizer, captions.info).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()   # targets and samples without dropout
     log.info("model %s: %s", c.model.preset, json.dumps(model.num_params()))
-    order, loader, inputs, source = build_data(c, env, captions, tokenizer)
-    options = plan_evaluation(c, env, source, captions, model)
+    order, loader, inputs, origin = build_data(c, env, captions, tokenizer)
+    options = plan_evaluation(c, env, origin, captions, model)
     ckpt = TrainingCheckpoint.load_weights(c.runtime.resume, model, ema) if c.runtime.resume else None
     steps_per_epoch = order.num_batches // o.accum_iter  # optimizer steps
     if steps_per_epoch < 1:
@@ -174,7 +177,7 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     state = TrainState()
     state.host_generator.manual_seed(c.runtime.seed)
     record = {"model_config": config_dict(model), "config": to_dict(c),
-              "captions_info": {**captions.info, "source": source}}
+              "captions_info": {**captions.info, "source": origin.to_dict()}}
     checkpoint = TrainingCheckpoint(out_dir, parallel, optimizer, state, record)
     if ckpt is not None:
         checkpoint.restore(ckpt)
@@ -189,7 +192,7 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
             "recipe": c.recipe, "resolved_lr": lr, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
             "world_size": env.world_size, "global_batch": global_batch, "model_config": config_dict(model)}, indent=2))
     run = Run(c, env, out_dir, tokenizer, captions, model, ema, parallel, optimizer, schedules, loader, order, inputs,
-              state, checkpoint, options, source.get("kind") == "shapes", steps_per_epoch)
+              state, checkpoint, options, origin.kind == "shapes", steps_per_epoch)
     run.history = earlier_history(run)
     return run
 
@@ -203,10 +206,11 @@ def earlier_history(run: Run) -> List[Dict]:
 
 
 # ==================================================================== evaluation of a saved checkpoint
-def training_captions(captions: CaptionStore, recipe: Dict, source: Dict) -> Optional[Callable[[int], List[str]]]:
+def training_captions(captions: CaptionStore, recipe: Dict, origin: CaptionOrigin
+                      ) -> Optional[Callable[[int], List[str]]]:
     """Up to n training captions of a caption-data checkpoint, spread over all of them: from the
     cache's caption table, or from the dataset's listing."""
-    if source.get("kind") != "caption":
+    if origin.kind != "caption":
         return None
     if captions.table is not None:
         return captions.sample_captions
@@ -229,12 +233,12 @@ def evaluate_checkpoint(launch: Launch, env: DistEnv) -> Dict:
     gen = build_generator(pretrained, env.device, c.runtime.precision, sampling, overrides, c.model.vae_path,
                           use_text_cache=True)
     recipe = {**pretrained.recipe["captions"], **overrides}
-    source = recipe.get("source") or (   # format-1 checkpoints did not record it
-        {"kind": "shapes"} if is_shapes_data(recipe["dataset"], recipe["data_path"]) else {})
-    options = eval_options(c.eval, c.runtime.seed, source, training_captions(gen.captions, recipe, source))
+    origin = CaptionOrigin.from_dict(recipe.get("source") or (   # format-1 checkpoints did not record it
+        {"kind": "shapes"} if is_shapes_data(recipe["dataset"], recipe["data_path"]) else {}))
+    options = eval_options(c.eval, c.runtime.seed, origin, training_captions(gen.captions, recipe, origin))
     if options.prompts is not None:
-        if source.get("class_prompts"):   # the training captions are known: class prompts, or a cache's table
-            trained = set(source["class_prompts"])
+        if origin.class_prompts:   # the training captions are known: class prompts, or a cache's table
+            trained = set(origin.class_prompts)
             log_unseen(options.prompts, lambda ps: [p in trained for p in ps])
         elif gen.captions.table is not None:
             log_unseen(options.prompts, gen.captions.known)
@@ -243,7 +247,7 @@ def evaluate_checkpoint(launch: Launch, env: DistEnv) -> Dict:
     preflight(out_dir, 0, options)
     logger = RunLogger.open(parse_log_with(c.runtime.log_with), out_dir, config_record(c)) if env.is_main else None
     try:
-        return evaluate(gen, options, out_dir, pretrained.step, env, source.get("kind") == "shapes",
+        return evaluate(gen, options, out_dir, pretrained.step, env, origin.kind == "shapes",
                         {"checkpoint": c.runtime.resume}, logger)
     finally:
         if logger is not None:

@@ -1,11 +1,11 @@
 """Speed, correctness and fidelity of the sampler for one checkpoint on ``shapes``: seconds per
 image, judged accuracy (seen and held-out prompts) and fidelity to the data's variety (Fréchet
 distance against rendered images with its rendered-vs-rendered floor, and the within-prompt spread;
-util/evaluation/shapes_fidelity.py) over temperature x num_iter x ODE steps x ODE sampler x CFG.
+util/evaluation/shapes_fidelity.py) over temperature x num_iter x ODE steps x ODE solver x guidance scale.
 
     python benchmarks/bench_sample.py output/shapes/checkpoint-last.pth
     python benchmarks/bench_sample.py CKPT --temperature 0.05,0.5,1.0 --num_iter 8,16 --ode_steps 5,10,20 \
-        --samplers heun --cfg 3 --per_combo 8
+        --solvers heun --guidance 3 --per_combo 8
 
 CFG 1.0 means no guidance, which also skips the null-condition rows. Timings are wall-clock
 seconds per image for the whole judged set (generation only), measured in one run.
@@ -49,8 +49,8 @@ def main() -> None:
     p.add_argument("checkpoint")
     p.add_argument("--num_iter", default="4,16", help="comma-separated unmasking steps")
     p.add_argument("--ode_steps", default="5,20", help="comma-separated flow ODE steps")
-    p.add_argument("--samplers", default="heun")
-    p.add_argument("--cfg", default="3", help="comma-separated guidance scales (1: no guidance)")
+    p.add_argument("--solvers", default="heun", help="comma-separated ODE solvers")
+    p.add_argument("--guidance", default="3", help="comma-separated guidance scales (1: no guidance)")
     p.add_argument("--temperature", default=None, help="comma-separated temperatures (default: the training run's)")
     p.add_argument("--per_combo", type=int, default=8, help="images per color-shape combination")
     p.add_argument("--seed", type=int, default=0)
@@ -79,16 +79,16 @@ def main() -> None:
     # one untimed warm-up so the first row does not pay for lazy initialisation
     warm = SamplingConfig(num_iter=2, ode_steps=1)
     ImageGenerator(model, table, tokenizer, warm, device, precision).generate(splits["seen"][0][:2], a.seed)
-    header = (f"{'temp':>5} {'iter':>4} {'ode':>3} {'sampler':>7} {'cfg':>4} {'s/image':>8} | {'seen':>5} {'held':>5} | "
+    header = (f"{'temp':>5} {'iter':>4} {'ode':>3} {'solver':>7} {'guide':>5} {'s/image':>8} | {'seen':>5} {'held':>5} | "
               f"{'FD seen':>7} {'floor':>5} {'spread':>6} | {'FD held':>7} {'floor':>5} {'spread':>6}")
     print(header)
     rows = []
-    for temperature, num_iter, ode, sampler, cfg in itertools.product(
-            temperatures, ints(a.num_iter), ints(a.ode_steps), a.samplers.split(","), floats(a.cfg)):
-        sampling = SamplingConfig(num_iter=num_iter, guidance_scale=cfg, temperature=temperature, ode_steps=ode,
+    for temperature, num_iter, ode, solver, guidance in itertools.product(
+            temperatures, ints(a.num_iter), ints(a.ode_steps), a.solvers.split(","), floats(a.guidance)):
+        sampling = SamplingConfig(num_iter=num_iter, guidance_scale=guidance, temperature=temperature, ode_steps=ode,
                                   guidance_schedule=recipe["sampling"].get("guidance_schedule", "linear"),
-                                  ode_solver=sampler)
-        row = {"temperature": temperature, "num_iter": num_iter, "ode_steps": ode, "sampler": sampler, "cfg": cfg}
+                                  ode_solver=solver)
+        row = {"temperature": temperature, "num_iter": num_iter, "ode_steps": ode, "ode_solver": solver, "guidance_scale": guidance}
         seconds, count = 0.0, 0
         for offset, (split, (prompts, targets)) in enumerate(splits.items()):
             if device.type == "cuda":
@@ -101,7 +101,7 @@ def main() -> None:
         row["seconds_per_image"] = seconds / count
         rows.append(row)
         s, h = row["seen"], row["heldout"]
-        print(f"{temperature:5.2f} {num_iter:4d} {ode:3d} {sampler:>7} {cfg:4.1f} {row['seconds_per_image']:8.4f} | "
+        print(f"{temperature:5.2f} {num_iter:4d} {ode:3d} {solver:>7} {guidance:5.1f} {row['seconds_per_image']:8.4f} | "
               f"{s['joint_acc']:5.3f} {h['joint_acc']:5.3f} | {s['fd']:7.1f} {s['fd_floor']:5.1f} {s['spread']:6.2f} | "
               f"{h['fd']:7.1f} {h['fd_floor']:5.1f} {h['spread']:6.2f}", flush=True)
     if a.json:

@@ -5,7 +5,7 @@ share of this device's measured matmul rate, per preset x precision x torch.comp
     python benchmarks/bench_train.py --presets base --precisions bf16 --compile off,on \\
         --batch_size 64 --seq_len 256 --token_dim 16 --steps 20      # the published base shape, on a GPU
 
-A step is what train_one_epoch does: autocast forward of the loss (models/loss.py) (flow + JEPA against
+A step is what engine_jepat.train does: autocast forward of the loss (models/loss.py) (flow + JEPA against
 the EMA), backward, grad clip, AdamW (fused on GPUs), EMA update. The caption embeddings are
 random (CLIP ViT-L-14 widths), so no text encoder runs. FLOPs come from
 torch.utils.flop_counter over one eager step (matmuls and attention, forward and backward);

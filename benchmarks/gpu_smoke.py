@@ -85,7 +85,7 @@ def checks(out: Path, device: str) -> List[Check]:
     backend = "nccl" if gpu else "gloo"
     train_shape = (["--presets", "base", "--batch_size", "64", "--seq_len", "256", "--steps", "10", "--warmup", "2"]
                    if gpu else ["--presets", "tiny", "--batch_size", "4", "--seq_len", "16", "--steps", "1"])
-    run = ["main_jepat.py", "--recipe", "shapes", "--device", device, "--precision", precision,
+    run = ["main_jepat.py", "--config", "shapes", "--device", device, "--precision", precision,
            "--num_samples", "512", "--epochs", "1", "--max_steps", "20" if gpu else "4", "--no_eval",
            "--save_freq", "0", "--grid_freq", "0", "--log_freq", "2"]
     ddp, fsdp = out / "ddp", out / "fsdp"

@@ -54,6 +54,20 @@ class JEPATConfig:
     preset: str = ""
 
 
+@dataclass
+class Conditioning:
+    """The caption as the network consumes it, made by ``JEPAT.condition`` (one path for training
+    and sampling). Shapes for a batch of B captions of S tokens."""
+    c: torch.Tensor                  # [B,D] pooled condition (buffer tokens and predictor)
+    tau: torch.Tensor                # [B,S,D] projected caption tokens (cross-attention keys and values)
+    tau_mask: torch.Tensor           # [B,S] bool, True at real tokens
+    u: torch.Tensor                  # [B,Du] raw pooled vector after null replacement (injected before the heads)
+
+    def first(self, n: int) -> "Conditioning":
+        """The first ``n`` rows (the conditional half of a guided batch)."""
+        return Conditioning(self.c[:n], self.tau[:n], self.tau_mask[:n], self.u[:n])
+
+
 # full       input-level condition (buffer tokens, predictor) + cross-attention + raw-text injection:
 #            what the published code does
 # late_only  cross-attention + injection after the predictor only: the paper's task-agnostic backbone,
@@ -137,14 +151,14 @@ class JEPAT(nn.Module):
         self.flow_head.zero_init_modulation()
 
     # ---------------------------------------------------------------- conditioning
-    def condition(self, text: TextEmbeddings, drop: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def condition(self, text: TextEmbeddings, drop: torch.Tensor) -> Conditioning:
         """The one conditioning path of training and sampling.
 
         Args:
             text: tokens [B,S,Dt], mask [B,S] bool, pooled [B,Du] from a frozen text encoder.
             drop: [B] bool; True replaces the caption by the learned null condition
                   (CFG dropout in training, the unconditional branch in sampling).
-        Returns: dict with c [B,D] (pooled condition), tau [B,S,D] (projected caption tokens),
+        Returns: Conditioning with c [B,D] (pooled condition), tau [B,S,D] (projected caption tokens),
             tau_mask [B,S] bool, u [B,Du] (raw pooled vector after null replacement).
         """
         B, S, _ = text.tokens.shape
@@ -158,15 +172,12 @@ class JEPAT(nn.Module):
         null_mask = torch.zeros_like(text.mask)
         null_mask[:, 0] = True                                                                  # [B,S]
         tau_mask = torch.where(keep[:, None], text.mask, null_mask)                            # [B,S]
-        return {
-            "c": self.cond_mlp(u),                                                             # [B,D]
-            "tau": self.text_proj(tokens),                                                     # [B,S,D]
-            "tau_mask": tau_mask,
-            "u": u,
-        }
+        return Conditioning(c=self.cond_mlp(u),                                                # [B,D]
+                            tau=self.text_proj(tokens),                                        # [B,S,D]
+                            tau_mask=tau_mask, u=u)
 
     # ---------------------------------------------------------------- backbone
-    def encode(self, x: torch.Tensor, cond: Dict[str, torch.Tensor],
+    def encode(self, x: torch.Tensor, cond: Conditioning,
                visible: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Context encoder over [buffer tokens + c] ++ visible tokens.
 
@@ -183,13 +194,13 @@ class JEPAT(nn.Module):
         if visible is not None:
             h = h.gather(1, visible[..., None].expand(-1, -1, D))                       # [B,n_vis,D]
         c = not self.text_free_backbone
-        buf = pos[:, :n_buf] + (cond["c"][:, None] if c else 0)                          # [B,n_buf,D]
+        buf = pos[:, :n_buf] + (cond.c[:, None] if c else 0)                          # [B,n_buf,D]
         h = self.z_proj_ln(torch.cat([buf, h], dim=1))                                  # [B,n_buf+n_vis,D]
         for block in self.encoder_blocks:
             h = block(h)
         return self.encoder_norm(h)
 
-    def predict(self, h: torch.Tensor, cond: Dict[str, torch.Tensor], visible: Optional[torch.Tensor]) -> torch.Tensor:
+    def predict(self, h: torch.Tensor, cond: Conditioning, visible: Optional[torch.Tensor]) -> torch.Tensor:
         """Predictor: scatter encoder states into the full length, mask tokens elsewhere.
 
         h [B, n_buf + n_vis, D] -> z [B, L, D] (before text fusion).
@@ -205,20 +216,20 @@ class JEPAT(nn.Module):
             full = full.scatter(1, idx[..., None].expand(-1, -1, D), h)                # [B,n_buf+L,D]
         full = full + self.predictor_pos
         if not self.text_free_backbone:
-            full = full + cond["c"][:, None]                                            # [B,n_buf+L,D]
+            full = full + cond.c[:, None]                                            # [B,n_buf+L,D]
         for block in self.predictor_blocks:
             full = block(full)
         return self.predictor_norm(full)[:, n_buf:]                                     # [B,L,D]
 
-    def fuse_text(self, z: torch.Tensor, cond: Dict[str, torch.Tensor],
+    def fuse_text(self, z: torch.Tensor, cond: Conditioning,
                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Cross-attention over the caption TOKENS, then raw pooled text injected: [B,n,D] -> [B,n,D].
 
         Every position is fused on its own (queries only), so ``z`` may hold any subset of the L
         positions: ``positions`` [B,n] long says which (None: all L in order)."""
         if self.cfg.fusion in ("full", "late_only"):
-            z = z + self.cross_attn(self.cross_norm(z), cond["tau"], cond["tau_mask"])  # [B,n,D]
-            u = self.text_inject(cond["u"])                                             # [B,D]
+            z = z + self.cross_attn(self.cross_norm(z), cond.tau, cond.tau_mask)  # [B,n,D]
+            u = self.text_inject(cond.u)                                             # [B,D]
         else:
             u = torch.zeros_like(z[:, 0])
         z = self.fuse(torch.cat([z, u[:, None].expand_as(z)], dim=-1))                 # [B,n,D]
@@ -230,20 +241,20 @@ class JEPAT(nn.Module):
         conditional and null rows of CFG then share one backbone pass."""
         return self.cfg.fusion in ("late_only", "none")
 
-    def backbone(self, x: torch.Tensor, cond: Dict[str, torch.Tensor], orders: torch.Tensor,
+    def backbone(self, x: torch.Tensor, cond: Conditioning, orders: torch.Tensor,
                  num_masked: int) -> torch.Tensor:
         """Encoder and predictor: [B,L,D] states before text fusion (see ``forward``)."""
         visible = orders[:, num_masked:] if num_masked > 0 else None                   # [B,n_vis]
         return self.predict(self.encode(x, cond, visible), cond, visible)
 
-    def forward(self, x: torch.Tensor, cond: Dict[str, torch.Tensor], orders: torch.Tensor,
+    def forward(self, x: torch.Tensor, cond: Conditioning, orders: torch.Tensor,
                 num_masked: int) -> torch.Tensor:
         """x [B,L,d] tokens (masked ones are ignored), orders [B,L] random permutations;
         the first ``num_masked`` of each order are hidden. Returns z [B,L,D] for the flow head."""
         return self.fuse_text(self.backbone(x, cond, orders, num_masked), cond)
 
     @torch.no_grad()
-    def encode_full(self, x: torch.Tensor, cond: Dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode_full(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """JEPA targets: encoder states of the full, unmasked sequence, [B,L,D]."""
         return self.encode(x, cond, None)[:, self.cfg.buffer_size:]
 

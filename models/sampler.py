@@ -104,7 +104,7 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, sampli
     rows = 2 if use_null else 1
     # late fusion: the backbone never sees the caption, so both CFG rows share one pass
     passes = 1 if model.text_free_backbone else rows
-    cond_in = {k: v[:B] for k, v in cond.items()} if passes == 1 else cond
+    cond_in = cond.first(B) if passes == 1 else cond
     orders_in = torch.cat([orders] * passes)                                          # [pB,L], fixed
     hidden = L
     for step in range(num_iter):

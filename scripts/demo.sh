@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The built-in default, the `shapes` recipe (util/recipes.py): train the tiny preset on the procedural
+# The built-in default, the `shapes` recipe (configs/shapes.yaml): train the tiny preset on the procedural
 # `shapes` set (CPU is enough), then generate for seen and held-out color-shape prompts and judge
 # every image. Output: output/shapes/{grid_seen.png, grid_heldout.png, manifest.jsonl, metrics.json, ...}
 # Extra arguments go to main_jepat.py, e.g. `bash scripts/demo.sh --output_dir /tmp/run`.

@@ -4,7 +4,7 @@
 # activation checkpointing. Checkpoints are consolidated on rank 0, so main_sample.py reads them.
 #   1 node:   GPUS_PER_NODE=8 CACHE_PATH=... bash scripts/jepat_huge.sh
 #   4 nodes:  on node i: NNODES=4 NODE_RANK=i MASTER_ADDR=node0 bash scripts/jepat_huge.sh
-# Variables: see scripts/torchrun_jepat.sh; the recipe is imagenet-huge in util/recipes.py.
+# Variables: see scripts/torchrun_jepat.sh; the recipe is configs/imagenet-huge.yaml.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 MODEL=huge

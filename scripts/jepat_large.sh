@@ -3,7 +3,7 @@
 # activation checkpointing.
 #   1 node:   GPUS_PER_NODE=8 CACHE_PATH=... bash scripts/jepat_large.sh
 #   4 nodes:  on node i: NNODES=4 NODE_RANK=i MASTER_ADDR=node0 bash scripts/jepat_large.sh
-# Variables: see scripts/torchrun_jepat.sh; the recipe is imagenet-large in util/recipes.py.
+# Variables: see scripts/torchrun_jepat.sh; the recipe is configs/imagenet-large.yaml.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 MODEL=large

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Shared launcher of the published JEPA-T recipes (global batch 2048), sourced by jepat_base.sh,
 # jepat_large.sh and jepat_huge.sh after they set MODEL and MAX_BATCH_PER_GPU. The recipe itself
-# (model, loss, optimisation, sampling) is util/recipes.py's imagenet-$MODEL; this file only adds
+# (model, loss, optimisation, sampling) is configs/imagenet-$MODEL.yaml; this file only adds
 # where the data and weights are and how the cluster splits the batch. Run one copy per node (by
 # hand, or under a scheduler); extra arguments go to main_jepat.py and override the recipe.
 #
@@ -60,7 +60,7 @@ fi
 
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-    main_jepat.py --recipe "imagenet-${MODEL}" --device cuda \
+    main_jepat.py --config "imagenet-${MODEL}" --device cuda \
     --data_path "$CACHE_PATH" --vae_path "$VAE_PATH" --text_encoder_path "$CLIP_PATH" \
     --batch_size "$BATCH_PER_GPU" --accum_iter "$ACCUM_ITER" --output_dir "$OUTPUT_DIR" \
     "${RESUME_ARGS[@]}" "$@"

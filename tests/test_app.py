@@ -37,8 +37,8 @@ def tiny_checkpoint(shapes_run) -> Path:
 
 
 def request(**changes):
-    values = dict(text="a red circle", per_prompt=2, cfg=3.0, schedule="linear", temperature=1.0, num_iter=4,
-                  ode_steps=2, sampler="euler", seed=0, seq_len=4)
+    values = dict(text="a red circle", per_prompt=2, guidance=3.0, schedule="linear", temperature=1.0, num_iter=4,
+                  ode_steps=2, solver="euler", seed=0, seq_len=4)
     values.update(changes)
     return app.parse_request(**values)
 
@@ -52,7 +52,7 @@ def test_requests_are_checked_and_explained():
     assert clamped.sampling.num_iter == 4 and "4 tokens" in clamped.notes[0]
     with pytest.raises(app.RequestError, match=r"guidance scale must be between 1.0 and 20.0, got 100.*"
                                                r"temperature must be between"):
-        request(cfg=100, temperature=0)
+        request(guidance=100, temperature=0)
     with pytest.raises(app.RequestError, match="seed is empty"):
         request(seed=None)
     with pytest.raises(app.RequestError, match="more than 64 images"):
@@ -62,7 +62,7 @@ def test_requests_are_checked_and_explained():
 def test_frames_show_the_canvas_filling_in(tiny_checkpoint, tmp_path):
     pre = load_pretrained(tiny_checkpoint)
     gen = build_generator(pre, torch.device("cpu"), "fp32")
-    req = app.Request(["a red circle", ""], 2, SamplingConfig(num_iter=4, ode_steps=2, sampler="euler"), 3, [])
+    req = app.Request(["a red circle", ""], 2, SamplingConfig(num_iter=4, ode_steps=2, ode_solver="euler"), 3, [])
     grid, frames, gif = app.generate(gen, req, True, tmp_path)
     scale = math.ceil(app.DISPLAY_PX / 16)
     assert grid.size == ((2 * 17 + 1) * scale, (2 * 17 + 1) * scale)            # 2 x 2 images, 1 px padding
@@ -142,11 +142,11 @@ def test_page_generates_in_headless_chromium(tiny_checkpoint, tmp_path):
         wait = WebDriverWait(driver, 120)
         wait.until(lambda d: d.find_elements("css selector", "#prompts textarea"))
         message = lambda d: d.find_element("css selector", "#message").text   # noqa: E731
-        fill(driver, "#cfg input", "100")                                    # out of range: said on the page
+        fill(driver, "#guidance_scale input", "100")                                    # out of range: said on the page
         driver.find_element("css selector", "#generate").click()
         wait.until(lambda d: "Not generated" in message(d))
         assert "guidance scale must be between 1.0 and 20.0" in message(driver)
-        fill(driver, "#cfg input", "3")
+        fill(driver, "#guidance_scale input", "3")
         fill(driver, "#prompts textarea", "a red circle")
         driver.find_element("css selector", "#generate").click()
         size = wait.until(lambda d: d.execute_script(

@@ -17,6 +17,7 @@ from util.data.latent_cache import CachedLatentDataset
 from util.data import captions as captions_module
 from util.data.caption_table import CaptionTable, write_caption_table
 from util.data.captions import CaptionStore, text_cache_key
+from util.errors import UserError
 
 
 def write_manifest(root: Path) -> Path:
@@ -171,7 +172,7 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
     def missing_weights(*a, **k):
         raise FileNotFoundError("no MiniLM weights at /nowhere")
     monkeypatch.setattr(captions_module, "build_text_encoder", missing_weights)
-    with pytest.raises(SystemExit, match="not in the cached caption embeddings.*'a violet hexagon'.*--text_encoder_path"):
+    with pytest.raises(UserError, match="not in the cached caption embeddings.*'a violet hexagon'.*--text_encoder_path"):
         main_jepat.main(main_jepat.get_args_parser().parse_args(evaluate))
     assert not (tmp_path / "eval" / "samples").exists()              # stopped before generating anything
     monkeypatch.setattr(captions_module, "build_text_encoder", lambda *a, **k: StubEncoder())

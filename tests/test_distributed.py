@@ -210,14 +210,14 @@ def test_recipe_scripts_launch_torchrun_with_flags_main_jepat_accepts(preset, tm
     assert launcher[launcher.index("--nnodes") + 1] == "4" and launcher[launcher.index("--node_rank") + 1] == "1"
     assert launcher[launcher.index("--master_addr") + 1] == "node0"
     # the script passes the recipe and the cluster's values only; the recipe holds everything else
-    assert args[:2] == ["--recipe", f"imagenet-{preset}"]
-    assert {a for a in args if a.startswith("--")} <= {"--recipe", "--device", "--data_path", "--vae_path",
+    assert args[:2] == ["--config", f"imagenet-{preset}"]
+    assert {a for a in args if a.startswith("--")} <= {"--config", "--device", "--data_path", "--vae_path",
                                                        "--text_encoder_path", "--batch_size", "--accum_iter",
                                                        "--output_dir", "--resume"}
-    ns = main_jepat.parse_args(args)
-    global_batch = ns.batch_size * ns.accum_iter * 32
-    assert global_batch == 2048 and ns.model == preset and ns.blr == 1e-4 and ns.precision == "auto"
-    assert ns.dataset == "cached" and ns.tokenizer == "kl16" and ns.jepa_beta == 2.0
+    c = main_jepat.parse_args(args).config
+    global_batch = c.optim.batch_size * c.optim.accum_iter * 32
+    assert global_batch == 2048 and c.model.preset == preset and c.optim.blr == 1e-4 and c.runtime.precision == "bf16"
+    assert c.data.dataset == "cached" and c.model.tokenizer == "kl16" and c.loss.jepa_beta == 2.0
     # the published flow head: velocity output, uniform flow times (the CPU recipe differs)
-    assert ns.flow_prediction == "v" and ns.t_logit_mean is None
-    assert (ns.strategy == "fsdp") == (preset == "huge") and ns.grad_checkpointing == (preset != "base")
+    assert c.model.flow_prediction == "v" and c.model.t_logit_mean is None
+    assert (c.runtime.strategy == "fsdp") == (preset == "huge") and c.runtime.grad_checkpointing and c.runtime.compile

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import main_jepat
+from util.errors import UserError
 from util.evaluation.prompts import read_class_names
 
 FOLDERS = {"n01440764": "tench", "n01443537": "goldfish", "my_class": "my class"}   # sorted: my_class first
@@ -66,7 +67,7 @@ def test_missing_inception_weights_stop_a_run_before_its_first_step(tmp_path, mo
     (tmp_path / "prompts.txt").write_text("a red circle\n")
     out = tmp_path / "run"
     t0 = time.time()
-    with pytest.raises(SystemExit, match="preflight: no Inception weights at .*empty_hub"):
+    with pytest.raises(UserError, match="preflight: no Inception weights at .*empty_hub"):
         main_jepat.main(main_jepat.parse_args(["--img_size", "16", "--patch_size", "8", "--num_samples", "32",
                                                "--batch_size", "8", "--device", "cpu", "--precision", "fp32",
                                                "--eval_prompts_file", str(tmp_path / "prompts.txt"),
@@ -76,6 +77,6 @@ def test_missing_inception_weights_stop_a_run_before_its_first_step(tmp_path, mo
     # an output folder that cannot be written stops the run at start-up too
     blocked = tmp_path / "file_not_folder"
     blocked.write_text("")
-    with pytest.raises(SystemExit, match="output folder .*file_not_folder/run is not writable"):
+    with pytest.raises(UserError, match="output folder .*file_not_folder/run is not writable"):
         main_jepat.main(main_jepat.parse_args(["--img_size", "16", "--patch_size", "8", "--num_samples", "32",
                                                "--device", "cpu", "--output_dir", str(blocked / "run")]))

@@ -18,7 +18,7 @@ from util.evaluation import evaluate, generate, prompts
 from util.evaluation.generate import ImageGenerator
 from util.runtime import DistEnv
 
-SAMPLING = SamplingConfig(num_iter=3, cfg=2.0, temperature=0.9, ode_steps=2, sampler="heun")
+SAMPLING = SamplingConfig(num_iter=3, guidance_scale=2.0, temperature=0.9, ode_steps=2, ode_solver="heun")
 
 
 class HashedTextTable:

@@ -21,7 +21,7 @@ def test_module_shapes():
     B = 3
     text = random_text(B)
     cond = model.condition(text, torch.zeros(B, dtype=torch.bool))
-    assert cond["c"].shape == (B, 32) and cond["tau"].shape == (B, S, 32) and cond["u"].shape == (B, 8)
+    assert cond.c.shape == (B, 32) and cond.tau.shape == (B, S, 32) and cond.u.shape == (B, 8)
     x = torch.randn(B, SEQ_LEN, TOKEN_DIM)
     orders = random_orders(B, SEQ_LEN, torch.device("cpu"))
     z = model(x, cond, orders, num_masked=11)
@@ -134,8 +134,8 @@ def test_cosine_schedule_reveals_at_least_one_token_per_step():
         assert seq[-1] == 0
 
 
-def _sample(model, text, seed=0, **cfg):
-    sc = SamplingConfig(**{**dict(num_iter=4, cfg=3.0, ode_steps=3, sampler="euler"), **cfg})
+def _sample(model, text, seed=0, **sampling):
+    sc = SamplingConfig(**{**dict(num_iter=4, guidance_scale=3.0, ode_steps=3, ode_solver="euler"), **sampling})
     return sample_tokens(model, text, torch.zeros(len(text), dtype=torch.bool), sc,
                          generator=torch.Generator().manual_seed(seed))
 
@@ -179,12 +179,12 @@ def test_cross_attention_ignores_padding():
 
 def test_cfg_scale_one_equals_the_conditional_branch():
     model, text = tiny_model(), random_text(3)
-    sc = SamplingConfig(num_iter=4, cfg=1.0, ode_steps=3, sampler="heun")
+    sc = SamplingConfig(num_iter=4, guidance_scale=1.0, ode_steps=3, ode_solver="heun")
     null = torch.zeros(3, dtype=torch.bool)
     guided = sample_tokens(model, text, null, sc, torch.Generator().manual_seed(0), batch_null=True)
     plain = sample_tokens(model, text, null, sc, torch.Generator().manual_seed(0), batch_null=False)
     assert torch.allclose(guided, plain, atol=1e-5)
-    strong = sample_tokens(model, text, null, SamplingConfig(num_iter=4, cfg=4.0, ode_steps=3),
+    strong = sample_tokens(model, text, null, SamplingConfig(num_iter=4, guidance_scale=4.0, ode_steps=3),
                            torch.Generator().manual_seed(0))
     assert not torch.allclose(strong, plain, atol=1e-3)
 
@@ -195,8 +195,8 @@ def test_null_condition_replaces_the_caption():
     drop = torch.ones(2, dtype=torch.bool)
     ca, cb = model.condition(a, drop), model.condition(b, drop)
     for k in ("c", "tau", "u"):
-        assert torch.equal(ca[k], cb[k])
-    assert ca["tau_mask"][:, 0].all() and not ca["tau_mask"][:, 1:].any()
+        assert torch.equal(getattr(ca, k), getattr(cb, k))
+    assert ca.tau_mask[:, 0].all() and not ca.tau_mask[:, 1:].any()
 
 
 def test_training_and_sampling_share_one_conditioning_path(monkeypatch):
@@ -213,7 +213,7 @@ def test_training_and_sampling_share_one_conditioning_path(monkeypatch):
     assert len(calls) == 2  # the model, and the EMA target with the same drop mask
     assert torch.equal(calls[0], calls[1])
     calls.clear()
-    _sample(model.eval(), text, cfg=2.0)
+    _sample(model.eval(), text, guidance_scale=2.0)
     assert len(calls) == 1 and calls[0].tolist() == [False] * 4 + [True] * 4  # once per batch, cond + null
 
 
@@ -277,7 +277,7 @@ def test_x_prediction_head_returns_the_implied_velocity():
 
 def test_step_hook_sees_the_canvas_fill_in_without_changing_the_samples():
     model, text = tiny_model(), random_text(2)
-    sc = SamplingConfig(num_iter=4, cfg=2.0, ode_steps=2, sampler="euler")
+    sc = SamplingConfig(num_iter=4, guidance_scale=2.0, ode_steps=2, ode_solver="euler")
     null = torch.zeros(2, dtype=torch.bool)
     seen = []
     hooked = sample_tokens(model, text, null, sc, torch.Generator().manual_seed(0),
@@ -308,7 +308,7 @@ def test_late_fusion_shares_one_backbone_pass_between_the_cfg_rows(fusion, monke
     model, text = tiny_model(fusion=fusion).eval(), random_text(3)
     rows = []
     model.encoder_blocks[0].register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
-    shared = _sample(model, text, cfg=3.0)
+    shared = _sample(model, text, guidance_scale=3.0)
     assert set(rows) == ({3} if fusion == "late_only" else {6})                          # B rows, or B + B
     # the same samples as running both rows through the backbone: the sampler's one look at the
     # property says False; the encoder and predictor still see the model's real mode
@@ -316,10 +316,10 @@ def test_late_fusion_shares_one_backbone_pass_between_the_cfg_rows(fusion, monke
     real = type(model).text_free_backbone.fget
     monkeypatch.setattr(type(model), "text_free_backbone", property(lambda self: next(first, real(self))))
     rows.clear()
-    separate = _sample(model, text, cfg=3.0)
+    separate = _sample(model, text, guidance_scale=3.0)
     assert set(rows) == {6}
     assert torch.allclose(shared, separate, atol=1e-4)
-    assert not torch.allclose(shared, _sample(model, text, cfg=1.0), atol=1e-3)         # guidance still acts
+    assert not torch.allclose(shared, _sample(model, text, guidance_scale=1.0), atol=1e-3)         # guidance still acts
 
 
 @pytest.mark.parametrize("prediction", ["v", "x"])

@@ -17,6 +17,7 @@ from typing import Dict, List
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tests.test_caption_data import write_manifest
@@ -33,7 +34,7 @@ SMALL = {   # appended to each command: later flags win in argparse
               "--batch_size", "1", "--epochs", "1", "--max_steps", "2", "--device", "cpu", "--precision", "fp32",
               "--num_workers", "0", "--grid_freq", "0", "--log_freq", "1", "--save_every_steps", "0",
               "--num_images", "3", "--eval_metrics", "isc", "--fid_feature_extractor", "jepat-test-tiny",
-              "--num_iter", "2", "--ode_steps", "2", "--eval_batch_size", "2"],
+              "--num_iter", "2", "--ode_steps", "2", "--eval_batch_size", "2", "--no-compile", "--buffer_size", "none"],
     "evaluate": ["--device", "cpu", "--precision", "fp32", "--num_images", "6", "--eval_metrics", "fid,isc",
                  "--fid_feature_extractor", "jepat-test-tiny", "--eval_batch_size", "2", "--num_iter", "2",
                  "--ode_steps", "2"],
@@ -89,8 +90,8 @@ def test_the_readme_path_runs_as_written(dataset, tmp_path):
     c = meta["counts"]
     assert c["seen"] == c["cached"] + c["skipped"] and c["pending"] == 0 and c["skipped"] > 0
     assert meta["flipped"] is (dataset == "imagenet")                 # flips for class folders only
-    ckpt_source = json.loads((tmp_path / "run" / "args.json").read_text())
-    assert ckpt_source["dataset"] == "cached" and ckpt_source["recipe"] == "imagenet-base"
+    tree = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert tree["data"]["dataset"] == "cached" and tree["recipe"] == "imagenet-base"
     vocabulary = json.loads((tmp_path / "cache" / "listing.json").read_text())["vocabulary"]
     for folder, n in ((tmp_path / "run", 3), (tmp_path / "run" / "eval-checkpoint-last", 6)):
         m = json.loads((folder / "metrics.json").read_text())

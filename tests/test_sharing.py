@@ -3,7 +3,6 @@ from the checkpoint), W&B logging in offline mode, and the run's curves.png. The
 the session's ``shapes_run`` (tests/conftest.py)."""
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import struct
@@ -141,7 +140,7 @@ def test_wandb_is_imported_only_when_asked_for(tmp_path, monkeypatch):
     assert importers == ["util/training/loggers.py"]
     monkeypatch.setitem(sys.modules, "wandb", None)                # ``import wandb`` now raises ImportError
     RunLogger.open(("tensorboard",), tmp_path, {}).close()
-    with pytest.raises(SystemExit, match="--log_with wandb needs the wandb package"):
+    with pytest.raises(RuntimeError, match="log_with wandb needs the wandb package"):
         RunLogger.open(("tensorboard", "wandb"), tmp_path, {})
 
 
@@ -149,9 +148,11 @@ def test_log_with_takes_a_comma_list():
     assert parse_log_with("tensorboard") == ("tensorboard",)
     assert parse_log_with("wandb, tensorboard,wandb") == ("wandb", "tensorboard")
     assert parse_log_with("none") == ()
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown logger"):
+    with pytest.raises(ValueError, match="unknown logger"):
         parse_log_with("tensorboard,mlflow")
-    assert main_jepat.parse_args([]).log_with == ("tensorboard",)               # TensorBoard stays the default
+    assert main_jepat.parse_args([]).config.runtime.log_with == "tensorboard"    # TensorBoard stays the default
+    with pytest.raises(SystemExit, match="unknown logger"), user_errors():        # said at start-up, not after training
+        main_jepat.parse_args(["--log_with", "mlflow"])
 
 
 def test_curves_png_is_written_at_the_end_of_training(run_dir, tmp_path):

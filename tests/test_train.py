@@ -66,8 +66,9 @@ def test_resumed_run_continues_exactly(tmp_path):
     log = json.loads((full / "train_log.json").read_text())
     # the logged schedule values are the applied ones and they move
     assert log[0]["weight_decay"] != log[-1]["weight_decay"] and log[0]["ema_momentum"] != log[-1]["ema_momentum"]
-    args = json.loads((full / "args.json").read_text())
-    assert args["model_config"]["preset"] == "tiny"
+    run = json.loads((full / "run.json").read_text())
+    assert run["model_config"]["preset"] == "tiny" and run["total_steps"] == 24
+    assert "optim:" in (full / "config.yaml").read_text()
 
 
 def test_short_training_on_shapes_lowers_the_loss(tmp_path):
@@ -135,14 +136,15 @@ def test_unknown_choices_are_argparse_errors(flag, capsys):
 
 
 def test_flow_time_sampling_flag(capsys):
-    parse = main_jepat.parse_args
+    def parse(argv):
+        return main_jepat.parse_args(argv).config.model
     assert parse([]).t_logit_mean == -0.8  # the CPU recipe: logit-normal, towards noise
     assert parse(["--t_logit_mean", "none"]).t_logit_mean is None  # uniform t, given over the recipe's -0.8
     assert parse(["--t_logit_mean", "-1.5"]).t_logit_mean == -1.5
-    assert parse(["--recipe", "imagenet-base"]).t_logit_mean is None  # the published uniform t
+    assert parse(["--config", "imagenet-base"]).t_logit_mean is None  # the published uniform t
     with pytest.raises(SystemExit):
         parse(["--t_logit_mean", "low"])
-    assert "expected a number or 'none'" in capsys.readouterr().err
+    assert "expected float or none" in capsys.readouterr().err
 
 
 def test_scripts_pass_bash_n():

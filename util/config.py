@@ -87,7 +87,7 @@ class ModelConfig:
 class CaptionConfig:
     """The frozen text encoder (never part of the trained model or its checkpoint)."""
     text_encoder: str = setting("clip", "frozen text encoder", choices=sorted(TEXT_ENCODERS))
-    clip_model: str = setting("ViT-L-14", "open_clip architecture of the clip text encoder")
+    clip_model: str = setting("ViT-B-32", "open_clip architecture of the clip text encoder")
     text_max_length: int = setting(0, "caption tokens (0: the encoder's own default, 77 for CLIP)")
     text_encoder_path: Optional[str] = setting(None, "clip: a local open_clip checkpoint file or pretrained tag; "
                                                "minilm: a model folder (default: the packaged weights)")
@@ -138,7 +138,7 @@ class EvalConfig:
     prompts_file: Optional[str] = setting(None, "text file, one free-text prompt per line", flag="eval_prompts_file")
     num_images: Optional[int] = setting(None, "images to generate (default: 50000 for class names, one per prompt "
                                         "for a prompts file)")
-    batch_size: int = setting(64, "generation and feature batch per rank", flag="eval_batch_size")
+    batch_size: int = setting(256, "generation and feature batch per rank", flag="eval_batch_size")
     per_combo: int = setting(16, "shapes: images per color-shape combination", flag="eval_per_combo")
     fid_ref: Optional[str] = setting(None, "FID reference: statistics .npz (e.g. ADM's) or an image folder")
     metrics: str = setting("fid,isc,prc", "comma-separated subset of fid,isc,prc,kid", flag="eval_metrics")
@@ -171,7 +171,7 @@ class RuntimeConfig:
     compile: bool = setting(True, "torch.compile the training step")
     compile_backend: str = setting("inductor", "torch.compile backend", choices=COMPILE_BACKENDS)
     dist_timeout_min: float = setting(30.0, "collective timeout (checkpoint gathers and evaluation on rank 0)")
-    save_freq: int = setting(5, "keep checkpoint-<epoch>.pth every N epochs (0: none)")
+    save_freq: int = setting(50, "keep checkpoint-<epoch>.pth every N epochs (0: none)")
     save_every_steps: int = setting(1000, "also refresh checkpoint-last.pth every N steps (0: at epoch ends)")
     log_freq: int = setting(100, "optimizer steps between loss read-backs and log lines")
     max_steps: Optional[int] = setting(None, "stop after this many optimizer steps (the schedules still span epochs)")

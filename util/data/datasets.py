@@ -5,7 +5,7 @@ A dataset item is ``(image [3,H,W] float in [-1,1], caption str)``; for ``cached
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -67,13 +67,6 @@ def is_shapes_data(dataset: str, data_path: str) -> bool:
     if dataset == "shapes":
         return True
     return dataset == "cached" and str(read_meta(data_path).get("root", "")).startswith("shapes(")
-
-
-def collate(batch: List[Tuple[torch.Tensor, str | int]]) -> Tuple[torch.Tensor, List[str] | torch.Tensor]:
-    """Images (or latents) stacked; captions as a list of strings, or a LongTensor of caption-table rows."""
-    images = torch.stack([b[0] for b in batch])                                       # [B,3,H,W]
-    captions = [b[1] for b in batch]
-    return images, torch.tensor(captions, dtype=torch.long) if isinstance(captions[0], int) else captions
 
 
 class DataOrder(Sampler[int]):

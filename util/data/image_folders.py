@@ -31,6 +31,28 @@ IMAGENET_CLASSES_FILE = Path(__file__).with_name("imagenet_classes.txt")
 DEFAULT_PROMPT = "a photo of a {name}"
 
 
+@dataclass
+class CaptionOrigin:
+    """How a dataset's captions were made: stored (as ``to_dict``) in latent caches and checkpoints,
+    read by the evaluation (class folders are evaluated on exactly their class prompts)."""
+    kind: str = ""                   # class (class folders), caption (free text), shapes (the built-in set)
+    class_prompts: List[str] = field(default_factory=list)   # class folders: each class's caption, by label
+    class_names: List[str] = field(default_factory=list)
+    template: str = ""               # class folders: the caption of a class name, e.g. "a photo of a {name}"
+
+    @classmethod
+    def from_dict(cls, d: Optional[Dict]) -> "CaptionOrigin":
+        d = d or {}
+        return cls(d.get("kind", ""), list(d.get("class_prompts", [])), list(d.get("class_names", [])),
+                   d.get("template", "") or "")
+
+    def to_dict(self) -> Dict:
+        if self.kind != "class":
+            return {"kind": self.kind}
+        return {"kind": "class", "class_prompts": self.class_prompts, "class_names": self.class_names,
+                "template": self.template}
+
+
 class BadImage(Exception):
     """An image that cannot be used; ``str(e)`` is the reason written to skipped.jsonl."""
 
@@ -90,13 +112,12 @@ class Listing:
             return os.path.join(self.root, self.paths[i])
         return io.BytesIO(self.members.read(self.root, i))
 
-    def caption_source(self) -> Dict:
-        """How the captions were made, for the checkpoint: the class prompts, names and template of
-        class folders (the evaluation uses exactly these), or only the kind for caption data."""
+    def caption_origin(self) -> CaptionOrigin:
+        """How the captions were made: the class prompts, names and template of class folders (the
+        evaluation uses exactly these), or only the kind for caption data."""
         if self.kind != "class":
-            return {"kind": self.kind}
-        return {"kind": "class", "class_prompts": [g[0] for g in self.captions], "class_names": self.class_names,
-                "template": self.template}
+            return CaptionOrigin(self.kind)
+        return CaptionOrigin("class", [g[0] for g in self.captions], list(self.class_names), self.template)
 
     def vocabulary(self) -> List[str]:
         return list(dict.fromkeys(c for group in self.captions for c in group))
@@ -273,8 +294,8 @@ class RawImageDataset(Dataset):
     def caption_vocabulary(self) -> List[str]:
         return self.listing.vocabulary()
 
-    def caption_source(self) -> Dict:
-        return self.listing.caption_source()
+    def caption_origin(self) -> CaptionOrigin:
+        return self.listing.caption_origin()
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, str]:
         for k in range(min(len(self), 64)):

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from models.tokenizers import Tokenizer, latents_from_moments
 from util.data.caption_table import group_rows
-from util.data.image_folders import BadImage, Listing, load_image, to_tensor
+from util.data.image_folders import BadImage, CaptionOrigin, Listing, load_image, to_tensor
 from util.data.shapes import ShapesDataset
 
 FORMAT_VERSION = 1
@@ -51,7 +51,7 @@ class ListingSource:
         self.kind, self.root = listing.kind, listing.root
         self.paths, self.groups, self.vocabulary = listing.paths, listing.captions, listing.vocabulary()
         self.listing_skipped, self.entry_groups = listing.skipped, listing.groups
-        self.caption_source = listing.caption_source()
+        self.caption_origin = listing.caption_origin()
         self.members = listing.members
 
     def __len__(self) -> int:
@@ -74,7 +74,7 @@ class ShapesSource:
         self.paths = [f"shapes/{seed}/{i}" for i in range(num_samples)]
         self.listing_skipped: List[Dict] = []
         self.entry_groups = None  # known when an image is drawn
-        self.caption_source = {"kind": "shapes"}
+        self.caption_origin = CaptionOrigin("shapes")
         self.members = None
 
     def __len__(self) -> int:
@@ -171,11 +171,11 @@ def prepare_cache(cache_dir: Path, source, tokenizer_meta: Dict, shard_size: int
         "kind": source.kind, "root": source.root, "paths": source.paths, "groups": source.groups,
         "entry_groups": source.entry_groups,
         "vocabulary": source.vocabulary, "listing_skipped": source.listing_skipped,
-        "caption_source": source.caption_source,
+        "caption_source": source.caption_origin.to_dict(),
         "members": None if source.members is None else source.members.to_json()})
     meta = {"format_version": FORMAT_VERSION, **settings, "num_entries": len(source), "listing_digest": digest,
             "kind": source.kind, "root": source.root, "vae_source": vae_source, "complete": False,
-            "caption_source": source.caption_source}
+            "caption_source": source.caption_origin.to_dict()}
     atomic_write_json(cache_dir / "meta.json", meta)
     return meta
 
@@ -318,9 +318,9 @@ class CachedLatentDataset(Dataset):
         self._group_offsets, self._group_rows = groups["offsets"], groups["rows"]
         self._vocabulary: Optional[List[str]] = None    # read from listing.json only when strings are asked for
         self.row_ids = False                            # items carry caption-table rows instead of strings
-        self._source: Dict = self.meta.get("caption_source") or (   # caches made before it was recorded
-            {"kind": "shapes"} if str(self.meta.get("root", "")).startswith("shapes(") else
-            {"kind": self.meta.get("kind", "caption")})
+        self._origin = CaptionOrigin.from_dict(self.meta.get("caption_source") or (   # caches made before it
+            {"kind": "shapes"} if str(self.meta.get("root", "")).startswith("shapes(") else   # was recorded
+            {"kind": self.meta.get("kind", "caption")}))
         if flip is None:
             flip = sides(self.meta) == 2 and self.meta.get("kind") == "class"
         if flip and sides(self.meta) == 1:
@@ -344,9 +344,9 @@ class CachedLatentDataset(Dataset):
             self._vocabulary = json.loads((self.dir / "listing.json").read_text())["vocabulary"]
         return list(self._vocabulary)
 
-    def caption_source(self) -> Dict:
-        """How the cached captions were made (see ``Listing.caption_source``)."""
-        return dict(self._source)
+    def caption_origin(self) -> CaptionOrigin:
+        """How the cached captions were made (see ``Listing.caption_origin``)."""
+        return self._origin
 
     def check(self, tokenizer: str, img_size: int) -> None:
         """Refuse a cache made with another tokenizer or resolution."""

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from util.data.image_folders import CaptionOrigin
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 20, 20),
     "green": (20, 160, 40),
@@ -186,8 +188,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         text embeddings of training and of the held-out evaluation are computed up front."""
         return all_captions(ALL_COMBOS)
 
-    def caption_source(self) -> dict:
-        return {"kind": "shapes"}
+    def caption_origin(self) -> CaptionOrigin:
+        return CaptionOrigin("shapes")
 
     def _index(self, i: int) -> int:
         if not isinstance(i, (int, np.integer)):

@@ -19,6 +19,7 @@ from PIL import Image
 from torchvision.utils import make_grid, save_image
 
 from util.config import EvalConfig
+from util.data.image_folders import CaptionOrigin
 from util.evaluation import clip_score, fid, probe
 from util.evaluation.generate import ImageGenerator, SampleFolder, image_name, image_seed, save_adm_npz
 from util.evaluation.prompts import PromptSet, class_balanced_prompts, file_prompts, read_class_names, read_lines
@@ -47,7 +48,7 @@ class EvalOptions:
     seed: int = 0
 
 
-def eval_prompts(e: EvalConfig, source: Dict,
+def eval_prompts(e: EvalConfig, origin: CaptionOrigin,
                  training_captions: Optional[Callable[[int], List[str]]] = None) -> Optional[PromptSet]:
     """The prompt of every evaluation image: from ``class_names`` or ``prompts_file``, else
     the training captions: for class folders exactly the class prompts, class-balanced (50,000
@@ -58,22 +59,22 @@ def eval_prompts(e: EvalConfig, source: Dict,
     def num(classes: int) -> int:   # 50 per class for ImageNet's 1000 (FID-50K), ~50,000 in all otherwise
         return e.num_images or max(1, round(50_000 / classes)) * classes
     if e.class_names:
-        template = e.class_template or source.get("template") or "{}"
+        template = e.class_template or origin.template or "{}"
         names = read_class_names(e.class_names)
         return class_balanced_prompts(names, num(len(names)), template)
     if e.prompts_file:
         return file_prompts(read_lines(e.prompts_file, "prompts"), e.num_images)
-    if source.get("kind") == "class" and source.get("class_prompts"):
+    if origin.kind == "class" and origin.class_prompts:
         if e.class_template:
-            if not source.get("class_names"):
+            if not origin.class_names:
                 raise UserError("--eval_class_template needs the class names: pass --eval_class_names too")
-            return class_balanced_prompts(source["class_names"], num(len(source["class_names"])),
+            return class_balanced_prompts(origin.class_names, num(len(origin.class_names)),
                                           e.class_template)
-        prompts = class_balanced_prompts(source["class_prompts"], num(len(source["class_prompts"])), "{}")
+        prompts = class_balanced_prompts(origin.class_prompts, num(len(origin.class_prompts)), "{}")
         prompts.source = "training class prompts"
-        prompts.extra["template"] = source.get("template")
+        prompts.extra["template"] = origin.template or None
         return prompts
-    if source.get("kind") == "caption" and training_captions is not None:
+    if origin.kind == "caption" and training_captions is not None:
         captions = training_captions(e.num_images or 30_000)
         if captions:
             prompts = file_prompts(captions, e.num_images)
@@ -93,10 +94,10 @@ def log_unseen(prompts: PromptSet, known: Callable[[Sequence[str]], List[bool]])
     prompts.extra["unseen_prompts"] = len(unseen)
 
 
-def eval_options(e: EvalConfig, seed: int, source: Dict,
+def eval_options(e: EvalConfig, seed: int, origin: CaptionOrigin,
                  training_captions: Optional[Callable[[int], List[str]]] = None) -> EvalOptions:
     """The options of the ``eval`` section; prompt files are read (and checked) here, at start-up."""
-    return EvalOptions(prompts=eval_prompts(e, source, training_captions), fid_ref=e.fid_ref,
+    return EvalOptions(prompts=eval_prompts(e, origin, training_captions), fid_ref=e.fid_ref,
                        metrics=tuple(m for m in e.metrics.split(",") if m), feature_extractor=e.feature_extractor,
                        inception_weights=e.inception_weights, save_npz=e.save_npz,
                        clip_score_model=e.clip_score_model, clip_score_weights=e.clip_score_weights,

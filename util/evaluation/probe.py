@@ -14,7 +14,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from models.jepat import JEPAT
+from models.jepat import JEPAT, Conditioning
 from models.text_encoders import TextEmbeddings
 from models.tokenizers import Tokenizer, patchify
 from util.data import shapes
@@ -22,7 +22,7 @@ from util.data import shapes
 log = logging.getLogger(__name__)
 
 
-def null_condition(model: JEPAT, batch: int, device: torch.device) -> Dict[str, torch.Tensor]:
+def null_condition(model: JEPAT, batch: int, device: torch.device) -> Conditioning:
     """The learned null condition for ``batch`` images (caption-free features)."""
     c = model.cfg
     text = TextEmbeddings(torch.zeros(batch, 1, c.text_token_dim, device=device),
