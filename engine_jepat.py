@@ -147,9 +147,7 @@ def train(run: Run) -> Dict:
                     if st.batch_in_epoch >= epoch_end:
                         break
                     if micro == 0:
-                        applied = {"lr": run.schedules.lr.apply(optimizer, st.step),
-                                   "weight_decay": run.schedules.weight_decay.apply(optimizer, st.step),
-                                   "ema_momentum": run.schedules.ema(st.step)}
+                        applied = run.schedules.apply(optimizer, st.step)   # lr, weight decay, EMA momentum
                         optimizer.zero_grad(set_to_none=True)
                     seed_step(c.runtime.seed, st.step, env.rank * accum + micro, st.host_generator)
                     x, text = run.inputs(images, captions)                            # 2. inputs
@@ -182,14 +180,12 @@ def train(run: Run) -> Dict:
                 if sums[3] > 0:   # the same count on every rank
                     _log(run, logger, sums, {**applied, "grad_norm": grad_norm, "mask_ratio": out["mask_ratio"]}, bar)
                 bar.close()
-                whole = st.batch_in_epoch >= epoch_end
-                if whole:
+                if st.batch_in_epoch >= epoch_end:                                     # a whole epoch
                     st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-                    if c.runtime.save_freq and st.epoch % c.runtime.save_freq == 0:
-                        run.checkpoint.save(str(st.epoch))                             # 7. save
-                run.checkpoint.save("last")
-                if whole:
+                    run.checkpoint.save_epoch(st.epoch)                                # 7. save (last, and kept)
                     _epoch_grid_and_evaluation(run, logger)                            # 8. evaluate
+                else:
+                    run.checkpoint.save("last")
                 _log_epoch(run)
                 stop = stop or signals.requested()                                     # 9. stop
         if env.is_main:

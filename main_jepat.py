@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from engine_jepat import ModelInputs, Run, config_record, param_groups, train
 from models.jepat import JEPAT, build_model, config_dict
 from models.tokenizers import Tokenizer, build_tokenizer
-from util.config import (DEFAULT_RECIPE, ModelConfig, TrainConfig, add_config_args, add_setting_flags,
+from util.config import (DEFAULT_RECIPE, ConfigError, ModelConfig, TrainConfig, add_config_args, add_setting_flags,
                          flag_overrides, resolve, settings, to_dict, to_yaml)
 from util.data.captions import CaptionStore, build_caption_store, caption_recipe
 from util.data.datasets import DataOrder, build_dataset, is_shapes_data
@@ -37,7 +37,7 @@ from util.errors import UserError
 from util.evaluation.evaluate import EvalOptions, eval_options, evaluate, log_unseen
 from util.pretrained import build_generator, load_pretrained
 from util.runtime import DistEnv, init_runtime, resolve_precision, setup_logging, shutdown_runtime, user_errors
-from util.training.checkpoint import TrainingCheckpoint, TrainState
+from util.training.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainState
 from util.training.loggers import RunLogger, parse_log_with
 from util.training.parallel import Parallel
 from util.training.preflight import checkpoint_bytes, preflight
@@ -75,7 +75,10 @@ def resolve_args(ns: argparse.Namespace) -> Launch:
         path = item.split("=", 1)[0]
         section, name = path.split(".", 1)
         given[path] = getattr(getattr(config, section), name)
-    parse_log_with(config.runtime.log_with)   # an unknown logger is an error now, not after training
+    try:
+        parse_log_with(config.runtime.log_with)   # an unknown logger is an error now, not after training
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     rt = config.runtime
     if rt.output_dir is None and rt.evaluate and rt.resume:   # beside the checkpoint, never over a run
         rt.output_dir = str(Path(rt.resume).parent / f"eval-{Path(rt.resume).stem}")
@@ -146,8 +149,13 @@ def plan_evaluation(c: TrainConfig, env: DistEnv, origin: CaptionOrigin, caption
     if will_generate:
         log_unseen(options.prompts, captions.known)
         captions.require(options.prompts.prompts)
-    preflight(Path(c.runtime.output_dir), checkpoint_bytes(model), options if will_generate else None)
+    preflight(Path(c.runtime.output_dir), checkpoint_bytes(model), options if will_generate else None,
+              checkpoint_policy(c).peak_files(c.optim.epochs))
     return options
+
+
+def checkpoint_policy(c: TrainConfig) -> CheckpointPolicy:
+    return CheckpointPolicy(c.runtime.save_freq, c.runtime.keep_last, c.runtime.milestone_every)
 
 
 def build_run(c: TrainConfig, env: DistEnv) -> Run:
@@ -178,7 +186,7 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     state.host_generator.manual_seed(c.runtime.seed)
     record = {"model_config": config_dict(model), "config": to_dict(c),
               "captions_info": {**captions.info, "source": origin.to_dict()}}
-    checkpoint = TrainingCheckpoint(out_dir, parallel, optimizer, state, record)
+    checkpoint = TrainingCheckpoint(out_dir, parallel, optimizer, state, record, checkpoint_policy(c))
     if ckpt is not None:
         checkpoint.restore(ckpt)
         log.info("resumed %s at epoch %d, batch %d, step %d", c.runtime.resume, state.epoch, state.batch_in_epoch,

@@ -18,6 +18,7 @@ from util.data import captions as captions_module
 from util.data.caption_table import CaptionTable, write_caption_table
 from util.data.captions import CaptionStore, text_cache_key
 from util.errors import UserError
+from util.training.checkpoint import checkpoint_recipe
 
 
 def write_manifest(root: Path) -> Path:
@@ -156,7 +157,8 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
                                                                          "--output_dir", str(tmp_path / "run")]))
     assert out["step"] == 2
     ckpt = torch.load(tmp_path / "run" / "checkpoint-last.pth", weights_only=True)
-    assert ckpt["captions"]["token_dim"] == 10 and ckpt["captions"]["dataset"] == "cached"
+    captions = checkpoint_recipe(ckpt)["captions"]
+    assert captions["token_dim"] == 10 and captions["dataset"] == "cached"
     with pytest.raises(ValueError, match="made with tokenizer 'pixels' at 16 px.*--img_size 32"):
         main_jepat.main(main_jepat.get_args_parser().parse_args(base + ["--img_size", "32",
                                                                        "--output_dir", str(tmp_path / "bad")]))

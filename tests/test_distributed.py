@@ -108,7 +108,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(ddp_run, tm
     run_single(one, "--batch_size", "4", "--accum_iter", "2", "--max_steps", "6")
     a, b = load(ddp_run / "checkpoint-1.pth"), load(one / "checkpoint-last.pth")
     assert a["state"]["step"] == b["state"]["step"] == 6
-    assert a["args"]["batch_size"] * 2 == b["args"]["batch_size"] * b["args"]["accum_iter"]
+    assert a["config"]["optim"]["batch_size"] * 2 == b["config"]["optim"]["batch_size"] * b["config"]["optim"]["accum_iter"]
     assert_same(a, b, exact=False)
     # the same losses and gradient norms were logged (rank 0 logs the mean over ranks)
     log_a = json.loads((ddp_run / "train_log.json").read_text())

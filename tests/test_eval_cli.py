@@ -55,7 +55,7 @@ def test_online_and_offline_evaluation_write_labelled_metrics(tmp_path, one_thre
     assert "fid" not in m["fidelity"] and m["fidelity"]["num_samples"] == 6
     assert np.load(ev / "samples_6x16x16x3.npz")["arr_1"].tolist() == [0, 1, 2, 0, 1, 2]
     with pytest.raises(ValueError, match="multiple of the 3 classes"):
-        ns.num_images = 7
+        setattr(ns, "set:eval.num_images", 7)   # the flag --num_images 7
         main_jepat.main(ns)
 
     # --evaluate on shapes: judged accuracy with its sample count, and the linear probe

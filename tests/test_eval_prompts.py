@@ -11,6 +11,7 @@ from PIL import Image
 import main_jepat
 from util.errors import UserError
 from util.evaluation.prompts import read_class_names
+from util.training.checkpoint import checkpoint_recipe
 
 FOLDERS = {"n01440764": "tench", "n01443537": "goldfish", "my_class": "my class"}   # sorted: my_class first
 RUN = ["--dataset", "imagenet", "--img_size", "16", "--patch_size", "8", "--batch_size", "4", "--epochs", "1",
@@ -39,7 +40,7 @@ def test_class_checkpoint_is_evaluated_on_its_training_prompts(tmp_path, one_thr
                                                  "--output_dir", str(run)]))
     ckpt = torch.load(run / "checkpoint-last.pth", weights_only=True)
     training = ["a photo of a my class", "a photo of a tench", "a photo of a goldfish"]
-    assert ckpt["captions"]["source"] == {"kind": "class", "class_prompts": training,
+    assert checkpoint_recipe(ckpt)["captions"]["source"] == {"kind": "class", "class_prompts": training,
                                           "class_names": ["my class", "tench", "goldfish"],
                                           "template": "a photo of a {}"}
     # --evaluate with no prompt flags: class-balanced, exactly the training prompts

@@ -20,6 +20,7 @@ from models.safe_load import CheckpointFileError
 from tests.test_train import SMALL
 from util.pretrained import load_pretrained
 from util.runtime import user_errors
+from util.training.checkpoint import checkpoint_recipe
 from util.training.curves import plot_curves
 from util.training.loggers import RunLogger, parse_log_with
 
@@ -45,10 +46,12 @@ def test_exported_folder_samples_and_evaluates_like_its_checkpoint(run_dir, tmp_
     assert weights.keys() == ckpt["ema"].keys() and all(torch.equal(weights[k], ckpt["ema"][k]) for k in weights)
     config = json.loads((folder / "config.json").read_text())
     assert config["model_config"] == ckpt["model_config"] and config["step"] == 2
-    assert config["image"] == {"tokenizer": "pixels", "vae_path": None, "patch_size": 8, "img_size": 16}
-    assert config["captions"]["text_encoder"] == "minilm" and config["captions"]["dataset"] == "shapes"
-    assert config["captions"]["token_dim"] == 384 and config["captions"]["pooled_dim"] == 384
-    assert config["sampling"]["num_iter"] == 4 and config["sampling"]["sampler"] == ckpt["sampling"]["sampler"]
+    assert config["config"] == json.loads(json.dumps(ckpt["config"]))      # the run's whole tree travels with it
+    recipe = checkpoint_recipe(config)
+    assert recipe["image"] == {"tokenizer": "pixels", "vae_path": None, "patch_size": 8, "img_size": 16}
+    assert recipe["captions"]["text_encoder"] == "minilm" and recipe["captions"]["dataset"] == "shapes"
+    assert recipe["captions"]["token_dim"] == 384 and recipe["captions"]["pooled_dim"] == 384
+    assert recipe["sampling"]["num_iter"] == 4 and recipe["sampling"]["ode_solver"] == ckpt["config"]["sampling"]["ode_solver"]
     card = (folder / "README.md").read_text()
     assert "pipeline_tag: text-to-image" in card and "step 2" in card and "shapes, seen combinations" in card
     # --evaluate on the folder reproduces the run's own evaluation, image for image

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import engine_jepat
 import main_jepat
 from tests.helpers import tiny_model
 from util.training.checkpoint import load_checkpoint, save_checkpoint
@@ -235,6 +236,6 @@ def test_a_stop_signal_that_lands_during_the_rank_agreement_is_not_lost():
             stops._on_signal(sig.SIGUSR1, None)
             return value
 
-    stops = main_jepat.StopSignals(Env())
+    stops = engine_jepat.StopSignals(Env())
     stops.requested()
     assert stops.requested() and stops.signal == sig.SIGUSR1

@@ -23,6 +23,7 @@ from util.data.datasets import build_dataset
 from util.data.image_folders import load_image, to_tensor
 from util.data.latent_cache import CachedLatentDataset
 from util.data.tar_shards import list_tar_shards, scan_tar
+from util.training.checkpoint import checkpoint_recipe
 
 # usable samples: image member -> caption
 GOOD = {"00000.tar/000000000.jpg": "a red kite over a beach", "00000.tar/000000001.png": "a glass of water",
@@ -225,7 +226,8 @@ def test_raw_training_reads_the_shards(shards, tmp_path, monkeypatch, one_thread
     assert out["step"] == 2
     assert_pairs_are_the_shards(spy.pairs, images)
     ckpt = torch.load(tmp_path / "raw" / "checkpoint-last.pth", weights_only=True)
-    assert ckpt["captions"]["dataset"] == "webdataset" and ckpt["captions"]["source"] == {"kind": "caption"}
+    captions = checkpoint_recipe(ckpt)["captions"]
+    assert captions["dataset"] == "webdataset" and captions["source"] == {"kind": "caption"}
 
 
 def test_training_from_the_cache_uses_the_captions(single, shards, tmp_path, monkeypatch, one_thread):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -50,8 +51,8 @@ def rng_state() -> Dict[str, Any]:
              "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():   # this process's device only: a resume may see another number of GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -66,7 +67,9 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        # format 3 kept one state per visible GPU (a list); the device of this process takes the first
+        torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
 
 
 def save_checkpoint(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
@@ -193,6 +196,35 @@ class TrainState:
         return self.prior_seconds + time.time() - self.started
 
 
+@dataclass
+class CheckpointPolicy:
+    """Which checkpoints a run keeps: ``checkpoint-last.pth`` always; ``checkpoint-<epoch>.pth``
+    every ``save_freq`` epochs, of which the ``keep_last`` newest stay (0: all) and those at
+    multiples of ``milestone_every`` epochs are never removed (0: none)."""
+    save_freq: int = 0
+    keep_last: int = 0
+    milestone_every: int = 0
+
+    def saves(self, epoch: int) -> bool:
+        return self.save_freq > 0 and epoch % self.save_freq == 0
+
+    def milestone(self, epoch: int) -> bool:
+        return self.milestone_every > 0 and epoch % self.milestone_every == 0
+
+    def removable(self, epochs: List[int]) -> List[int]:
+        """Of the epoch checkpoints on disk, those the policy no longer keeps."""
+        ordinary = sorted(e for e in epochs if not self.milestone(e))
+        return ordinary[:-self.keep_last] if self.keep_last else []
+
+    def peak_files(self, epochs: int) -> Dict[str, int]:
+        """The most full checkpoints on disk at once over ``epochs`` epochs, by kind."""
+        saved = [e for e in range(1, epochs + 1) if self.saves(e)]
+        milestones = sum(self.milestone(e) for e in saved)
+        ordinary = len(saved) - milestones
+        recent = min(self.keep_last, ordinary) if self.keep_last else ordinary
+        return {"last": 1, "recent": recent, "milestones": milestones, "being written": 1}
+
+
 class TrainingCheckpoint:
     """What a training checkpoint holds, saved from and restored into one run.
 
@@ -201,8 +233,33 @@ class TrainingCheckpoint:
     """
 
     def __init__(self, out_dir: Path, parallel: Parallel, optimizer: torch.optim.Optimizer, state: TrainState,
-                 record: Dict[str, Any]) -> None:
+                 record: Dict[str, Any], policy: Optional[CheckpointPolicy] = None) -> None:
         self.out_dir, self.parallel, self.optimizer, self.state, self.record = out_dir, parallel, optimizer, state, record
+        self.policy = policy or CheckpointPolicy()
+
+    def save_epoch(self, epoch: int) -> None:
+        """At the end of ``epoch``: ``checkpoint-last.pth``, and ``checkpoint-<epoch>.pth`` when the
+        policy keeps this epoch. Both names are one file (a hard link; a copy where the file system
+        has none): the state is serialised once. Then the epoch files the policy drops are removed."""
+        if not self.policy.saves(epoch):
+            self.save("last")
+            return
+        path = self.save(str(epoch))
+        if path is None:   # not rank 0
+            return
+        last, tmp = self.out_dir / "checkpoint-last.pth", self.out_dir / ".checkpoint-last.pth.link"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, last)
+        on_disk = [int(p.stem.split("-")[1]) for p in self.out_dir.glob("checkpoint-*.pth")
+                   if p.stem.split("-")[1].isdigit()]
+        for e in self.policy.removable(on_disk):
+            (self.out_dir / f"checkpoint-{e}.pth").unlink(missing_ok=True)
+            log.info("removed checkpoint-%d.pth (the policy keeps the %d newest and every %d-th epoch)", e,
+                     self.policy.keep_last, self.policy.milestone_every)
 
     @staticmethod
     def load_weights(path: str, model: JEPAT, ema: JEPAT) -> Dict[str, Any]:
@@ -225,8 +282,9 @@ class TrainingCheckpoint:
         st.prior_seconds = s.get("train_seconds", 0.0)
         set_rng_state(ckpt["rng"])
 
-    def save(self, tag: str) -> None:
-        """``checkpoint-<tag>.pth`` in the run folder; a collective (every rank calls it)."""
+    def save(self, tag: str) -> Optional[Path]:
+        """``checkpoint-<tag>.pth`` in the run folder; a collective (every rank calls it). Returns
+        the path on rank 0, None elsewhere."""
         p = self.parallel
         if not p.all_finite():
             raise FloatingPointError(f"non-finite weights at step {self.state.step}; not overwriting the last good "
@@ -235,9 +293,9 @@ class TrainingCheckpoint:
         # full state dicts on rank 0 (FSDP gathers shards: every rank takes part); plain for any strategy
         model_sd, ema_sd, optim_sd = p.model_state(), p.ema_state(), p.optimizer_state(self.optimizer)
         if not p.env.is_main:
-            return
+            return None
         st = self.state
-        save_checkpoint(self.out_dir / f"checkpoint-{tag}.pth", {
+        return save_checkpoint(self.out_dir / f"checkpoint-{tag}.pth", {
             **self.record, "model": model_sd, "ema": ema_sd, "optimizer": optim_sd,
             "scaler": p.scaler.state_dict() if p.scaler else None,
             "state": {"step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Dict
 
 import torch
 
@@ -64,6 +65,11 @@ class Schedules:
     lr: LRSchedule
     weight_decay: WeightDecaySchedule
     ema: CosineValue
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> Dict[str, float]:
+        """Set the lr and weight decay of ``step`` on the optimizer; the values applied, with the EMA momentum."""
+        return {"lr": self.lr.apply(optimizer, step), "weight_decay": self.weight_decay.apply(optimizer, step),
+                "ema_momentum": self.ema(step)}
 
     @classmethod
     def build(cls, optim: OptimConfig, lr: float, steps_per_epoch: int, total_steps: int) -> "Schedules":
