@@ -8,6 +8,7 @@ The page is served on localhost only and loads nothing from outside (no analytic
 no share link). Sampling goes through the same ``ImageGenerator`` as ``main_sample.py``: a seed
 gives the same images here and there. In the iteration frames, grey marks the tokens still hidden.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,6 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import gradio as gr
 import torch
@@ -33,10 +33,16 @@ from util.runtime import PRECISIONS, init_runtime, resolve_precision, setup_logg
 
 log = logging.getLogger("jepat.app")
 
-MAX_IMAGES = 64          # prompts x images per prompt, per request
-DISPLAY_PX = 128         # small images are enlarged (nearest neighbour) to at least this size on the page
-LIMITS = {"images per prompt": (1, 16), "guidance scale": (1.0, 20.0), "temperature": (0.01, 5.0),
-          "iterations": (1, 1024), "ODE steps": (1, 200), "seed": (0, 2 ** 31 - 1)}
+MAX_IMAGES = 64  # prompts x images per prompt, per request
+DISPLAY_PX = 128  # small images are enlarged (nearest neighbour) to at least this size on the page
+LIMITS = {
+    "images per prompt": (1, 16),
+    "guidance scale": (1.0, 20.0),
+    "temperature": (0.01, 5.0),
+    "iterations": (1, 1024),
+    "ODE steps": (1, 200),
+    "seed": (0, 2**31 - 1),
+}
 
 
 class RequestError(ValueError):
@@ -45,14 +51,14 @@ class RequestError(ValueError):
 
 @dataclass
 class Request:
-    prompts: List[str]       # one entry per prompt ("" = unconditional)
+    prompts: list[str]  # one entry per prompt ("" = unconditional)
     per_prompt: int
     sampling: SamplingConfig
     seed: int
-    notes: List[str]         # said on the page beside the result
+    notes: list[str]  # said on the page beside the result
 
 
-def _number(name: str, value: Optional[float], integer: bool, problems: List[str]) -> float:
+def _number(name: str, value: float | None, integer: bool, problems: list[str]) -> float:
     low, high = LIMITS[name]
     if value is None:
         problems.append(f"{name} is empty (give a value from {low} to {high})")
@@ -64,20 +70,32 @@ def _number(name: str, value: Optional[float], integer: bool, problems: List[str
     return int(value) if integer else float(value)
 
 
-def parse_request(text: str, per_prompt: Optional[float], guidance: Optional[float], schedule: str,
-                  temperature: Optional[float], num_iter: Optional[float], ode_steps: Optional[float], solver: str,
-                  seed: Optional[float], seq_len: int) -> Request:
+def parse_request(
+    text: str,
+    per_prompt: float | None,
+    guidance: float | None,
+    schedule: str,
+    temperature: float | None,
+    num_iter: float | None,
+    ode_steps: float | None,
+    solver: str,
+    seed: float | None,
+    seq_len: int,
+) -> Request:
     """The page's inputs checked and turned into a request; RequestError lists every problem."""
-    problems: List[str] = []
+    problems: list[str] = []
     prompts = [line.strip() for line in (text or "").splitlines() if line.strip()]
     notes = [] if prompts else ["The prompt is empty: the images are unconditional (the learned null condition)."]
     prompts = prompts or [""]
     n = _number("images per prompt", per_prompt, True, problems)
-    sampling = SamplingConfig(num_iter=_number("iterations", num_iter, True, problems),
-                              guidance_scale=_number("guidance scale", guidance, False, problems),
-                              guidance_schedule=schedule,
-                              temperature=_number("temperature", temperature, False, problems),
-                              ode_steps=_number("ODE steps", ode_steps, True, problems), ode_solver=solver)
+    sampling = SamplingConfig(
+        num_iter=_number("iterations", num_iter, True, problems),
+        guidance_scale=_number("guidance scale", guidance, False, problems),
+        guidance_schedule=schedule,
+        temperature=_number("temperature", temperature, False, problems),
+        ode_steps=_number("ODE steps", ode_steps, True, problems),
+        ode_solver=solver,
+    )
     seed_value = _number("seed", seed, True, problems)
     if schedule not in GUIDANCE_SCHEDULES or solver not in ODE_SOLVERS:
         problems.append(f"choose a schedule from {GUIDANCE_SCHEDULES} and an ODE solver from {ODE_SOLVERS}")
@@ -93,14 +111,14 @@ def parse_request(text: str, per_prompt: Optional[float], guidance: Optional[flo
 
 def to_grid(images: torch.Tensor, nrow: int) -> Image.Image:
     """images [N,3,H,W] in [-1,1] -> one PIL grid (a row per prompt), enlarged to DISPLAY_PX per image."""
-    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)           # [3,Hg,Wg]
+    grid = make_grid((images.clamp(-1, 1) + 1) / 2, nrow=nrow, padding=1, pad_value=1.0)  # [3,Hg,Wg]
     scale = max(1, math.ceil(DISPLAY_PX / images.shape[-1]))
     pixels = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     picture = Image.fromarray(pixels)
     return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
 
 
-def known_after_each_step(num_iter: int, seq_len: int) -> List[int]:
+def known_after_each_step(num_iter: int, seq_len: int) -> list[int]:
     """How many tokens are decided after each unmasking step (the sampler's cosine schedule)."""
     hidden, known = seq_len, []
     for step in range(num_iter):
@@ -109,14 +127,15 @@ def known_after_each_step(num_iter: int, seq_len: int) -> List[int]:
     return known
 
 
-def generate(gen: ImageGenerator, request: Request, show_steps: bool, workdir: Path
-             ) -> Tuple[Image.Image, List[Tuple[Image.Image, str]], Optional[str]]:
+def generate(
+    gen: ImageGenerator, request: Request, show_steps: bool, workdir: Path
+) -> tuple[Image.Image, list[tuple[Image.Image, str]], str | None]:
     """(grid, [(canvas after iteration k, caption)], path of the animated GIF or None). One batch:
     every image is seeded by (seed, its index), as in main_sample.py."""
-    gen = copy.copy(gen)                    # the request's sampling settings, not the page's defaults
+    gen = copy.copy(gen)  # the request's sampling settings, not the page's defaults
     gen.sampling = request.sampling
     expanded = [p for p in request.prompts for _ in range(request.per_prompt)]
-    canvases: List[torch.Tensor] = []
+    canvases: list[torch.Tensor] = []
     on_canvas = (lambda step, images: canvases.append(images)) if show_steps else None
     images = gen.generate_ids(expanded, list(range(len(expanded))), request.seed, on_canvas)
     grid = to_grid(images, request.per_prompt)
@@ -133,10 +152,13 @@ def generate(gen: ImageGenerator, request: Request, show_steps: bool, workdir: P
 def describe(pre: Pretrained, gen: ImageGenerator) -> str:
     """The model's card on the page."""
     c, cap, img = pre.model_config, pre.recipe["captions"], pre.recipe["image"]
-    return (f"**JEPA-T** `{c.get('preset') or 'custom'}` preset, step {pre.step}, from `{pre.source}`: "
-            f"{img.get('img_size')} px `{img.get('tokenizer')}` images as {c['seq_len']} tokens, captions by "
-            f"`{cap.get('text_encoder')}`, trained on `{cap.get('dataset')}`. Sampling defaults: "
-            + ", ".join(f"{k} {v}" for k, v in asdict(gen.sampling).items()) + ".")
+    return (
+        f"**JEPA-T** `{c.get('preset') or 'custom'}` preset, step {pre.step}, from `{pre.source}`: "
+        f"{img.get('img_size')} px `{img.get('tokenizer')}` images as {c['seq_len']} tokens, captions by "
+        f"`{cap.get('text_encoder')}`, trained on `{cap.get('dataset')}`. Sampling defaults: "
+        + ", ".join(f"{k} {v}" for k, v in asdict(gen.sampling).items())
+        + "."
+    )
 
 
 def build_demo(pre: Pretrained, gen: ImageGenerator, workdir: Path) -> gr.Blocks:
@@ -145,8 +167,18 @@ def build_demo(pre: Pretrained, gen: ImageGenerator, workdir: Path) -> gr.Blocks
 
     def run(text, per_prompt, guidance, schedule, temperature, num_iter, ode_steps, solver, seed, show_steps):
         try:
-            request = parse_request(text, per_prompt, guidance, schedule, temperature, num_iter, ode_steps, solver, seed,
-                                    gen.model.cfg.seq_len)
+            request = parse_request(
+                text,
+                per_prompt,
+                guidance,
+                schedule,
+                temperature,
+                num_iter,
+                ode_steps,
+                solver,
+                seed,
+                gen.model.cfg.seq_len,
+            )
         except RequestError as e:
             return None, None, [], f"**Not generated:** {e}."
         grid, frames, gif = generate(gen, request, show_steps, workdir)
@@ -158,8 +190,12 @@ def build_demo(pre: Pretrained, gen: ImageGenerator, workdir: Path) -> gr.Blocks
         gr.Markdown(describe(pre, gen))
         with gr.Row():
             with gr.Column(scale=1):
-                prompts = gr.Textbox(label="prompts, one per line (empty: unconditional)", lines=3,
-                                     placeholder="a red circle", elem_id="prompts")
+                prompts = gr.Textbox(
+                    label="prompts, one per line (empty: unconditional)",
+                    lines=3,
+                    placeholder="a red circle",
+                    elem_id="prompts",
+                )
                 per_prompt = gr.Number(4, label="images per prompt", precision=0, elem_id="per_prompt")
                 guidance = gr.Number(s.guidance_scale, label="guidance scale", elem_id="guidance_scale")
                 schedule = gr.Radio(list(GUIDANCE_SCHEDULES), value=s.guidance_schedule, label="guidance schedule")
@@ -172,14 +208,25 @@ def build_demo(pre: Pretrained, gen: ImageGenerator, workdir: Path) -> gr.Blocks
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
                 message = gr.Markdown(elem_id="message")
-                grid = gr.Image(label="samples (a row per prompt)", type="pil", format="png", interactive=False,
-                                elem_id="grid")
-                animation = gr.Image(label="filling in, iteration by iteration", type="filepath",
-                                     interactive=False, elem_id="animation")
-                frames = gr.Gallery(label="the canvas after each iteration (grey: still hidden)", columns=4,
-                                    height="auto", object_fit="contain", format="png", elem_id="frames")
-        button.click(run, [prompts, per_prompt, guidance, schedule, temperature, num_iter, ode_steps, solver, seed,
-                           show_steps], [grid, animation, frames, message])
+                grid = gr.Image(
+                    label="samples (a row per prompt)", type="pil", format="png", interactive=False, elem_id="grid"
+                )
+                animation = gr.Image(
+                    label="filling in, iteration by iteration", type="filepath", interactive=False, elem_id="animation"
+                )
+                frames = gr.Gallery(
+                    label="the canvas after each iteration (grey: still hidden)",
+                    columns=4,
+                    height="auto",
+                    object_fit="contain",
+                    format="png",
+                    elem_id="frames",
+                )
+        button.click(
+            run,
+            [prompts, per_prompt, guidance, schedule, temperature, num_iter, ode_steps, solver, seed, show_steps],
+            [grid, animation, frames, message],
+        )
     return demo
 
 
@@ -197,16 +244,24 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> None:
     setup_logging()
-    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"     # no telemetry or version check from the server
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no telemetry or version check from the server
     pre = load_pretrained(args.checkpoint)
     env = init_runtime(args.device)
     overrides = {"text_encoder_path": args.text_encoder_path} if args.text_encoder_path else {}
-    gen = build_generator(pre, env.device, resolve_precision(env.device, args.precision), None, overrides, args.vae_path)
+    gen = build_generator(
+        pre, env.device, resolve_precision(env.device, args.precision), None, overrides, args.vae_path
+    )
     workdir = Path(tempfile.mkdtemp(prefix="jepat_app_"))
     demo = build_demo(pre, gen, workdir)
     log.info("serving on http://%s:%d", args.host, args.port)
-    demo.launch(server_name=args.host, server_port=args.port, share=False, show_error=True, footer_links=[],
-                allowed_paths=[str(workdir)])
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        show_error=True,
+        footer_links=[],
+        allowed_paths=[str(workdir)],
+    )
 
 
 if __name__ == "__main__":

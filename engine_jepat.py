@@ -1,6 +1,7 @@
 """The training loop of JEPA-T, read top to bottom in ``train``: fetch, inputs, forward/backward
 with accumulation, optimizer step, EMA, log, save, evaluate, stop. Device-agnostic, with no host
 sync on the hot path except at logging intervals. ``main_jepat.py`` builds the ``Run``."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -34,7 +35,7 @@ from util.training.schedules import Schedules
 log = logging.getLogger(__name__)
 
 
-def param_groups(model: torch.nn.Module) -> List[Dict]:
+def param_groups(model: torch.nn.Module) -> list[dict]:
     """AdamW groups: matrices decay; biases, norms, embeddings, mask/null tokens do not."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -61,19 +62,20 @@ class ModelInputs:
         self.tokenizer, self.captions, self.patch_size, self.device = tokenizer, captions, patch_size, device
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, captions: Sequence[str]) -> Tuple[torch.Tensor, TextEmbeddings]:
+    def __call__(self, images: torch.Tensor, captions: Sequence[str]) -> tuple[torch.Tensor, TextEmbeddings]:
         images = images.to(self.device, non_blocking=True)
-        x = patchify(self.tokenizer.encode(images), self.patch_size).float()            # [B,L,d]
+        x = patchify(self.tokenizer.encode(images), self.patch_size).float()  # [B,L,d]
         return x, self.captions.lookup(captions)
 
 
 @dataclass
 class Run:
     """Everything one training run holds, built once by ``main_jepat.build_run``."""
+
     config: TrainConfig
     env: DistEnv
     out_dir: Path
-    tokenizer: Tokenizer                 # decodes grids and evaluation samples
+    tokenizer: Tokenizer  # decodes grids and evaluation samples
     captions: CaptionStore
     model: JEPAT
     ema: JEPAT
@@ -81,14 +83,14 @@ class Run:
     optimizer: torch.optim.Optimizer
     schedules: Schedules
     loader: DataLoader
-    order: DataOrder                     # which items each rank reads, resumable mid-epoch
+    order: DataOrder  # which items each rank reads, resumable mid-epoch
     inputs: ModelInputs
     state: TrainState
     checkpoint: TrainingCheckpoint
     eval: EvalOptions
-    shapes: bool                         # trained on the shapes set: its judged evaluation applies
+    shapes: bool  # trained on the shapes set: its judged evaluation applies
     steps_per_epoch: int
-    history: List[Dict] = field(default_factory=list)   # the rows of train_log.json
+    history: list[dict] = field(default_factory=list)  # the rows of train_log.json
 
 
 class StopSignals:
@@ -97,9 +99,9 @@ class StopSignals:
 
     def __init__(self, env: DistEnv) -> None:
         self.env, self.signal, self._saved = env, 0, {}
-        self._received = 0   # written only by the handler, so an all-reduce in flight cannot overwrite it
+        self._received = 0  # written only by the handler, so an all-reduce in flight cannot overwrite it
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._saved[sig] = signal.signal(sig, self._on_signal)
         return self
@@ -119,7 +121,7 @@ class StopSignals:
 
 
 # ==================================================================== the loop
-def train(run: Run) -> Dict:
+def train(run: Run) -> dict:
     """Optimizer steps until ``optim.epochs`` (or ``runtime.max_steps``, or a stop signal), then the
     evaluation, and (rank 0) train_log.json and curves.png.
 
@@ -130,9 +132,12 @@ def train(run: Run) -> Dict:
     c, st, env, parallel, optimizer = run.config, run.state, run.env, run.parallel, run.optimizer
     accum, device = c.optim.accum_iter, env.device
     max_steps = c.runtime.max_steps if c.runtime.max_steps is not None else math.inf
-    logger = RunLogger.open(parse_log_with(c.runtime.log_with), run.out_dir, config_record(c), c.runtime.wandb_project) \
-        if env.is_main else None
-    sums = torch.zeros(5, device=device)   # loss, flow, jepa, micro-batches, non-finite ones since the last log
+    logger = (
+        RunLogger.open(parse_log_with(c.runtime.log_with), run.out_dir, config_record(c), c.runtime.wandb_project)
+        if env.is_main
+        else None
+    )
+    sums = torch.zeros(5, device=device)  # loss, flow, jepa, micro-batches, non-finite ones since the last log
     stop = False
     try:
         with StopSignals(env) as signals:
@@ -140,54 +145,62 @@ def train(run: Run) -> Dict:
             while st.epoch < c.optim.epochs and st.step < max_steps and not stop:
                 run.parallel.model.train()
                 run.order.set_position(st.epoch, st.batch_in_epoch)
-                epoch_end = run.steps_per_epoch * accum     # micro-batches that make whole steps
+                epoch_end = run.steps_per_epoch * accum  # micro-batches that make whole steps
                 bar = _progress(run)
                 micro = 0
-                for images, captions in run.loader:                                   # 1. fetch
+                for images, captions in run.loader:  # 1. fetch
                     if st.batch_in_epoch >= epoch_end:
                         break
                     if micro == 0:
-                        applied = run.schedules.apply(optimizer, st.step)   # lr, weight decay, EMA momentum
+                        applied = run.schedules.apply(optimizer, st.step)  # lr, weight decay, EMA momentum
                         optimizer.zero_grad(set_to_none=True)
                     seed_step(c.runtime.seed, st.step, env.rank * accum + micro, st.host_generator)
-                    x, text = run.inputs(images, captions)                            # 2. inputs
+                    x, text = run.inputs(images, captions)  # 2. inputs
                     last_micro = micro == accum - 1
-                    with parallel.grad_sync(last_micro):                              # 3. forward/backward
+                    with parallel.grad_sync(last_micro):  # 3. forward/backward
                         with autocast_context(device, c.runtime.precision):
                             out = parallel.train_module(x, text, st.host_generator)
                         loss = out["loss"] / accum if accum > 1 else out["loss"]
                         (parallel.scaler.scale(loss) if parallel.scaler is not None else loss).backward()
                     st.batch_in_epoch += 1
                     detached = out["loss"].detach().float()
-                    sums += torch.stack([detached, out["flow"].float(), out["jepa"].float(),
-                                         torch.ones((), device=device), (~torch.isfinite(detached)).float()])
+                    sums += torch.stack(
+                        [
+                            detached,
+                            out["flow"].float(),
+                            out["jepa"].float(),
+                            torch.ones((), device=device),
+                            (~torch.isfinite(detached)).float(),
+                        ]
+                    )
                     if not last_micro:
                         micro += 1
                         continue
                     micro = 0
-                    grad_norm = _optimizer_step(parallel, optimizer, c.optim.grad_clip)   # 4. optimizer step
-                    update_ema(parallel.ema, parallel.model, applied["ema_momentum"])    # 5. EMA
+                    grad_norm = _optimizer_step(parallel, optimizer, c.optim.grad_clip)  # 4. optimizer step
+                    update_ema(parallel.ema, parallel.model, applied["ema_momentum"])  # 5. EMA
                     st.step += 1
                     bar.update(accum)
-                    if st.step % c.runtime.log_freq == 0:                              # 6. log
-                        _log(run, logger, sums, {**applied, "grad_norm": grad_norm, "mask_ratio": out["mask_ratio"]},
-                             bar)
+                    if st.step % c.runtime.log_freq == 0:  # 6. log
+                        _log(
+                            run, logger, sums, {**applied, "grad_norm": grad_norm, "mask_ratio": out["mask_ratio"]}, bar
+                        )
                     if c.runtime.save_every_steps and st.step % c.runtime.save_every_steps == 0:
-                        run.checkpoint.save("last")                                    # 7. save
-                    stop = signals.requested() or st.step >= max_steps                 # 9. stop
+                        run.checkpoint.save("last")  # 7. save
+                    stop = signals.requested() or st.step >= max_steps  # 9. stop
                     if stop:
                         break
-                if sums[3] > 0:   # the same count on every rank
+                if sums[3] > 0:  # the same count on every rank
                     _log(run, logger, sums, {**applied, "grad_norm": grad_norm, "mask_ratio": out["mask_ratio"]}, bar)
                 bar.close()
-                if st.batch_in_epoch >= epoch_end:                                     # a whole epoch
+                if st.batch_in_epoch >= epoch_end:  # a whole epoch
                     st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-                    run.checkpoint.save_epoch(st.epoch)                                # 7. save (last, and kept)
-                    _epoch_grid_and_evaluation(run, logger)                            # 8. evaluate
+                    run.checkpoint.save_epoch(st.epoch)  # 7. save (last, and kept)
+                    _epoch_grid_and_evaluation(run, logger)  # 8. evaluate
                 else:
                     run.checkpoint.save("last")
                 _log_epoch(run)
-                stop = stop or signals.requested()                                     # 9. stop
+                stop = stop or signals.requested()  # 9. stop
         if env.is_main:
             (run.out_dir / "train_log.json").write_text(json.dumps(run.history, indent=1))
         if signals.signal:
@@ -205,8 +218,13 @@ def train(run: Run) -> Dict:
 
 
 def _progress(run: Run) -> tqdm:
-    return tqdm(total=len(run.loader), desc=f"epoch {run.state.epoch}", leave=False, dynamic_ncols=True,
-                disable=not (interactive() and log.isEnabledFor(logging.INFO)))
+    return tqdm(
+        total=len(run.loader),
+        desc=f"epoch {run.state.epoch}",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not (interactive() and log.isEnabledFor(logging.INFO)),
+    )
 
 
 def _optimizer_step(parallel: Parallel, optimizer: torch.optim.Optimizer, grad_clip: float) -> torch.Tensor:
@@ -223,7 +241,7 @@ def _optimizer_step(parallel: Parallel, optimizer: torch.optim.Optimizer, grad_c
     return grad_norm
 
 
-def _log(run: Run, logger: Optional[RunLogger], sums: torch.Tensor, applied: Dict, bar: tqdm) -> None:
+def _log(run: Run, logger: RunLogger | None, sums: torch.Tensor, applied: dict, bar: tqdm) -> None:
     """Read the accumulated losses back (the only host sync), summed over ranks; check finiteness;
     log. ``applied``: the schedule values of the last step, its grad norm and mask ratio."""
     st = run.state
@@ -233,14 +251,30 @@ def _log(run: Run, logger: Optional[RunLogger], sums: torch.Tensor, applied: Dic
     if bad or not math.isfinite(loss):
         raise FloatingPointError(
             f"non-finite loss within the {count} steps ending at step {st.step}; the last checkpoint "
-            "was written before it and is kept. Lower optim.lr or use --precision fp32 to investigate")
+            "was written before it and is kept. Lower optim.lr or use --precision fp32 to investigate"
+        )
     sums.zero_()
-    values = {"loss": loss, "flow_loss": flow, "jepa_loss": jepa, "lr": applied["lr"],
-              "weight_decay": applied["weight_decay"], "ema_momentum": applied["ema_momentum"],
-              "grad_norm": grad_norm_value(applied["grad_norm"]), "mask_ratio": float(applied["mask_ratio"])}
+    values = {
+        "loss": loss,
+        "flow_loss": flow,
+        "jepa_loss": jepa,
+        "lr": applied["lr"],
+        "weight_decay": applied["weight_decay"],
+        "ema_momentum": applied["ema_momentum"],
+        "grad_norm": grad_norm_value(applied["grad_norm"]),
+        "mask_ratio": float(applied["mask_ratio"]),
+    }
     if bar.disable:
-        log.info("epoch %d step %d: loss %.4f (flow %.4f, jepa %.4f) lr %.2e grad norm %.3g", st.epoch,
-                 st.step, loss, flow, jepa, values["lr"], values["grad_norm"])
+        log.info(
+            "epoch %d step %d: loss %.4f (flow %.4f, jepa %.4f) lr %.2e grad norm %.3g",
+            st.epoch,
+            st.step,
+            loss,
+            flow,
+            jepa,
+            values["lr"],
+            values["grad_norm"],
+        )
     else:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
     if logger is not None:
@@ -252,11 +286,19 @@ def _log(run: Run, logger: Optional[RunLogger], sums: torch.Tensor, applied: Dic
 def _log_epoch(run: Run) -> None:
     if run.history:
         h = run.history[-1]
-        log.info("epoch %d step %d loss %.4f (flow %.4f, jepa %.4f) lr %.2e  %.0fs", run.state.epoch, run.state.step,
-                 h["loss"], h["flow_loss"], h["jepa_loss"], h["lr"], h["elapsed_s"])
+        log.info(
+            "epoch %d step %d loss %.4f (flow %.4f, jepa %.4f) lr %.2e  %.0fs",
+            run.state.epoch,
+            run.state.step,
+            h["loss"],
+            h["flow_loss"],
+            h["jepa_loss"],
+            h["lr"],
+            h["elapsed_s"],
+        )
 
 
-def _epoch_grid_and_evaluation(run: Run, logger: Optional[RunLogger]) -> None:
+def _epoch_grid_and_evaluation(run: Run, logger: RunLogger | None) -> None:
     """At the end of an epoch: the logged sample grid every ``grid_freq`` epochs and the
     evaluation every ``eval.freq`` epochs."""
     c, epoch = run.config, run.state.epoch
@@ -273,20 +315,33 @@ def _epoch_grid_and_evaluation(run: Run, logger: Optional[RunLogger]) -> None:
 
 
 def generator(run: Run, ema: JEPAT) -> ImageGenerator:
-    return ImageGenerator(ema, run.captions, run.tokenizer, run.config.sampling, run.env.device,
-                          run.config.runtime.precision)
+    return ImageGenerator(
+        ema, run.captions, run.tokenizer, run.config.sampling, run.env.device, run.config.runtime.precision
+    )
 
 
-def run_evaluation(run: Run, out_dir: Path, logger: Optional[RunLogger]) -> Dict:
+def run_evaluation(run: Run, out_dir: Path, logger: RunLogger | None) -> dict:
     """The evaluation of the run's EMA (under FSDP a consolidated copy: rank 0 only)."""
     ema = run.parallel.sampling_ema()
     if ema is None:
         return {}
-    return evaluate(generator(run, ema), run.eval, out_dir, run.state.step, run.env, run.shapes,
-                    {"checkpoint": run.config.runtime.resume or None}, logger)
+    return evaluate(
+        generator(run, ema),
+        run.eval,
+        out_dir,
+        run.state.step,
+        run.env,
+        run.shapes,
+        {"checkpoint": run.config.runtime.resume or None},
+        logger,
+    )
 
 
-def config_record(config: TrainConfig) -> Dict:
+def config_record(config: TrainConfig) -> dict:
     """The tree as flat ``section.name`` values (TensorBoard hparams text, W&B config)."""
-    return {f"{section}.{k}": v for section, values in to_dict(config).items() if isinstance(values, dict)
-            for k, v in values.items()}
+    return {
+        f"{section}.{k}": v
+        for section, values in to_dict(config).items()
+        if isinstance(values, dict)
+        for k, v in values.items()
+    }

@@ -1,5 +1,6 @@
 """Cache tokenizer (VAE) moments of a dataset, of every image (and of its horizontal flip for class
-folders, or with --random_flip), plus the caption embeddings, so that training reads latents instead of running the VAE and the text encoder.
+folders, or with --random_flip), plus the caption embeddings, so that training reads latents instead of
+running the VAE and the text encoder.
 
     python main_cache.py --config imagenet-base --dataset imagenet --data_path /data/imagenet \
         --cache_dir cache/in256-kl16 --vae_path kl16.ckpt --text_encoder_path clip.bin
@@ -13,13 +14,13 @@ The format is described in util/data/latent_cache.py. The tokenizer, resolution 
 come from the same configuration as training (``--config``; the cache section says where the
 images come from), so that a cache always fits the run that reads it.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Dict
 
 import numpy as np
 import torch
@@ -27,13 +28,29 @@ from tqdm import tqdm
 
 from models.text_encoders import build_text_encoder
 from models.tokenizers import Tokenizer, build_tokenizer
-from util.config import (DEFAULT_RECIPE, TrainConfig, add_config_args, add_setting_flags, flag_overrides, resolve,
-                         settings)
+from util.config import (
+    DEFAULT_RECIPE,
+    TrainConfig,
+    add_config_args,
+    add_setting_flags,
+    flag_overrides,
+    resolve,
+    settings,
+)
 from util.data.caption_table import write_caption_table
 from util.data.captions import text_cache_key
 from util.data.image_folders import CaptionOrigin, Listing, TarMembers, build_listing
-from util.data.latent_cache import (PENDING, ListingSource, ShapesSource, cache_shard, finalize_cache, num_shards,
-                                    prepare_cache, read_meta, shard_rows)
+from util.data.latent_cache import (
+    PENDING,
+    ListingSource,
+    ShapesSource,
+    cache_shard,
+    finalize_cache,
+    num_shards,
+    prepare_cache,
+    read_meta,
+    shard_rows,
+)
 from util.data.tar_shards import list_tar_shards
 from util.errors import UserError
 from util.runtime import init_runtime, interactive, setup_logging, shutdown_runtime, user_errors
@@ -42,13 +59,22 @@ log = logging.getLogger("jepat.cache")
 
 
 # the settings main_cache.py reads: the cache section and what makes a cache fit a training run
-CACHE_SETTINGS = ["model.img_size", "model.tokenizer", "model.vae_path", "data.num_samples", "runtime.device",
-                  "runtime.seed"]
+CACHE_SETTINGS = [
+    "model.img_size",
+    "model.tokenizer",
+    "model.vae_path",
+    "data.num_samples",
+    "runtime.device",
+    "runtime.seed",
+]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("JEPA-T latent caching", description="Pass the training run's --config so that the "
-                                "tokenizer, resolution and text encoder are the ones it trains with.")
+    p = argparse.ArgumentParser(
+        "JEPA-T latent caching",
+        description="Pass the training run's --config so that the "
+        "tokenizer, resolution and text encoder are the ones it trains with.",
+    )
     add_config_args(p)
     add_setting_flags(p, [*settings(["cache"]), *CACHE_SETTINGS, *settings(["captions"])])
     return p
@@ -70,8 +96,17 @@ def build_source(c: TrainConfig, cache_dir: Path, listed: bool):
         d = json.loads((cache_dir / "listing.json").read_text())
         origin = CaptionOrigin.from_dict(d.get("caption_source"))
         members = TarMembers.from_json(d["members"]) if d.get("members") else None
-        listing = Listing(d["root"], d["paths"], d["entry_groups"], d["groups"], d["kind"], d["listing_skipped"],
-                          origin.class_names, origin.template, members)
+        listing = Listing(
+            d["root"],
+            d["paths"],
+            d["entry_groups"],
+            d["groups"],
+            d["kind"],
+            d["listing_skipped"],
+            origin.class_names,
+            origin.template,
+            members,
+        )
     elif k.dataset == "webdataset":
         listing = list_tar_shards(k.data_path)
     else:
@@ -79,16 +114,23 @@ def build_source(c: TrainConfig, cache_dir: Path, listed: bool):
     return ListingSource(listing, c.model.img_size, k.small_images)
 
 
-def tokenizer_meta(tokenizer: Tokenizer, name: str, img_size: int) -> Dict:
+def tokenizer_meta(tokenizer: Tokenizer, name: str, img_size: int) -> dict:
     if img_size % tokenizer.stride:
         raise ValueError(f"--img_size {img_size} is not a multiple of the {name} stride {tokenizer.stride}")
     stochastic = hasattr(tokenizer, "moments")
-    return {"tokenizer": name, "channels": tokenizer.channels, "stride": tokenizer.stride, "resolution": img_size,
-            "scaling": float(getattr(tokenizer, "scaling", 1.0)), "shift": float(getattr(tokenizer, "shift", 0.0)),
-            "stochastic": stochastic, "moment_channels": tokenizer.channels * (2 if stochastic else 1)}
+    return {
+        "tokenizer": name,
+        "channels": tokenizer.channels,
+        "stride": tokenizer.stride,
+        "resolution": img_size,
+        "scaling": float(getattr(tokenizer, "scaling", 1.0)),
+        "shift": float(getattr(tokenizer, "shift", 0.0)),
+        "stochastic": stochastic,
+        "moment_channels": tokenizer.channels * (2 if stochastic else 1),
+    }
 
 
-def main(args: argparse.Namespace | TrainConfig) -> Dict:
+def main(args: argparse.Namespace | TrainConfig) -> dict:
     c = args if isinstance(args, TrainConfig) else resolve_args(args)
     env = init_runtime(c.runtime.device, timeout_min=360)
     setup_logging(env)
@@ -98,7 +140,7 @@ def main(args: argparse.Namespace | TrainConfig) -> Dict:
         shutdown_runtime(env)
 
 
-def cache(c: TrainConfig, rank: int, world: int, device: torch.device, barrier) -> Dict:
+def cache(c: TrainConfig, rank: int, world: int, device: torch.device, barrier) -> dict:
     """Every rank caches its shards; rank 0 lists the images first and finalises at the end."""
     k, m = c.cache, c.model
     cache_dir = Path(k.cache_dir)
@@ -107,10 +149,25 @@ def cache(c: TrainConfig, rank: int, world: int, device: torch.device, barrier) 
     if rank == 0:
         source = build_source(c, cache_dir, listed=False)
         flipped = k.dataset == "imagenet" if k.random_flip is None else k.random_flip
-        meta = prepare_cache(cache_dir, source, tmeta, k.shard_size, k.dtype,
-                             vae_source=str(getattr(tokenizer, "source", "")), flipped=flipped)
-        log.info("%d entries to cache in %d shards of %d on %d rank(s), %s at %d px -> %s", len(source),
-                 num_shards(meta), k.shard_size, world, m.tokenizer, m.img_size, cache_dir)
+        meta = prepare_cache(
+            cache_dir,
+            source,
+            tmeta,
+            k.shard_size,
+            k.dtype,
+            vae_source=str(getattr(tokenizer, "source", "")),
+            flipped=flipped,
+        )
+        log.info(
+            "%d entries to cache in %d shards of %d on %d rank(s), %s at %d px -> %s",
+            len(source),
+            num_shards(meta),
+            k.shard_size,
+            world,
+            m.tokenizer,
+            m.img_size,
+            cache_dir,
+        )
     barrier()
     if rank != 0:
         source, meta = build_source(c, cache_dir, listed=True), read_meta(cache_dir)
@@ -120,8 +177,9 @@ def cache(c: TrainConfig, rank: int, world: int, device: torch.device, barrier) 
     encode = tokenizer.moments if tmeta["stochastic"] else tokenizer.encode
     mine = [s for s in range(num_shards(meta)) if s % world == rank]
     todo = sum(_pending(cache_dir, meta, s) for s in mine)
-    bar = tqdm(total=todo, desc=f"caching (rank {rank}/{world})", dynamic_ncols=True,
-               disable=rank != 0 or not interactive())
+    bar = tqdm(
+        total=todo, desc=f"caching (rank {rank}/{world})", dynamic_ncols=True, disable=rank != 0 or not interactive()
+    )
     skipped_here, done_here = [0], [0]
 
     def progress(n: int, bad: int) -> None:
@@ -137,30 +195,48 @@ def cache(c: TrainConfig, rank: int, world: int, device: torch.device, barrier) 
             if budget is not None and budget <= 0:
                 finished = False
                 break
-            ran, done = cache_shard(cache_dir, meta, shard, source, encode, k.batch_size, k.num_workers, device,
-                                    sample_shape, budget, progress)
+            ran, done = cache_shard(
+                cache_dir,
+                meta,
+                shard,
+                source,
+                encode,
+                k.batch_size,
+                k.num_workers,
+                device,
+                sample_shape,
+                budget,
+                progress,
+            )
             batches += ran
             finished &= done
-            if bar.disable and rank == 0:   # a log file gets one line per shard instead of a bar
-                log.info("shard %d done: %d of %d images of rank 0, %d skipped", shard, done_here[0], todo,
-                         skipped_here[0])
+            if bar.disable and rank == 0:  # a log file gets one line per shard instead of a bar
+                log.info(
+                    "shard %d done: %d of %d images of rank 0, %d skipped", shard, done_here[0], todo, skipped_here[0]
+                )
     bar.close()
     if not finished:
         log.info("rank %d stopped after %d batches (--max_batches); rerun to finish", rank, batches)
     barrier()
-    counts: Dict = {}
+    counts: dict = {}
     if rank == 0:
         counts = finalize_cache(cache_dir, meta)
-        log.info("images seen %d = cached %d + skipped %d (%d converted and cached; %d pending)%s",
-                 counts["seen"], counts["cached"], counts["skipped"], counts["converted"], counts["pending"],
-                 "" if counts["pending"] else f"; reasons in {cache_dir / 'skipped.jsonl'}")
+        log.info(
+            "images seen %d = cached %d + skipped %d (%d converted and cached; %d pending)%s",
+            counts["seen"],
+            counts["cached"],
+            counts["skipped"],
+            counts["converted"],
+            counts["pending"],
+            "" if counts["pending"] else f"; reasons in {cache_dir / 'skipped.jsonl'}",
+        )
         if counts["pending"] == 0 and not k.skip_text:
             cache_text(c, cache_dir, source.vocabulary, device)
     barrier()
     return counts
 
 
-def _pending(cache_dir: Path, meta: Dict, k: int) -> int:
+def _pending(cache_dir: Path, meta: dict, k: int) -> int:
     state = cache_dir / "shards" / f"shard-{k:05d}.state.npy"
     if not state.is_file():
         return len(shard_rows(meta, k))
@@ -177,8 +253,13 @@ def cache_text(c: TrainConfig, cache_dir: Path, vocabulary, device: torch.device
     if state.is_file() and np.load(state, mmap_mode="r").all():
         log.info("caption embeddings already cached in %s", target)
         return
-    encoder = build_text_encoder(t.text_encoder, path=t.text_encoder_path, clip_model=t.clip_model,
-                                 max_length=t.text_max_length or None, device=str(device))
+    encoder = build_text_encoder(
+        t.text_encoder,
+        path=t.text_encoder_path,
+        clip_model=t.clip_model,
+        max_length=t.text_max_length or None,
+        device=str(device),
+    )
     bar = tqdm(total=len(vocabulary), desc="captions", dynamic_ncols=True, disable=not interactive())
     done = [0]
 
@@ -187,6 +268,7 @@ def cache_text(c: TrainConfig, cache_dir: Path, vocabulary, device: torch.device
         done[0] += n
         if bar.disable and (done[0] // 100_000 > (done[0] - n) // 100_000 or done[0] == len(vocabulary)):
             log.info("captions: %d of %d encoded", done[0], len(vocabulary))
+
     write_caption_table(target, vocabulary, encoder, c.cache.text_batch_size, progress)
     bar.close()
     log.info("cached %d caption embeddings (%s) in %s", len(vocabulary), key, target)

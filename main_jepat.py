@@ -11,15 +11,17 @@ Every setting lives in the configuration tree of util/config.py; recipes in conf
 defaults, flags and ``section.name=value`` override the recipe. The resolved tree is written to
 ``<output_dir>/config.yaml`` and stored in every checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -27,8 +29,19 @@ from torch.utils.data import DataLoader
 from engine_jepat import ModelInputs, Run, config_record, param_groups, train
 from models.jepat import JEPAT, build_model, config_dict
 from models.tokenizers import Tokenizer, build_tokenizer
-from util.config import (DEFAULT_RECIPE, ConfigError, ModelConfig, TrainConfig, add_config_args, add_setting_flags,
-                         flag_overrides, resolve, settings, to_dict, to_yaml)
+from util.config import (
+    DEFAULT_RECIPE,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    add_config_args,
+    add_setting_flags,
+    flag_overrides,
+    resolve,
+    settings,
+    to_dict,
+    to_yaml,
+)
 from util.data.captions import CaptionStore, build_caption_store, caption_recipe
 from util.data.datasets import DataOrder, build_dataset, is_shapes_data
 from util.data.image_folders import CaptionOrigin
@@ -48,8 +61,11 @@ log = logging.getLogger("jepat")
 
 # ==================================================================== arguments
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("JEPA-T training", description="Every flag sets one setting of the configuration "
-                                "tree (util/config.py); --help shows its default, configs/*.yaml the recipes' values.")
+    p = argparse.ArgumentParser(
+        "JEPA-T training",
+        description="Every flag sets one setting of the configuration "
+        "tree (util/config.py); --help shows its default, configs/*.yaml the recipes' values.",
+    )
     add_config_args(p)
     add_setting_flags(p, [path for path in settings() if not path.startswith("cache.")])
     return p
@@ -58,11 +74,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 @dataclass
 class Launch:
     """What one command asks for: the resolved tree, and the settings its command line gave."""
+
     config: TrainConfig
-    given: Dict[str, Any]      # by dotted path: flags and overrides (not the recipes' values)
+    given: dict[str, Any]  # by dotted path: flags and overrides (not the recipes' values)
 
 
-def parse_args(argv: Optional[List[str]] = None) -> Launch:
+def parse_args(argv: list[str] | None = None) -> Launch:
     """Flags and overrides over the recipes, resolved."""
     return resolve_args(get_args_parser().parse_args(argv))
 
@@ -76,11 +93,11 @@ def resolve_args(ns: argparse.Namespace) -> Launch:
         section, name = path.split(".", 1)
         given[path] = getattr(getattr(config, section), name)
     try:
-        parse_log_with(config.runtime.log_with)   # an unknown logger is an error now, not after training
+        parse_log_with(config.runtime.log_with)  # an unknown logger is an error now, not after training
     except ValueError as e:
         raise ConfigError(str(e)) from None
     rt = config.runtime
-    if rt.output_dir is None and rt.evaluate and rt.resume:   # beside the checkpoint, never over a run
+    if rt.output_dir is None and rt.evaluate and rt.resume:  # beside the checkpoint, never over a run
         rt.output_dir = str(Path(rt.resume).parent / f"eval-{Path(rt.resume).stem}")
     elif rt.output_dir is None:
         rt.output_dir = "output/" + "+".join(Path(r).stem for r in recipes)
@@ -88,69 +105,106 @@ def resolve_args(ns: argparse.Namespace) -> Launch:
 
 
 # ==================================================================== the run, built once
-def make_model(m: ModelConfig, tokenizer: Tokenizer, text_info: Dict) -> JEPAT:
+def make_model(m: ModelConfig, tokenizer: Tokenizer, text_info: dict) -> JEPAT:
     grid = m.img_size // tokenizer.stride // m.patch_size
-    kw = dict(token_dim=tokenizer.channels * m.patch_size ** 2, seq_len=grid * grid,
-              text_token_dim=text_info["token_dim"], text_pooled_dim=text_info["pooled_dim"],
-              mask_ratio_min=m.mask_ratio_min, mask_ratio_std=m.mask_ratio_std, cond_drop_prob=m.cond_drop_prob,
-              diffusion_batch_mul=m.diffusion_batch_mul, qk_norm=m.qk_norm, fusion=m.fusion,
-              flow_prediction=m.flow_prediction, t_logit_mean=m.t_logit_mean, t_logit_std=m.t_logit_std)
+    kw = dict(
+        token_dim=tokenizer.channels * m.patch_size**2,
+        seq_len=grid * grid,
+        text_token_dim=text_info["token_dim"],
+        text_pooled_dim=text_info["pooled_dim"],
+        mask_ratio_min=m.mask_ratio_min,
+        mask_ratio_std=m.mask_ratio_std,
+        cond_drop_prob=m.cond_drop_prob,
+        diffusion_batch_mul=m.diffusion_batch_mul,
+        qk_norm=m.qk_norm,
+        fusion=m.fusion,
+        flow_prediction=m.flow_prediction,
+        t_logit_mean=m.t_logit_mean,
+        t_logit_std=m.t_logit_std,
+    )
     if m.buffer_size is not None:
         kw["buffer_size"] = m.buffer_size
     return build_model(m.preset, **kw)
 
 
-def caption_recipe_of(c: TrainConfig) -> Dict:
-    return caption_recipe(c.data.dataset, c.cache_path if c.data.dataset == "cached" else c.data.data_path,
-                          c.captions.text_encoder, c.captions.clip_model, c.captions.text_encoder_path,
-                          c.captions.text_max_length)
+def caption_recipe_of(c: TrainConfig) -> dict:
+    return caption_recipe(
+        c.data.dataset,
+        c.cache_path if c.data.dataset == "cached" else c.data.data_path,
+        c.captions.text_encoder,
+        c.captions.clip_model,
+        c.captions.text_encoder_path,
+        c.captions.text_max_length,
+    )
 
 
 def build_data(c: TrainConfig, env: DistEnv, captions: CaptionStore, tokenizer: Tokenizer):
     """Dataset, data order, loader, batch -> model inputs, and how its captions were made."""
     data_path = c.cache_path if c.data.dataset == "cached" else c.data.data_path
-    dataset = build_dataset(c.data.dataset, data_path, c.model.img_size, c.data.num_samples, c.runtime.seed,
-                            c.data.random_flip)
+    dataset = build_dataset(
+        c.data.dataset, data_path, c.model.img_size, c.data.num_samples, c.runtime.seed, c.data.random_flip
+    )
     train_tokenizer = tokenizer
     if isinstance(dataset, CachedLatentDataset):
         dataset.check(c.model.tokenizer, c.model.img_size)  # refuses a cache of another tokenizer / resolution
         train_tokenizer = CachedLatentInput(tokenizer)
     if isinstance(dataset, CachedLatentDataset) and captions.table is not None:
-        dataset.use_row_ids()        # batches carry caption-table rows: nothing per caption in memory
+        dataset.use_row_ids()  # batches carry caption-table rows: nothing per caption in memory
     else:
         vocabulary = dataset.caption_vocabulary()
         if len(vocabulary) <= captions.capacity:
-            captions.add(vocabulary)   # every caption encoded once, before the first step
-        log.info("%d unique captions (%s)%s", len(vocabulary), captions.info["name"],
-                 "" if len(vocabulary) <= captions.capacity else f": more than the {captions.capacity} the store "
-                 "keeps, so they are encoded as they come; cache them with main_cache.py to read them from disk")
+            captions.add(vocabulary)  # every caption encoded once, before the first step
+        log.info(
+            "%d unique captions (%s)%s",
+            len(vocabulary),
+            captions.info["name"],
+            ""
+            if len(vocabulary) <= captions.capacity
+            else f": more than the {captions.capacity} the store "
+            "keeps, so they are encoded as they come; cache them with main_cache.py to read them from disk",
+        )
     order = DataOrder(len(dataset), c.optim.batch_size, seed=c.runtime.seed, rank=env.rank, world_size=env.world_size)
     # torch's default collate: images stacked, captions as a list of strings (or a tensor of caption-table rows)
-    loader = DataLoader(dataset, batch_size=c.optim.batch_size, sampler=order,
-                        num_workers=c.data.num_workers, drop_last=True, pin_memory=env.device.type == "cuda",
-                        generator=torch.Generator().manual_seed(c.runtime.seed))  # keeps the global RNG untouched
+    loader = DataLoader(
+        dataset,
+        batch_size=c.optim.batch_size,
+        sampler=order,
+        num_workers=c.data.num_workers,
+        drop_last=True,
+        pin_memory=env.device.type == "cuda",
+        generator=torch.Generator().manual_seed(c.runtime.seed),
+    )  # keeps the global RNG untouched
     inputs = ModelInputs(train_tokenizer, captions, c.model.patch_size, env.device)
     return order, loader, inputs, dataset.caption_origin()
 
 
-def plan_evaluation(c: TrainConfig, env: DistEnv, origin: CaptionOrigin, captions: CaptionStore,
-                    model: JEPAT) -> EvalOptions:
+def plan_evaluation(
+    c: TrainConfig, env: DistEnv, origin: CaptionOrigin, captions: CaptionStore, model: JEPAT
+) -> EvalOptions:
     """The evaluation after training (by default the training prompts), with everything it will
     need checked now: weights, references, prompt encodings, the output folder and its free disk."""
     options = eval_options(c.eval, c.runtime.seed, CaptionOrigin() if c.eval.skip else origin, captions.sample_captions)
     will_generate = not c.eval.skip and options.prompts is not None
     if will_generate and c.runtime.strategy == "fsdp" and env.world_size > 1:
         if c.eval.class_names or c.eval.prompts_file:
-            raise UserError("a prompt-set evaluation needs the whole EMA on every rank: with strategy fsdp pass "
-                            "--no_eval and evaluate the saved (consolidated) checkpoint with --evaluate --resume")
-        log.info("FSDP: the evaluation on the training prompts is left to --evaluate --resume on the saved "
-                 "checkpoint (it needs the whole EMA on every rank)")
+            raise UserError(
+                "a prompt-set evaluation needs the whole EMA on every rank: with strategy fsdp pass "
+                "--no_eval and evaluate the saved (consolidated) checkpoint with --evaluate --resume"
+            )
+        log.info(
+            "FSDP: the evaluation on the training prompts is left to --evaluate --resume on the saved "
+            "checkpoint (it needs the whole EMA on every rank)"
+        )
         options.prompts, will_generate = None, False
     if will_generate:
         log_unseen(options.prompts, captions.known)
         captions.require(options.prompts.prompts)
-    preflight(Path(c.runtime.output_dir), checkpoint_bytes(model), options if will_generate else None,
-              checkpoint_policy(c).peak_files(c.optim.epochs))
+    preflight(
+        Path(c.runtime.output_dir),
+        checkpoint_bytes(model),
+        options if will_generate else None,
+        checkpoint_policy(c).peak_files(c.optim.epochs),
+    )
     return options
 
 
@@ -163,10 +217,10 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     checkpoint, with the state of ``runtime.resume`` restored and the later evaluation preflighted."""
     device, out_dir, o = env.device, Path(c.runtime.output_dir), c.optim
     torch.manual_seed(c.runtime.seed)  # the same initial weights on every rank
-    tokenizer = build_tokenizer(c.model.tokenizer, c.model.vae_path).to(device)   # a missing VAE file stops here
+    tokenizer = build_tokenizer(c.model.tokenizer, c.model.vae_path).to(device)  # a missing VAE file stops here
     captions = build_caption_store(caption_recipe_of(c), device)
     model = make_model(c.model, tokenizer, captions.info).to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()   # targets and samples without dropout
+    ema = copy.deepcopy(model).requires_grad_(False).eval()  # targets and samples without dropout
     log.info("model %s: %s", c.model.preset, json.dumps(model.num_params()))
     order, loader, inputs, origin = build_data(c, env, captions, tokenizer)
     options = plan_evaluation(c, env, origin, captions, model)
@@ -177,35 +231,90 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     total_steps = steps_per_epoch * o.epochs  # the schedules' length; runtime.max_steps only stops early
     global_batch = o.batch_size * env.world_size * o.accum_iter
     lr = o.lr if o.lr is not None else o.blr * global_batch / 256
-    parallel = Parallel(env, model, ema, c.loss, c.runtime.strategy, c.runtime.precision, c.runtime.grad_checkpointing,
-                        c.runtime.compile_backend if c.runtime.compile else None)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=lr, betas=tuple(o.adamw_betas), eps=o.adamw_eps,
-                                  weight_decay=o.weight_decay, fused=device.type == "cuda")
+    parallel = Parallel(
+        env,
+        model,
+        ema,
+        c.loss,
+        c.runtime.strategy,
+        c.runtime.precision,
+        c.runtime.grad_checkpointing,
+        c.runtime.compile_backend if c.runtime.compile else None,
+    )
+    optimizer = torch.optim.AdamW(
+        param_groups(model),
+        lr=lr,
+        betas=tuple(o.adamw_betas),
+        eps=o.adamw_eps,
+        weight_decay=o.weight_decay,
+        fused=device.type == "cuda",
+    )
     schedules = Schedules.build(o, lr, steps_per_epoch, total_steps)
     state = TrainState()
     state.host_generator.manual_seed(c.runtime.seed)
-    record = {"model_config": config_dict(model), "config": to_dict(c),
-              "captions_info": {**captions.info, "source": origin.to_dict()}}
+    record = {
+        "model_config": config_dict(model),
+        "config": to_dict(c),
+        "captions_info": {**captions.info, "source": origin.to_dict()},
+    }
     checkpoint = TrainingCheckpoint(out_dir, parallel, optimizer, state, record, checkpoint_policy(c))
     if ckpt is not None:
         checkpoint.restore(ckpt)
-        log.info("resumed %s at epoch %d, batch %d, step %d", c.runtime.resume, state.epoch, state.batch_in_epoch,
-                 state.step)
-    log.info("%d process(es) x batch %d x accum %d = global batch %d, lr %.3g, strategy %s (backend %s), AdamW fused=%s",
-             env.world_size, o.batch_size, o.accum_iter, global_batch, lr, parallel.strategy,
-             torch.distributed.get_backend() if env.initialized else "none", optimizer.defaults.get("fused"))
+        log.info(
+            "resumed %s at epoch %d, batch %d, step %d", c.runtime.resume, state.epoch, state.batch_in_epoch, state.step
+        )
+    log.info(
+        "%d process(es) x batch %d x accum %d = global batch %d, lr %.3g, strategy %s (backend %s), AdamW fused=%s",
+        env.world_size,
+        o.batch_size,
+        o.accum_iter,
+        global_batch,
+        lr,
+        parallel.strategy,
+        torch.distributed.get_backend() if env.initialized else "none",
+        optimizer.defaults.get("fused"),
+    )
     if env.is_main:
         (out_dir / "config.yaml").write_text(to_yaml(c))
-        (out_dir / "run.json").write_text(json.dumps({
-            "recipe": c.recipe, "resolved_lr": lr, "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-            "world_size": env.world_size, "global_batch": global_batch, "model_config": config_dict(model)}, indent=2))
-    run = Run(c, env, out_dir, tokenizer, captions, model, ema, parallel, optimizer, schedules, loader, order, inputs,
-              state, checkpoint, options, origin.kind == "shapes", steps_per_epoch)
+        (out_dir / "run.json").write_text(
+            json.dumps(
+                {
+                    "recipe": c.recipe,
+                    "resolved_lr": lr,
+                    "total_steps": total_steps,
+                    "steps_per_epoch": steps_per_epoch,
+                    "world_size": env.world_size,
+                    "global_batch": global_batch,
+                    "model_config": config_dict(model),
+                },
+                indent=2,
+            )
+        )
+    run = Run(
+        c,
+        env,
+        out_dir,
+        tokenizer,
+        captions,
+        model,
+        ema,
+        parallel,
+        optimizer,
+        schedules,
+        loader,
+        order,
+        inputs,
+        state,
+        checkpoint,
+        options,
+        origin.kind == "shapes",
+        steps_per_epoch,
+    )
     run.history = earlier_history(run)
     return run
 
 
-def earlier_history(run: Run) -> List[Dict]:
+def earlier_history(run: Run) -> list[dict]:
     """The rows of train_log.json up to the resumed step, so a resumed run's log and curves go on."""
     path = run.out_dir / "train_log.json"
     if not run.config.runtime.resume or not run.env.is_main or not path.is_file():
@@ -214,8 +323,7 @@ def earlier_history(run: Run) -> List[Dict]:
 
 
 # ==================================================================== evaluation of a saved checkpoint
-def training_captions(captions: CaptionStore, recipe: Dict, origin: CaptionOrigin
-                      ) -> Optional[Callable[[int], List[str]]]:
+def training_captions(captions: CaptionStore, recipe: dict, origin: CaptionOrigin) -> Callable[[int], list[str]] | None:
     """Up to n training captions of a caption-data checkpoint, spread over all of them: from the
     cache's caption table, or from the dataset's listing."""
     if origin.kind != "caption":
@@ -223,10 +331,10 @@ def training_captions(captions: CaptionStore, recipe: Dict, origin: CaptionOrigi
     if captions.table is not None:
         return captions.sample_captions
     vocabulary = build_dataset(recipe["dataset"], recipe["data_path"]).caption_vocabulary()
-    return lambda n: vocabulary[::max(1, len(vocabulary) // n)][:n]
+    return lambda n: vocabulary[:: max(1, len(vocabulary) // n)][:n]
 
 
-def evaluate_checkpoint(launch: Launch, env: DistEnv) -> Dict:
+def evaluate_checkpoint(launch: Launch, env: DistEnv) -> dict:
     """``--evaluate --resume CKPT_OR_FOLDER``: a checkpoint or model folder rebuilds its own model,
     caption store and tokenizer from its stored configuration; it is evaluated on its training
     prompts unless evaluation settings say otherwise, with its own sampling settings unless the
@@ -236,16 +344,22 @@ def evaluate_checkpoint(launch: Launch, env: DistEnv) -> Dict:
         raise UserError("--evaluate needs --resume CHECKPOINT (a checkpoint-*.pth or a model folder)")
     pretrained = load_pretrained(c.runtime.resume)
     sampling = {path.split(".", 1)[1]: v for path, v in launch.given.items() if path.startswith("sampling.")}
-    overrides = {k: v for k, v in (("text_encoder_path", c.captions.text_encoder_path),
-                                   ("data_path", c.data.data_path)) if v}
-    gen = build_generator(pretrained, env.device, c.runtime.precision, sampling, overrides, c.model.vae_path,
-                          use_text_cache=True)
+    overrides = {
+        k: v for k, v in (("text_encoder_path", c.captions.text_encoder_path), ("data_path", c.data.data_path)) if v
+    }
+    gen = build_generator(
+        pretrained, env.device, c.runtime.precision, sampling, overrides, c.model.vae_path, use_text_cache=True
+    )
     recipe = {**pretrained.recipe["captions"], **overrides}
-    origin = CaptionOrigin.from_dict(recipe.get("source") or (   # format-1 checkpoints did not record it
-        {"kind": "shapes"} if is_shapes_data(recipe["dataset"], recipe["data_path"]) else {}))
+    origin = CaptionOrigin.from_dict(
+        recipe.get("source")
+        or (  # format-1 checkpoints did not record it
+            {"kind": "shapes"} if is_shapes_data(recipe["dataset"], recipe["data_path"]) else {}
+        )
+    )
     options = eval_options(c.eval, c.runtime.seed, origin, training_captions(gen.captions, recipe, origin))
     if options.prompts is not None:
-        if origin.class_prompts:   # the training captions are known: class prompts, or a cache's table
+        if origin.class_prompts:  # the training captions are known: class prompts, or a cache's table
             trained = set(origin.class_prompts)
             log_unseen(options.prompts, lambda ps: [p in trained for p in ps])
         elif gen.captions.table is not None:
@@ -255,14 +369,22 @@ def evaluate_checkpoint(launch: Launch, env: DistEnv) -> Dict:
     preflight(out_dir, 0, options)
     logger = RunLogger.open(parse_log_with(c.runtime.log_with), out_dir, config_record(c)) if env.is_main else None
     try:
-        return evaluate(gen, options, out_dir, pretrained.step, env, origin.kind == "shapes",
-                        {"checkpoint": c.runtime.resume}, logger)
+        return evaluate(
+            gen,
+            options,
+            out_dir,
+            pretrained.step,
+            env,
+            origin.kind == "shapes",
+            {"checkpoint": c.runtime.resume},
+            logger,
+        )
     finally:
         if logger is not None:
             logger.close()
 
 
-def main(args: argparse.Namespace | Launch) -> Dict:
+def main(args: argparse.Namespace | Launch) -> dict:
     """One process, or one rank of a torchrun launch."""
     launch = args if isinstance(args, Launch) else resolve_args(args)
     c = launch.config

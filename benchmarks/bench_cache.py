@@ -9,6 +9,7 @@ Both readers do the same work per sample as the training loader: pick the plain 
 moments at random and draw mean + std * noise. "warm": files in the page cache (just written);
 "cold": evicted first with posix_fadvise(DONTNEED) (Linux; the disk and its cache decide).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,13 +49,27 @@ class RandomSource:
 
 def build(root: Path, num: int, channels: int, size: int, shard_size: int) -> CachedLatentDataset:
     source = RandomSource(num)
-    meta = prepare_cache(root / "cache", source, {
-        "tokenizer": "kl16", "channels": channels, "stride": 16, "resolution": size * 16, "scaling": 0.2325,
-        "shift": 0.0, "stochastic": True, "moment_channels": 2 * channels}, shard_size, "float32")
+    meta = prepare_cache(
+        root / "cache",
+        source,
+        {
+            "tokenizer": "kl16",
+            "channels": channels,
+            "stride": 16,
+            "resolution": size * 16,
+            "scaling": 0.2325,
+            "shift": 0.0,
+            "stochastic": True,
+            "moment_channels": 2 * channels,
+        },
+        shard_size,
+        "float32",
+    )
     g = torch.Generator().manual_seed(0)
 
-    def encode(x: torch.Tensor) -> torch.Tensor:                                       # [2b,3,2,2] -> [2b,2c,h,w]
+    def encode(x: torch.Tensor) -> torch.Tensor:  # [2b,3,2,2] -> [2b,2c,h,w]
         return torch.randn(x.shape[0], 2 * channels, size, size, generator=g)
+
     for k in range(num_shards(meta)):
         cache_shard(root / "cache", meta, k, source, encode, 256, 0, torch.device("cpu"), (2 * channels, size, size))
     finalize_cache(root / "cache", meta)
@@ -99,7 +114,7 @@ def timed(fn, order, batch: int) -> float:
     start = time.perf_counter()
     if batch:
         for s in range(0, len(order), batch):
-            fn(order[s:s + batch])
+            fn(order[s : s + batch])
     else:
         for i in order:
             fn(i)
@@ -125,18 +140,22 @@ def main() -> None:
         shards = sorted(str(f) for f in (root / "cache" / "shards").glob("shard-?????.npy"))
         npz_of = {i: root / "npz" / (ds.index[i]["path"].decode().replace(".JPEG", ".npz")) for i in range(len(ds))}
         rng = np.random.default_rng(0)
-        item = 2 * 2 * args.channels * args.latent_size ** 2 * 4
-        print(f"{len(ds)} latents of [2, {2 * args.channels}, {args.latent_size}, {args.latent_size}] float32 "
-              f"({item / 1024:.0f} KB each): {len(shards)} shard file(s) vs {len(files)} .npz files; "
-              f"{args.reads} random reads per measurement, one thread")
+        item = 2 * 2 * args.channels * args.latent_size**2 * 4
+        print(
+            f"{len(ds)} latents of [2, {2 * args.channels}, {args.latent_size}, {args.latent_size}] float32 "
+            f"({item / 1024:.0f} KB each): {len(shards)} shard file(s) vs {len(files)} .npz files; "
+            f"{args.reads} random reads per measurement, one thread"
+        )
         groups = {
             "read (moments of a random image, plain or flipped)": (
                 ("one .npz per image", lambda i: npz_moments(npz_of[i]), files, 0),
-                ("cache", lambda i: cache_moments(ds, i), shards, 0)),
+                ("cache", lambda i: cache_moments(ds, i), shards, 0),
+            ),
             "training item (read + sample mean + std * noise)": (
                 ("one .npz per image", lambda i: npz_item(npz_of[i], args.channels), files, 0),
                 ("cache", lambda i: ds[i], shards, 0),
-                (f"cache, batches of {args.batch}", ds.__getitems__, shards, args.batch)),
+                (f"cache, batches of {args.batch}", ds.__getitems__, shards, args.batch),
+            ),
         }
         for title, readers in groups.items():
             print(title)
@@ -152,8 +171,12 @@ def main() -> None:
                         best = max(best, timed(fn, order, batch))
                     results[name] = best
                 base = results["one .npz per image"]
-                print(f"  [{mode}] " + "   ".join(f"{k}: {v:.0f}/s" + (f" ({v / base:.1f}x)" if v != base else "")
-                                               for k, v in results.items()))
+                print(
+                    f"  [{mode}] "
+                    + "   ".join(
+                        f"{k}: {v:.0f}/s" + (f" ({v / base:.1f}x)" if v != base else "") for k, v in results.items()
+                    )
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

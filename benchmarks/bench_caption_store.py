@@ -12,6 +12,7 @@ resident memory (``RssAnon``: what the process allocates, not the file pages the
 for a memory map) above the baseline after imports, sampled during the run. Lookups are training
 batches of random row ids (the current design) or of caption strings (the former one).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,7 @@ from util.data.captions import CaptionStore  # noqa: E402
 
 class StandIn(TextEncoder):
     """Random embeddings of a real encoder's shapes (tokens [B,S,Dt], mask [B,S], pooled [B,Du])."""
+
     name = "stand-in"
 
     def __init__(self, tokens: int, token_dim: int, pooled_dim: int) -> None:
@@ -69,7 +71,7 @@ class PeakMemory:
             self.peak = max(self.peak, rss_anon_mb())
             time.sleep(0.02)
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._thread.start()
         return self
 
@@ -86,7 +88,7 @@ def former(n: int, enc: StandIn, batch: int, lookups: int) -> dict:
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         index = {c: i for i, c in enumerate(captions)}
-        parts = [enc.encode(captions[i:i + 256]) for i in range(0, n, 256)]
+        parts = [enc.encode(captions[i : i + 256]) for i in range(0, n, 256)]
         table = TextEmbeddings.cat(parts)
         del parts
         build = time.perf_counter() - t0
@@ -110,8 +112,16 @@ def current(n: int, enc: StandIn, batch: int, lookups: int, folder: Path) -> dic
     del captions
     base_read = rss_anon_mb()
     with PeakMemory() as mem:
-        store = CaptionStore(None, info={"name": enc.name, "token_dim": enc.token_dim, "pooled_dim": enc.pooled_dim,
-                                         "max_length": enc.max_length}, table=CaptionTable(folder))
+        store = CaptionStore(
+            None,
+            info={
+                "name": enc.name,
+                "token_dim": enc.token_dim,
+                "pooled_dim": enc.pooled_dim,
+                "max_length": enc.max_length,
+            },
+            table=CaptionTable(folder),
+        )
         g = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         for _ in range(lookups):
@@ -120,9 +130,16 @@ def current(n: int, enc: StandIn, batch: int, lookups: int, folder: Path) -> dic
         t0 = time.perf_counter()
         found = store.table.find([f"caption number {i}" for i in range(0, n, max(1, n // 256))])
         find_rate = len(found) / (time.perf_counter() - t0)
-    disk = sum(f.stat().st_size for f in folder.iterdir()) / 2 ** 20
-    return {"peak_mb": mem.peak - base_read, "write_peak_mb": write_mem.peak - base, "build_s": build,
-            "lookups_per_s": rate, "find_per_s": find_rate, "disk_mb": disk, "found_all": bool((found >= 0).all())}
+    disk = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    return {
+        "peak_mb": mem.peak - base_read,
+        "write_peak_mb": write_mem.peak - base,
+        "build_s": build,
+        "lookups_per_s": rate,
+        "find_per_s": find_rate,
+        "disk_mb": disk,
+        "found_all": bool((found >= 0).all()),
+    }
 
 
 def child(a: argparse.Namespace) -> None:
@@ -147,8 +164,12 @@ def main() -> None:
     p.add_argument("--pooled_dim", type=int, default=384)
     p.add_argument("--batch", type=int, default=256, help="captions per training batch")
     p.add_argument("--lookups", type=int, default=200, help="batches looked up per measurement")
-    p.add_argument("--former_max", type=int, default=100_000,
-                   help="largest size run with the former design (it holds everything in memory)")
+    p.add_argument(
+        "--former_max",
+        type=int,
+        default=100_000,
+        help="largest size run with the former design (it holds everything in memory)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tmp", default=None, help="folder for the tables (default: the system's temp folder)")
     p.add_argument("--design", choices=("former", "current"), help=argparse.SUPPRESS)
@@ -156,29 +177,56 @@ def main() -> None:
     a = p.parse_args()
     if a.design:
         return child(a)
-    per_caption = (a.tokens * a.token_dim * 4 + a.tokens + a.pooled_dim * 4) / 2 ** 20
-    print(f"caption store, {a.tokens} tokens x {a.token_dim} + pooled {a.pooled_dim}; batches of {a.batch}; "
-          f"{torch.get_num_threads()} threads; memory = anonymous RSS above the baseline")
-    print(f"{'captions':>9} | {'former MB':>9} {'lookups/s':>10} | {'current MB':>10} {'lookups/s':>10} "
-          f"{'write s':>8} {'disk MB':>8} {'writing MB':>10}")
+    per_caption = (a.tokens * a.token_dim * 4 + a.tokens + a.pooled_dim * 4) / 2**20
+    print(
+        f"caption store, {a.tokens} tokens x {a.token_dim} + pooled {a.pooled_dim}; batches of {a.batch}; "
+        f"{torch.get_num_threads()} threads; memory = anonymous RSS above the baseline"
+    )
+    print(
+        f"{'captions':>9} | {'former MB':>9} {'lookups/s':>10} | {'current MB':>10} {'lookups/s':>10} "
+        f"{'write s':>8} {'disk MB':>8} {'writing MB':>10}"
+    )
     for n in (int(s) for s in a.sizes.split(",")):
         rows = {}
         for design in ("former", "current"):
             if design == "former" and n > a.former_max:
                 rows[design] = None
                 continue
-            cmd = [sys.executable, __file__, "--design", design, "--size", str(n), "--tokens", str(a.tokens),
-                   "--token_dim", str(a.token_dim), "--pooled_dim", str(a.pooled_dim), "--batch", str(a.batch),
-                   "--lookups", str(a.lookups), "--threads", str(a.threads)] + (["--tmp", a.tmp] if a.tmp else [])
+            cmd = [
+                sys.executable,
+                __file__,
+                "--design",
+                design,
+                "--size",
+                str(n),
+                "--tokens",
+                str(a.tokens),
+                "--token_dim",
+                str(a.token_dim),
+                "--pooled_dim",
+                str(a.pooled_dim),
+                "--batch",
+                str(a.batch),
+                "--lookups",
+                str(a.lookups),
+                "--threads",
+                str(a.threads),
+            ] + (["--tmp", a.tmp] if a.tmp else [])
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
             if out.returncode:
                 raise SystemExit(f"{design} at {n} failed:\n{out.stderr[-2000:]}")
             rows[design] = json.loads(out.stdout.strip().splitlines()[-1])
         f, c = rows["former"], rows["current"]
-        former_cols = (f"{f['peak_mb']:9.0f} {f['lookups_per_s']:10.0f}" if f else
-                       f"{'~' + format(per_caption * n * 2, '.0f'):>9} {'not run':>10}")
-        print(f"{n:9d} | {former_cols} | {c['peak_mb']:10.1f} {c['lookups_per_s']:10.0f} {c['build_s']:8.1f} "
-              f"{c['disk_mb']:8.0f} {c['write_peak_mb']:10.1f}", flush=True)
+        former_cols = (
+            f"{f['peak_mb']:9.0f} {f['lookups_per_s']:10.0f}"
+            if f
+            else f"{'~' + format(per_caption * n * 2, '.0f'):>9} {'not run':>10}"
+        )
+        print(
+            f"{n:9d} | {former_cols} | {c['peak_mb']:10.1f} {c['lookups_per_s']:10.0f} {c['build_s']:8.1f} "
+            f"{c['disk_mb']:8.0f} {c['write_peak_mb']:10.1f}",
+            flush=True,
+        )
     print("former MB with ~: not run; the table and its concatenation copy at float32 (2 x per caption x count).")
 
 

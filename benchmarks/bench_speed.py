@@ -18,6 +18,7 @@ Every figure is measured in this one run, on this machine, with the same model a
     python benchmarks/bench_speed.py --preset base --skip train --sample_batch 2 --num_iter 16 --profile
     python benchmarks/bench_speed.py --preset base --profile   # top operators of one step (torch.profiler)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -38,11 +39,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import models.jepat as jepat  # noqa: E402
 import models.loss as loss_module  # noqa: E402
 from engine_jepat import param_groups, update_ema
-from util.runtime import autocast_context  # noqa: E402
 from models.sampler import SamplingConfig, num_hidden_after, sample_tokens  # noqa: E402
 from models.text_encoders import TextEmbeddings, build_text_encoder  # noqa: E402
-from util.data.shapes import ALL_COMBOS, all_captions  # noqa: E402
 from util.data.captions import CaptionStore  # noqa: E402
+from util.data.shapes import ALL_COMBOS, all_captions  # noqa: E402
+from util.runtime import autocast_context  # noqa: E402
 
 # (preset) -> tokens of the published setting: KL-16 latents at 256 px, patch 1 (256 tokens of 16)
 # for base/large/huge; the CPU recipe's 16 tokens of 48 pixels for tiny.
@@ -60,7 +61,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 1024, reps: i
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 def sync(device: torch.device) -> None:
@@ -81,8 +82,9 @@ def numpy_orders(batch: int, seq_len: int, device: torch.device, generator=None)
 class Trainer:
     """One training step of ``model`` with switchable habits (all off = our step)."""
 
-    def __init__(self, model, encoder, captions: List[str], batch: int, device: torch.device, precision: str,
-                 fused: bool) -> None:
+    def __init__(
+        self, model, encoder, captions: list[str], batch: int, device: torch.device, precision: str, fused: bool
+    ) -> None:
         self.model, self.encoder, self.device, self.precision = model, encoder, device, precision
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.loss, self.target = loss_module.JEPATLoss(), loss_module.EMATarget(self.ema)
@@ -98,8 +100,14 @@ class Trainer:
         self.opt_foreach = torch.optim.AdamW(param_groups(model), lr=1e-4, betas=(0.9, 0.95), foreach=True)
         self.sums = torch.zeros(2, device=device)
 
-    def step(self, numpy_orders_: bool = False, encoder_each_step: bool = False, item_each_step: bool = False,
-             loop_adamw: bool = False, foreach_adamw: bool = False) -> None:
+    def step(
+        self,
+        numpy_orders_: bool = False,
+        encoder_each_step: bool = False,
+        item_each_step: bool = False,
+        loop_adamw: bool = False,
+        foreach_adamw: bool = False,
+    ) -> None:
         if encoder_each_step:  # published: the text encoder on every step, for the model and the EMA
             text = self.encoder.encode(self.captions).to(self.device)
             self.encoder.encode(self.captions)
@@ -140,6 +148,7 @@ def time_steps(fn: Callable[[], None], steps: int, device: torch.device) -> floa
 
 def step_flops(trainer: Trainer) -> int:
     from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as counter:
         trainer.step()
     return counter.get_total_flops()
@@ -178,6 +187,7 @@ def sample_reference(model, text: TextEmbeddings, cfg: SamplingConfig, generator
 
 def profile_step(trainer: Trainer, rows: int = 15) -> str:
     from torch.profiler import ProfilerActivity, profile
+
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
     trainer.step()
     with profile(activities=acts) as prof:
@@ -186,13 +196,19 @@ def profile_step(trainer: Trainer, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
-def sample_variants(a, num_iter: int) -> Dict[str, tuple]:
+def sample_variants(a, num_iter: int) -> dict[str, tuple]:
     """name -> (fusion the model runs with, sampler function, SamplingConfig): the published cost
     structure first, then ours step by step."""
-    ref = SamplingConfig(num_iter=a.ref_num_iter or num_iter, guidance_scale=3.0, temperature=0.95,
-                         ode_steps=a.ref_ode_steps, ode_solver="euler")
-    ours = SamplingConfig(num_iter=num_iter, guidance_scale=3.0, temperature=0.95, ode_steps=a.ode_steps,
-                          ode_solver="heun")
+    ref = SamplingConfig(
+        num_iter=a.ref_num_iter or num_iter,
+        guidance_scale=3.0,
+        temperature=0.95,
+        ode_steps=a.ref_ode_steps,
+        ode_solver="euler",
+    )
+    ours = SamplingConfig(
+        num_iter=num_iter, guidance_scale=3.0, temperature=0.95, ode_steps=a.ode_steps, ode_solver="heun"
+    )
     fast = SamplingConfig(**{**ours.__dict__, "ode_steps": a.fast_ode_steps, "num_iter": a.fast_num_iter or num_iter})
     return {
         f"published: 2 passes, {ref.ode_steps} Euler, {ref.num_iter} it": ("full", sample_reference, ref),
@@ -202,7 +218,7 @@ def sample_variants(a, num_iter: int) -> Dict[str, tuple]:
     }
 
 
-def sample_table(model, text: TextEmbeddings, a, num_iter: int, batch: int, rate: float, dtype) -> Dict:
+def sample_table(model, text: TextEmbeddings, a, num_iter: int, batch: int, rate: float, dtype) -> dict:
     """Seconds per image of each sampling variant on the same weights and prompts, one call each
     after an untimed two-iteration warm-up; with ``--profile``, the operators and FLOP of one
     two-iteration call of the third variant."""
@@ -213,11 +229,15 @@ def sample_table(model, text: TextEmbeddings, a, num_iter: int, batch: int, rate
     for name, (fusion, fn, cfg) in sample_variants(a, num_iter).items():
         if any(name.startswith(x) for x in filter(None, a.skip_sample.split(","))):
             continue
-        model.cfg.fusion = fusion                    # same weights: only the path through them differs
+        model.cfg.fusion = fusion  # same weights: only the path through them differs
         run = fn or (lambda m, t, c, g: sample_tokens(m, t, null, c, generator=g))
         with autocast_context(device, precision):
-            run(model, text, SamplingConfig(**{**cfg.__dict__, "num_iter": 2, "ode_steps": 1}),
-                torch.Generator(device=device).manual_seed(0))
+            run(
+                model,
+                text,
+                SamplingConfig(**{**cfg.__dict__, "num_iter": 2, "ode_steps": 1}),
+                torch.Generator(device=device).manual_seed(0),
+            )
             sync(device)
             t0 = time.perf_counter()
             run(model, text, cfg, torch.Generator(device=device).manual_seed(0))
@@ -233,6 +253,7 @@ def sample_table(model, text: TextEmbeddings, a, num_iter: int, batch: int, rate
     model.cfg.fusion = "late_only"
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
+
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         cfg = SamplingConfig(num_iter=2, guidance_scale=3.0, ode_steps=a.ode_steps, ode_solver="heun")
         with autocast_context(device, precision), profile(activities=acts, with_flops=True) as prof:
@@ -242,8 +263,10 @@ def sample_table(model, text: TextEmbeddings, a, num_iter: int, batch: int, rate
             sec = time.perf_counter() - t0
         flops = sum(e.flops for e in prof.key_averages())
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"\none sampling call of 2 iterations (late_only, {a.ode_steps} Heun): {flops / 1e12:.3f} TFLOP in "
-              f"{sec:.2f} s under the profiler = {100 * flops / sec / rate:.0f}% of the measured matmul rate")
+        print(
+            f"\none sampling call of 2 iterations (late_only, {a.ode_steps} Heun): {flops / 1e12:.3f} TFLOP in "
+            f"{sec:.2f} s under the profiler = {100 * flops / sec / rate:.0f}% of the measured matmul rate"
+        )
         print(prof.key_averages().table(sort_by=key, row_limit=12))
     return out
 
@@ -253,16 +276,23 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=sorted(jepat.JEPAT_MODELS))
     p.add_argument("--batch", type=int, default=None, help="train batch (default: 64 tiny, 8 otherwise)")
     p.add_argument("--steps", type=int, default=5, help="timed train steps per variant (median)")
-    p.add_argument("--sample_batch", type=int, default=None, help="images per sampling call (default: 16 tiny, 2 otherwise)")
-    p.add_argument("--num_iter", type=int, default=None, help="our sampler's iterations (default: 16 tiny, 64 otherwise)")
+    p.add_argument(
+        "--sample_batch", type=int, default=None, help="images per sampling call (default: 16 tiny, 2 otherwise)"
+    )
+    p.add_argument(
+        "--num_iter", type=int, default=None, help="our sampler's iterations (default: 16 tiny, 64 otherwise)"
+    )
     p.add_argument("--ode_steps", type=int, default=20, help="our Heun steps")
     p.add_argument("--ref_num_iter", type=int, default=None, help="published sampler: iterations (default: ours)")
     p.add_argument("--ref_ode_steps", type=int, default=100, help="published sampler: Euler steps")
     p.add_argument("--fast_ode_steps", type=int, default=10, help="the last row's Heun steps")
     p.add_argument("--fast_num_iter", type=int, default=None, help="the last row's iterations (default: ours)")
     p.add_argument("--skip_sample", default="", help="comma list of sampling rows (by name prefix) to leave out")
-    p.add_argument("--variants", default="", help="comma list of train variants to time (default: all); "
-                   "'ours' and 'all' are the two ends")
+    p.add_argument(
+        "--variants",
+        default="",
+        help="comma list of train variants to time (default: all); 'ours' and 'all' are the two ends",
+    )
     p.add_argument("--skip", default="", help="comma list of sections to skip: train, sample")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -286,16 +316,29 @@ def main() -> None:
     torch.manual_seed(0)
     np.random.seed(0)
     encoder = build_text_encoder("minilm", max_length=32, device=str(device))
-    model = jepat.build_model(a.preset, token_dim=token_dim, seq_len=seq_len, text_token_dim=encoder.token_dim,
-                              text_pooled_dim=encoder.pooled_dim).to(device)
+    model = jepat.build_model(
+        a.preset,
+        token_dim=token_dim,
+        seq_len=seq_len,
+        text_token_dim=encoder.token_dim,
+        text_pooled_dim=encoder.pooled_dim,
+    ).to(device)
     captions = all_captions(ALL_COMBOS)
     dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
     rate = matmul_rate(device, dtype)
-    res: Dict[str, object] = {"preset": a.preset, "device": str(device), "threads": torch.get_num_threads(),
-                              "precision": a.precision, "matmul_tflops": rate / 1e12, "seq_len": seq_len}
-    print(f"{a.preset}: {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters, {seq_len} tokens of "
-          f"{token_dim}; {device} x{torch.get_num_threads()} threads, {a.precision}; "
-          f"measured matmul rate {rate / 1e12:.3f} TFLOP/s")
+    res: dict[str, object] = {
+        "preset": a.preset,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "precision": a.precision,
+        "matmul_tflops": rate / 1e12,
+        "seq_len": seq_len,
+    }
+    print(
+        f"{a.preset}: {sum(q.numel() for q in model.parameters()) / 1e6:.1f}M parameters, {seq_len} tokens of "
+        f"{token_dim}; {device} x{torch.get_num_threads()} threads, {a.precision}; "
+        f"measured matmul rate {rate / 1e12:.3f} TFLOP/s"
+    )
 
     if "train" not in skip:
         tr = Trainer(model.train(), encoder, captions, batch, device, a.precision, fused=True)
@@ -307,13 +350,20 @@ def main() -> None:
             "+ loss.item() every step": {"item_each_step": True},
             "+ AdamW for-loop (not fused)": {"loop_adamw": True},
             "+ AdamW foreach (not fused)": {"foreach_adamw": True},
-            "all published habits": {"numpy_orders_": True, "encoder_each_step": True, "item_each_step": True,
-                                     "loop_adamw": True},
+            "all published habits": {
+                "numpy_orders_": True,
+                "encoder_each_step": True,
+                "item_each_step": True,
+                "loop_adamw": True,
+            },
         }
         if a.variants:
             keep = {v.strip() for v in a.variants.split(",")}
-            variants = {k: v for k, v in variants.items()
-                        if k == "ours" or (k == "all published habits" and "all" in keep) or k in keep}
+            variants = {
+                k: v
+                for k, v in variants.items()
+                if k == "ours" or (k == "all published habits" and "all" in keep) or k in keep
+            }
         rows = {}
         for name, kw in variants.items():
             sec = time_steps(lambda: tr.step(**kw), a.steps, device)
@@ -325,8 +375,13 @@ def main() -> None:
             print(f"{name:34s} {sec:8.3f} {batch / sec:8.2f} {sec / base:17.2f}")
         share = flops / base / rate
         print(f"ours: {flops / base / 1e12:.3f} TFLOP/s achieved = {100 * share:.0f}% of the measured matmul rate")
-        res["train"] = {"batch": batch, "tflop_per_step": flops / 1e12, "seconds_per_step": rows,
-                        "images_per_s": batch / base, "matmul_share": share}
+        res["train"] = {
+            "batch": batch,
+            "tflop_per_step": flops / 1e12,
+            "seconds_per_step": rows,
+            "images_per_s": batch / base,
+            "matmul_share": share,
+        }
         if a.profile:
             print("\n" + profile_step(tr))
 

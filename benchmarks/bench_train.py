@@ -13,6 +13,7 @@ every timed step uses the same seed, so the same mask ratio and the same FLOPs. 
 is the best of a few square matmuls in the step's dtype. Each configuration runs in its own
 process (clean peak memory, no compile cache shared). This prints; it asserts nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,18 +25,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from engine_jepat import param_groups, update_ema
-from util.runtime import autocast_context, init_runtime, resolve_precision  # noqa: E402
+from engine_jepat import param_groups, update_ema  # noqa: E402
 from models.jepat import build_model  # noqa: E402
-from models.text_encoders import TextEmbeddings  # noqa: E402
 from models.loss import EMATarget, JEPATLoss  # noqa: E402
+from models.text_encoders import TextEmbeddings  # noqa: E402
+from util.runtime import autocast_context, init_runtime, resolve_precision  # noqa: E402
 from util.training.parallel import TrainingStep, seed_step  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int =
         torch.mm(a, b)
         sync(device)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def sync(device: torch.device) -> None:
@@ -76,9 +76,12 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_one(args: argparse.Namespace, preset: str, precision: str, compiled: bool) -> Dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+def run_one(args: argparse.Namespace, preset: str, precision: str, compiled: bool) -> dict:
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     torch.manual_seed(0)
     kw = dict(token_dim=args.token_dim, seq_len=args.seq_len, text_token_dim=768, text_pooled_dim=768)
     if args.buffer_size is not None:
@@ -107,6 +110,7 @@ def run_one(args: argparse.Namespace, preset: str, precision: str, compiled: boo
         update_ema(ema, model, 0.9999)
 
     from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False)
     with counter:
         step(loss_module)
@@ -127,32 +131,48 @@ def run_one(args: argparse.Namespace, preset: str, precision: str, compiled: boo
         peak = torch.cuda.max_memory_allocated(device)
         name = torch.cuda.get_device_name(device)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # process peak RSS
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # process peak RSS
         name = f"CPU ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     rate = matmul_rate(device, dtype, 4096 if device.type == "cuda" else 1024)
-    return {"preset": preset, "precision": precision, "compile": compiled, "device": name,
-            "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1), "batch": B,
-            "tokens_per_image": args.seq_len, "step_s": step_s, "warmup_s": warmup_s,
-            "images_per_s": B / step_s, "tokens_per_s": B * args.seq_len / step_s,
-            "peak_mem_GiB": peak / 2 ** 30, "step_GFLOP": flops / 1e9, "achieved_TFLOPs": flops / step_s / 1e12,
-            "matmul_TFLOPs": rate / 1e12, "share_of_matmul": flops / step_s / rate}
+    return {
+        "preset": preset,
+        "precision": precision,
+        "compile": compiled,
+        "device": name,
+        "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
+        "batch": B,
+        "tokens_per_image": args.seq_len,
+        "step_s": step_s,
+        "warmup_s": warmup_s,
+        "images_per_s": B / step_s,
+        "tokens_per_s": B * args.seq_len / step_s,
+        "peak_mem_GiB": peak / 2**30,
+        "step_GFLOP": flops / 1e9,
+        "achieved_TFLOPs": flops / step_s / 1e12,
+        "matmul_TFLOPs": rate / 1e12,
+        "share_of_matmul": flops / step_s / rate,
+    }
 
 
-def check_auto_precision(rows: List[Dict], device: str) -> None:
+def check_auto_precision(rows: list[dict], device: str) -> None:
     """Whether ``--precision auto`` picks the faster of fp32 and bf16 for every measured pair."""
     auto = resolve_precision(init_runtime(device).device, "auto")
     for preset in dict.fromkeys(r["preset"] for r in rows):
         for compiled in (False, True):
-            speed = {r["precision"]: r["images_per_s"] for r in rows if r["preset"] == preset and r["compile"] == compiled}
+            speed = {
+                r["precision"]: r["images_per_s"] for r in rows if r["preset"] == preset and r["compile"] == compiled
+            }
             if {"fp32", "bf16"} <= set(speed):
                 best = max(("fp32", "bf16"), key=speed.get)
-                print(f"--precision auto picks {auto} here; {preset} compile={'on' if compiled else 'off'}: fp32 "
-                      f"{speed['fp32']:.2f} img/s, bf16 {speed['bf16']:.2f} img/s: auto is "
-                      f"{'the faster' if auto == best else 'THE SLOWER'} ({speed[best] / speed[auto]:.2f}x)")
+                print(
+                    f"--precision auto picks {auto} here; {preset} compile={'on' if compiled else 'off'}: fp32 "
+                    f"{speed['fp32']:.2f} img/s, bf16 {speed['bf16']:.2f} img/s: auto is "
+                    f"{'the faster' if auto == best else 'THE SLOWER'} ({speed[best] / speed[auto]:.2f}x)"
+                )
 
 
-def main(args: argparse.Namespace) -> List[Dict]:
+def main(args: argparse.Namespace) -> list[dict]:
     if args.one:
         preset, precision, compiled = args.one.split(",")
         print(json.dumps(run_one(args, preset, precision, compiled == "on")))
@@ -170,14 +190,19 @@ def main(args: argparse.Namespace) -> List[Dict]:
                     continue
                 row = json.loads(lines[-1])
                 rows.append(row)
-                print(f"{row['preset']:>5} {row['precision']:>4} compile={'on ' if row['compile'] else 'off'} "
-                      f"{row['images_per_s']:9.2f} img/s {row['tokens_per_s']:10.1f} tok/s "
-                      f"peak {row['peak_mem_GiB']:6.2f} GiB  {row['achieved_TFLOPs'] * 1e3:8.1f} GFLOP/s "
-                      f"= {100 * row['share_of_matmul']:5.1f}% of matmul {row['matmul_TFLOPs'] * 1e3:.0f} GFLOP/s  "
-                      f"(step {row['step_s']:.3f} s, warm-up {row['warmup_s']:.1f} s)", flush=True)
+                print(
+                    f"{row['preset']:>5} {row['precision']:>4} compile={'on ' if row['compile'] else 'off'} "
+                    f"{row['images_per_s']:9.2f} img/s {row['tokens_per_s']:10.1f} tok/s "
+                    f"peak {row['peak_mem_GiB']:6.2f} GiB  {row['achieved_TFLOPs'] * 1e3:8.1f} GFLOP/s "
+                    f"= {100 * row['share_of_matmul']:5.1f}% of matmul {row['matmul_TFLOPs'] * 1e3:.0f} GFLOP/s  "
+                    f"(step {row['step_s']:.3f} s, warm-up {row['warmup_s']:.1f} s)",
+                    flush=True,
+                )
     if rows:
-        print(f"device: {rows[0]['device']}; batch {args.batch_size}, {args.seq_len} tokens/image, "
-              f"{args.steps} timed steps")
+        print(
+            f"device: {rows[0]['device']}; batch {args.batch_size}, {args.seq_len} tokens/image, "
+            f"{args.steps} timed steps"
+        )
         check_auto_precision(rows, args.device)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

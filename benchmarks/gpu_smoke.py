@@ -16,6 +16,7 @@ of the GPU's measured bf16 matmul rate where there is one. Run it through benchm
 ``--device cpu`` runs the same paths at tiny sizes on the CPU (gloo instead of NCCL, fp32, no
 compile): a rehearsal that catches a renamed flag or a broken path before device time is spent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -33,10 +35,10 @@ PY = sys.executable
 
 class Check(NamedTuple):
     name: str
-    argv: List[str]
+    argv: list[str]
     timeout: int
-    figure: Callable[[Path, str], str]           # (output folder, combined log) -> the figure to print
-    expect: tuple = ()                           # strings the log must contain
+    figure: Callable[[Path, str], str]  # (output folder, combined log) -> the figure to print
+    expect: tuple = ()  # strings the log must contain
 
 
 def _json(path: Path):
@@ -46,9 +48,12 @@ def _json(path: Path):
 def train_figure(out: Path) -> Callable[[Path, str], str]:
     def figure(_: Path, __: str) -> str:
         row = _json(out)[0]
-        return (f"{row['images_per_s']:.1f} img/s, {100 * row['share_of_matmul']:.0f}% of the "
-                f"{row['precision']} matmul rate ({row['matmul_TFLOPs']:.3g} TFLOP/s), peak {row['peak_mem_GiB']:.1f} GiB, "
-                f"warm-up {row['warmup_s']:.0f} s")
+        return (
+            f"{row['images_per_s']:.1f} img/s, {100 * row['share_of_matmul']:.0f}% of the "
+            f"{row['precision']} matmul rate ({row['matmul_TFLOPs']:.3g} TFLOP/s), peak {row['peak_mem_GiB']:.1f} GiB, "
+            f"warm-up {row['warmup_s']:.0f} s"
+        )
+
     return figure
 
 
@@ -57,6 +62,7 @@ def run_figure(run: Path) -> Callable[[Path, str], str]:
         steps = _json(run / "train_log.json")
         assert (run / "checkpoint-last.pth").is_file(), "no checkpoint-last.pth"
         return f"{steps[-1]['step']} steps, last loss {steps[-1]['loss']:.3f}, checkpoint written"
+
     return figure
 
 
@@ -64,8 +70,11 @@ def sample_figure(out: Path) -> Callable[[Path, str], str]:
     def figure(_: Path, __: str) -> str:
         rows = _json(out)["sample"]
         last = list(rows)[-1]
-        return "; ".join(f"{n.split(':')[0]} {r['seconds_per_image']:.3f} s/img" for n, r in rows.items()) + \
-            f"; fastest {rows[last]['speedup']:.1f}x the published structure"
+        return (
+            "; ".join(f"{n.split(':')[0]} {r['seconds_per_image']:.3f} s/img" for n, r in rows.items())
+            + f"; fastest {rows[last]['speedup']:.1f}x the published structure"
+        )
+
     return figure
 
 
@@ -73,57 +82,198 @@ def eval_figure(path: Path) -> Callable[[Path, str], str]:
     def figure(_: Path, __: str) -> str:
         m = _json(path)
         f = m["fidelity"]
-        return (f"{m['num_samples']} images at {m['seconds_per_image']:.3f} s/img; {f['fid_label']} {f['fid']:.2f}, "
-                f"IS {f['inception_score_mean']:.2f} ({f['feature_extractor']})")
+        return (
+            f"{m['num_samples']} images at {m['seconds_per_image']:.3f} s/img; {f['fid_label']} {f['fid']:.2f}, "
+            f"IS {f['inception_score_mean']:.2f} ({f['feature_extractor']})"
+        )
+
     return figure
 
 
-def checks(out: Path, device: str) -> List[Check]:
+def checks(out: Path, device: str) -> list[Check]:
     gpu = device != "cpu"
     precision = "bf16" if gpu else "fp32"
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     backend = "nccl" if gpu else "gloo"
-    train_shape = (["--presets", "base", "--batch_size", "64", "--seq_len", "256", "--steps", "10", "--warmup", "2"]
-                   if gpu else ["--presets", "tiny", "--batch_size", "4", "--seq_len", "16", "--steps", "1"])
-    run = ["main_jepat.py", "--config", "shapes", "--device", device, "--precision", precision,
-           "--num_samples", "512", "--epochs", "1", "--max_steps", "20" if gpu else "4", "--no_eval",
-           "--save_freq", "0", "--grid_freq", "0", "--log_freq", "2"]
+    train_shape = (
+        ["--presets", "base", "--batch_size", "64", "--seq_len", "256", "--steps", "10", "--warmup", "2"]
+        if gpu
+        else ["--presets", "tiny", "--batch_size", "4", "--seq_len", "16", "--steps", "1"]
+    )
+    run = [
+        "main_jepat.py",
+        "--config",
+        "shapes",
+        "--device",
+        device,
+        "--precision",
+        precision,
+        "--num_samples",
+        "512",
+        "--epochs",
+        "1",
+        "--max_steps",
+        "20" if gpu else "4",
+        "--no_eval",
+        "--save_freq",
+        "0",
+        "--grid_freq",
+        "0",
+        "--log_freq",
+        "2",
+    ]
     ddp, fsdp = out / "ddp", out / "fsdp"
-    sample = (["--preset", "base", "--sample_batch", "16", "--num_iter", "64", "--profile"] if gpu else
-              ["--preset", "tiny", "--sample_batch", "4", "--num_iter", "4"])
+    sample = (
+        ["--preset", "base", "--sample_batch", "16", "--num_iter", "64", "--profile"]
+        if gpu
+        else ["--preset", "tiny", "--sample_batch", "4", "--num_iter", "4"]
+    )
     prompts, ref = out / "prompts.txt", out / "reference"
     result = [
-        Check("train base bf16 eager" if gpu else "train tiny fp32 eager",
-              [PY, "benchmarks/bench_train.py", *train_shape, "--precisions", precision, "--compile", "off",
-               "--device", device, "--json", str(out / "train_eager.json")], 300, train_figure(out / "train_eager.json")),
+        Check(
+            "train base bf16 eager" if gpu else "train tiny fp32 eager",
+            [
+                PY,
+                "benchmarks/bench_train.py",
+                *train_shape,
+                "--precisions",
+                precision,
+                "--compile",
+                "off",
+                "--device",
+                device,
+                "--json",
+                str(out / "train_eager.json"),
+            ],
+            300,
+            train_figure(out / "train_eager.json"),
+        ),
     ]
     if gpu:
-        result.append(Check("train base bf16 compile",
-                            [PY, "benchmarks/bench_train.py", *train_shape, "--precisions", precision, "--compile", "on",
-                             "--device", device, "--json", str(out / "train_compile.json")], 420,
-                            train_figure(out / "train_compile.json")))
+        result.append(
+            Check(
+                "train base bf16 compile",
+                [
+                    PY,
+                    "benchmarks/bench_train.py",
+                    *train_shape,
+                    "--precisions",
+                    precision,
+                    "--compile",
+                    "on",
+                    "--device",
+                    device,
+                    "--json",
+                    str(out / "train_compile.json"),
+                ],
+                420,
+                train_figure(out / "train_compile.json"),
+            )
+        )
     result += [
-        Check(f"DDP over {backend.upper()}, 1 process", [*torchrun, *run, "--strategy", "ddp", "--output_dir", str(ddp)],
-              240, run_figure(ddp), (f"backend {backend}", f"AdamW fused={gpu}")),
-        Check("FSDP2, 1 rank", [*torchrun, *run, "--strategy", "fsdp", "--output_dir", str(fsdp)], 240, run_figure(fsdp),
-              (f"backend {backend}", "strategy fsdp")),
-        Check("FSDP2 resume", [*torchrun, *run, "--strategy", "fsdp", "--output_dir", str(fsdp), "--resume",
-                                     str(fsdp / "checkpoint-last.pth"), "--max_steps", "22" if gpu else "6"],
-              240, run_figure(fsdp), ("resumed",)),
-        Check(f"sampling {'base bf16' if gpu else 'tiny fp32'}",
-              [PY, "benchmarks/bench_speed.py", *sample, "--skip", "train", "--precision", precision, "--device", device,
-               "--json", str(out / "sample.json")], 300, sample_figure(out / "sample.json")),
-        Check("main_sample.py", [PY, "main_sample.py", "--checkpoint", str(ddp / "checkpoint-last.pth"), "--prompt",
-                                 "a red circle", "--prompt", "a blue square", "--num_per_prompt", "4", "--device", device,
-                                 "--precision", precision, "--out_dir", str(out / "samples")], 180,
-              lambda o, log: f"{len(list((out / 'samples').glob('0*.png')))} images"),
-        Check("evaluation, small extractor",
-              [*torchrun, "main_jepat.py", "--evaluate", "--resume", str(ddp / "checkpoint-last.pth"),
-               "--device", device, "--precision", precision, "--eval_prompts_file", str(prompts),
-               "--num_images", "64", "--eval_batch_size", "32", "--eval_metrics", "fid,isc",
-               "--fid_feature_extractor", "jepat-test-tiny", "--fid_ref", str(ref),
-               "--output_dir", str(out / "eval")], 240,
-              eval_figure(out / "eval" / "metrics.json")),
+        Check(
+            f"DDP over {backend.upper()}, 1 process",
+            [*torchrun, *run, "--strategy", "ddp", "--output_dir", str(ddp)],
+            240,
+            run_figure(ddp),
+            (f"backend {backend}", f"AdamW fused={gpu}"),
+        ),
+        Check(
+            "FSDP2, 1 rank",
+            [*torchrun, *run, "--strategy", "fsdp", "--output_dir", str(fsdp)],
+            240,
+            run_figure(fsdp),
+            (f"backend {backend}", "strategy fsdp"),
+        ),
+        Check(
+            "FSDP2 resume",
+            [
+                *torchrun,
+                *run,
+                "--strategy",
+                "fsdp",
+                "--output_dir",
+                str(fsdp),
+                "--resume",
+                str(fsdp / "checkpoint-last.pth"),
+                "--max_steps",
+                "22" if gpu else "6",
+            ],
+            240,
+            run_figure(fsdp),
+            ("resumed",),
+        ),
+        Check(
+            f"sampling {'base bf16' if gpu else 'tiny fp32'}",
+            [
+                PY,
+                "benchmarks/bench_speed.py",
+                *sample,
+                "--skip",
+                "train",
+                "--precision",
+                precision,
+                "--device",
+                device,
+                "--json",
+                str(out / "sample.json"),
+            ],
+            300,
+            sample_figure(out / "sample.json"),
+        ),
+        Check(
+            "main_sample.py",
+            [
+                PY,
+                "main_sample.py",
+                "--checkpoint",
+                str(ddp / "checkpoint-last.pth"),
+                "--prompt",
+                "a red circle",
+                "--prompt",
+                "a blue square",
+                "--num_per_prompt",
+                "4",
+                "--device",
+                device,
+                "--precision",
+                precision,
+                "--out_dir",
+                str(out / "samples"),
+            ],
+            180,
+            lambda o, log: f"{len(list((out / 'samples').glob('0*.png')))} images",
+        ),
+        Check(
+            "evaluation, small extractor",
+            [
+                *torchrun,
+                "main_jepat.py",
+                "--evaluate",
+                "--resume",
+                str(ddp / "checkpoint-last.pth"),
+                "--device",
+                device,
+                "--precision",
+                precision,
+                "--eval_prompts_file",
+                str(prompts),
+                "--num_images",
+                "64",
+                "--eval_batch_size",
+                "32",
+                "--eval_metrics",
+                "fid,isc",
+                "--fid_feature_extractor",
+                "jepat-test-tiny",
+                "--fid_ref",
+                str(ref),
+                "--output_dir",
+                str(out / "eval"),
+            ],
+            240,
+            eval_figure(out / "eval" / "metrics.json"),
+        ),
     ]
     return result
 
@@ -132,7 +282,9 @@ def prepare_inputs(out: Path) -> None:
     """Prompts and a folder of rendered reference images for the evaluation check."""
     sys.path.insert(0, str(ROOT))
     from PIL import Image
+
     from util.data import shapes
+
     (out / "prompts.txt").write_text("\n".join(shapes.prompt(c, s) for c, s in shapes.SEEN_COMBOS) + "\n")
     ref = out / "reference"
     ref.mkdir(parents=True, exist_ok=True)
@@ -141,13 +293,19 @@ def prepare_inputs(out: Path) -> None:
         Image.fromarray(im).save(ref / f"{i:04d}.png")
 
 
-def run_check(check: Check, out: Path) -> Dict:
+def run_check(check: Check, out: Path) -> dict:
     t0 = time.time()
     log_path = out / "logs" / (check.name.replace(" ", "_").replace(",", "").replace("/", "_") + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        proc = subprocess.run(check.argv, cwd=ROOT, capture_output=True, text=True, timeout=check.timeout,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.run(
+            check.argv,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=check.timeout,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         log, code = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         log, code = f"{e.stdout or ''}{e.stderr or ''}\ntimed out after {check.timeout} s", None
@@ -163,7 +321,7 @@ def run_check(check: Check, out: Path) -> Dict:
     else:
         try:
             figure = check.figure(out, log)
-        except Exception as e:                            # a figure that cannot be read is a failure
+        except Exception as e:  # a figure that cannot be read is a failure
             status, figure = "FAIL", f"{type(e).__name__}: {e}"
     return {"check": check.name, "status": status, "seconds": seconds, "figure": figure, "log": str(log_path)}
 
@@ -173,7 +331,7 @@ def _last_error(log: str) -> str:
     return lines[-1][:160] if lines else "(no output)"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (the smoke test) or cpu (a rehearsal at tiny sizes)")
     p.add_argument("--out", default="output/gpu_smoke", help="logs, runs and smoke.json go here")
@@ -182,8 +340,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(a.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     prepare_inputs(out)
-    selected = [c for c in checks(out, a.device)
-                if not a.only or any(c.name.startswith(x) for x in a.only.split(","))]
+    selected = [c for c in checks(out, a.device) if not a.only or any(c.name.startswith(x) for x in a.only.split(","))]
     rows = []
     for check in selected:
         print(f"[smoke] {check.name} ...", flush=True)

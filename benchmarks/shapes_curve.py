@@ -5,6 +5,7 @@ of training minutes, step, and seen / held-out joint accuracy.
     python main_jepat.py --save_freq 1 --output_dir output/curve        # any shapes run
     python benchmarks/shapes_curve.py output/curve [--eval_per_combo 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,17 @@ def main() -> None:
         raise SystemExit(f"no checkpoint-<epoch>.pth in {run}; train with --save_freq 1")
     rows = []
     for ckpt in ckpts:
-        args = main_jepat.parse_args(["--evaluate", "--resume", str(ckpt), "--eval_per_combo", str(a.eval_per_combo),
-                                      "--output_dir", str(run / "curve" / ckpt.stem)])
+        args = main_jepat.parse_args(
+            [
+                "--evaluate",
+                "--resume",
+                str(ckpt),
+                "--eval_per_combo",
+                str(a.eval_per_combo),
+                "--output_dir",
+                str(run / "curve" / ckpt.stem),
+            ]
+        )
         m = main_jepat.main(args)
         secs = torch.load(ckpt, map_location="cpu", weights_only=True)["state"].get("train_seconds", float("nan"))
         rows.append((secs / 60, m["step"], m["seen"]["joint_acc"], m["heldout"]["joint_acc"]))

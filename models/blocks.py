@@ -5,6 +5,7 @@ attention through ``F.scaled_dot_product_attention``); what timm does not have i
 need is here: a cross-attention over padded caption tokens, a sinusoidal timestep embedder and
 the adaLN modulation helper.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,14 +16,25 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
 
-def transformer_blocks(width: int, depth: int, num_heads: int, mlp_ratio: float,
-                       qk_norm: bool, proj_dropout: float, attn_dropout: float) -> nn.ModuleList:
+def transformer_blocks(
+    width: int, depth: int, num_heads: int, mlp_ratio: float, qk_norm: bool, proj_dropout: float, attn_dropout: float
+) -> nn.ModuleList:
     """``depth`` pre-norm ViT blocks from timm (SDPA attention, optional qk-norm)."""
-    return nn.ModuleList([
-        Block(width, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, qk_norm=qk_norm,
-              proj_drop=proj_dropout, attn_drop=attn_dropout, norm_layer=nn.LayerNorm)
-        for _ in range(depth)
-    ])
+    return nn.ModuleList(
+        [
+            Block(
+                width,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=True,
+                qk_norm=qk_norm,
+                proj_drop=proj_dropout,
+                attn_drop=attn_dropout,
+                norm_layer=nn.LayerNorm,
+            )
+            for _ in range(depth)
+        ]
+    )
 
 
 class CrossAttention(nn.Module):
@@ -54,13 +66,13 @@ class CrossAttention(nn.Module):
         """
         B, L, D = x.shape
         S = context.shape[1]
-        q = self.q(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)      # [B,H,L,hd]
-        kv = self.kv(context).view(B, S, 2, self.num_heads, self.head_dim)            # [B,S,2,H,hd]
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)                                    # [B,H,S,hd] x2
+        q = self.q(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # [B,H,L,hd]
+        kv = self.kv(context).view(B, S, 2, self.num_heads, self.head_dim)  # [B,S,2,H,hd]
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # [B,H,S,hd] x2
         q, k = self.q_norm(q), self.k_norm(k)
-        attn_mask = context_mask[:, None, None, :]                                    # [B,1,1,S]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)           # [B,H,L,hd]
-        out = out.transpose(1, 2).reshape(B, L, D)                                    # [B,L,D]
+        attn_mask = context_mask[:, None, None, :]  # [B,1,1,S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # [B,H,L,hd]
+        out = out.transpose(1, 2).reshape(B, L, D)  # [B,L,D]
         return self.proj(out)
 
 
@@ -77,8 +89,8 @@ class TimestepEmbedder(nn.Module):
         """t [N] -> [N, frequency_dim] (cos | sin features, periods up to 10^4)."""
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (t.float() * self.time_scale)[:, None] * freqs[None]                   # [N,half]
-        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)                  # [N,2*half]
+        args = (t.float() * self.time_scale)[:, None] * freqs[None]  # [N,half]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # [N,2*half]
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t [N] -> [N, width]."""

@@ -4,9 +4,10 @@ Convention (rectified flow): x_t = t * x + (1 - t) * eps, t in [0, 1], eps ~ N(0
 the head predicts the velocity dx_t/dt = x - eps. Sampling integrates from pure noise at t = 0
 (scaled by the temperature) to data at t = 1.
 """
+
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -15,7 +16,9 @@ from models.blocks import TimestepEmbedder, modulate
 
 ODE_SOLVERS = ("euler", "heun")
 PREDICTIONS = ("v", "x")
-Modulations = Tuple[List[Sequence[torch.Tensor]], Sequence[torch.Tensor]]   # per block (shift, scale, gate); final (shift, scale)
+Modulations = tuple[
+    list[Sequence[torch.Tensor]], Sequence[torch.Tensor]
+]  # per block (shift, scale, gate); final (shift, scale)
 
 
 class AdaLNResBlock(nn.Module):
@@ -47,8 +50,15 @@ class FlowHead(nn.Module):
         depth: number of adaLN residual blocks.
     """
 
-    def __init__(self, token_dim: int, cond_dim: int, width: int, depth: int, prediction: str = "v",
-                 min_one_minus_t: float = 0.05) -> None:
+    def __init__(
+        self,
+        token_dim: int,
+        cond_dim: int,
+        width: int,
+        depth: int,
+        prediction: str = "v",
+        min_one_minus_t: float = 0.05,
+    ) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
             raise ValueError(f"unknown flow head prediction {prediction!r}; choose one of {PREDICTIONS}")
@@ -79,48 +89,47 @@ class FlowHead(nn.Module):
         (x_hat - x_t) / (1 - t), with 1 - t clamped at ``min_one_minus_t``; the loss stays the
         velocity loss. For high-dimensional pixel patches this is much easier to learn than a
         direct velocity (clean patches lie near a low-dimensional set; noise does not)."""
-        y = self.time_embed(t) + self.cond_embed(z)                                     # [N,W]
-        one_minus_t = (1 - t.float()).clamp(min=self.min_one_minus_t)[:, None]          # [N,1]
+        y = self.time_embed(t) + self.cond_embed(z)  # [N,W]
+        one_minus_t = (1 - t.float()).clamp(min=self.min_one_minus_t)[:, None]  # [N,1]
         return self.velocity(x_t, self.modulations(y), one_minus_t)
 
     def modulations(self, y: torch.Tensor) -> Modulations:
         """Every adaLN modulation for the condition y [N,W] (time and z embedded): they depend on
         (t, z) only, not on x_t."""
-        return ([block.ada_ln(y).chunk(3, dim=-1) for block in self.blocks],
-                self.final_ada_ln(y).chunk(2, dim=-1))
+        return ([block.ada_ln(y).chunk(3, dim=-1) for block in self.blocks], self.final_ada_ln(y).chunk(2, dim=-1))
 
     def velocity(self, x_t: torch.Tensor, mods: Modulations, one_minus_t: torch.Tensor) -> torch.Tensor:
         """The MLP on x_t [N,d] under precomputed modulations; one_minus_t [N,1] or [1,1]."""
         block_mods, (shift, scale) = mods
-        h = self.input_proj(x_t)                                                        # [N,W]
+        h = self.input_proj(x_t)  # [N,W]
         for block, m in zip(self.blocks, block_mods):
-            h = block.modulated(h, m)                                                   # [N,W]
-        out = self.final_linear(modulate(self.final_norm(h), shift, scale))             # [N,d]
+            h = block.modulated(h, m)  # [N,W]
+        out = self.final_linear(modulate(self.final_norm(h), shift, scale))  # [N,d]
         if self.prediction == "v":
             return out
-        return (out.float() - x_t.float()) / one_minus_t                                # [N,d]
+        return (out.float() - x_t.float()) / one_minus_t  # [N,d]
 
-    def prepare(self, z: torch.Tensor) -> "VelocityFn":
+    def prepare(self, z: torch.Tensor) -> VelocityFn:
         """velocity(x_t, t) for fixed z [N,Dz] and one flow time t (a float) for all rows, as the
         ODE solvers call it: z is embedded once, and the time embedding and the adaLN modulations
         (about 60% of the head's multiply-adds) once per distinct t. Heun evaluates every interior
         t twice (corrector, then the next predictor), so this halves their cost there."""
-        z_emb = self.cond_embed(z)                                                      # [N,W]
+        z_emb = self.cond_embed(z)  # [N,W]
         cache: dict = {}
 
         def velocity(x_t: torch.Tensor, t: float) -> torch.Tensor:
             if t not in cache:
-                if len(cache) >= 2:                                                     # Heun needs t0 and t1
+                if len(cache) >= 2:  # Heun needs t0 and t1
                     cache.pop(next(iter(cache)))
-                y = self.time_embed(torch.full((1,), t, device=z.device)) + z_emb       # [N,W]
+                y = self.time_embed(torch.full((1,), t, device=z.device)) + z_emb  # [N,W]
                 cache[t] = self.modulations(y)
             one_minus_t = torch.full((1, 1), max(1.0 - t, self.min_one_minus_t), device=z.device)
             return self.velocity(x_t, cache[t], one_minus_t)
+
         return velocity
 
 
-def sample_time(n: int, device: torch.device, logit_mean: Optional[float] = None,
-                logit_std: float = 1.0) -> torch.Tensor:
+def sample_time(n: int, device: torch.device, logit_mean: float | None = None, logit_std: float = 1.0) -> torch.Tensor:
     """Training times t in (0, 1): uniform, or logit-normal sigmoid(N(logit_mean, logit_std))
     (a negative mean puts more weight on noisy inputs, where the head must rely on z)."""
     if logit_mean is None:
@@ -128,8 +137,14 @@ def sample_time(n: int, device: torch.device, logit_mean: Optional[float] = None
     return torch.sigmoid(torch.randn(n, device=device, dtype=torch.float32) * logit_std + logit_mean)
 
 
-def flow_matching_loss(head: FlowHead, x: torch.Tensor, z: torch.Tensor, repeat: int = 1,
-                       t_logit_mean: Optional[float] = None, t_logit_std: float = 1.0) -> torch.Tensor:
+def flow_matching_loss(
+    head: FlowHead,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    repeat: int = 1,
+    t_logit_mean: float | None = None,
+    t_logit_std: float = 1.0,
+) -> torch.Tensor:
     """Mean squared velocity error over the given tokens.
 
     Args:
@@ -139,12 +154,12 @@ def flow_matching_loss(head: FlowHead, x: torch.Tensor, z: torch.Tensor, repeat:
         t_logit_mean / t_logit_std: logit-normal time sampling; None = uniform t.
     Returns: scalar loss (float32).
     """
-    x = x.repeat(repeat, 1)                                                             # [rN,d]
-    z = z.repeat(repeat, 1)                                                             # [rN,Dz]
-    t = sample_time(x.shape[0], x.device, t_logit_mean, t_logit_std)                    # [rN]
-    eps = torch.randn_like(x)                                                           # [rN,d]
-    x_t = t[:, None] * x + (1 - t[:, None]) * eps                                       # [rN,d]
-    v = head(x_t, t, z)                                                                 # [rN,d]
+    x = x.repeat(repeat, 1)  # [rN,d]
+    z = z.repeat(repeat, 1)  # [rN,Dz]
+    t = sample_time(x.shape[0], x.device, t_logit_mean, t_logit_std)  # [rN]
+    eps = torch.randn_like(x)  # [rN,d]
+    x_t = t[:, None] * x + (1 - t[:, None]) * eps  # [rN,d]
+    v = head(x_t, t, z)  # [rN,d]
     return (v.float() - (x - eps).float()).pow(2).mean()
 
 
@@ -175,10 +190,16 @@ def integrate_flow(velocity: VelocityFn, noise: torch.Tensor, steps: int, solver
     return x
 
 
-def sample_tokens_from_head(head: nn.Module, z: torch.Tensor, temperature: float, steps: int,
-                            solver: str, guidance: Optional[torch.Tensor] = None,
-                            generator: Optional[torch.Generator] = None,
-                            noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+def sample_tokens_from_head(
+    head: nn.Module,
+    z: torch.Tensor,
+    temperature: float,
+    steps: int,
+    solver: str,
+    guidance: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Draw one token per row of z by integrating the head's ODE.
 
     Args:
@@ -192,17 +213,19 @@ def sample_tokens_from_head(head: nn.Module, z: torch.Tensor, temperature: float
     """
     n = z.shape[0] if guidance is None else z.shape[0] // 2
     if noise is None:
-        noise = torch.randn(n, head.token_dim, device=z.device, generator=generator)            # [N,d]
-    noise = noise.float() * temperature                                                          # [N,d]
+        noise = torch.randn(n, head.token_dim, device=z.device, generator=generator)  # [N,d]
+    noise = noise.float() * temperature  # [N,d]
     head_velocity = head.prepare(z)
     if guidance is None:
+
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             return head_velocity(x, t).float()
     else:
-        g = guidance[:, None].float()                                                   # [N,1]
+        g = guidance[:, None].float()  # [N,1]
 
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
-            v = head_velocity(torch.cat([x, x]), t).float()                             # [2N,d]
+            v = head_velocity(torch.cat([x, x]), t).float()  # [2N,d]
             v_cond, v_null = v.chunk(2)
             return v_null + g * (v_cond - v_null)
+
     return integrate_flow(velocity, noise, steps, solver)

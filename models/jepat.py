@@ -9,11 +9,12 @@ One training step (the loss is ``models/loss.py``):
     L    = w_flow * flow(z[masked]) + w_jepa * SmoothL1(jepa_head(z[masked]), ema.encode_full)
 Sampling (``models/sampler.py``) calls the same ``condition`` and ``forward``.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -28,29 +29,30 @@ class JEPATConfig:
     """Everything needed to rebuild a JEPA-T model; stored in every checkpoint. The defaults of the
     fields a run may set (``ModelConfig`` in util/config.py reads them from here) are the published
     code's and launch scripts'."""
-    token_dim: int                   # d: latent channels * patch**2
-    seq_len: int                     # L: image tokens
-    text_token_dim: int              # Dt: width of the caption token states
-    text_pooled_dim: int             # Du: width of the pooled caption vector
-    width: int = 768                 # D
+
+    token_dim: int  # d: latent channels * patch**2
+    seq_len: int  # L: image tokens
+    text_token_dim: int  # Dt: width of the caption token states
+    text_pooled_dim: int  # Du: width of the pooled caption vector
+    width: int = 768  # D
     encoder_depth: int = 12
     predictor_depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    qk_norm: bool = True             # the published launch scripts pass --qk_norm
+    qk_norm: bool = True  # the published launch scripts pass --qk_norm
     flow_width: int = 1024
     flow_depth: int = 6
-    flow_prediction: str = "v"       # the head outputs the velocity (v) or the clean token (x)
-    t_logit_mean: Optional[float] = None  # flow training times: None = uniform, else logit-normal
+    flow_prediction: str = "v"  # the head outputs the velocity (v) or the clean token (x)
+    t_logit_mean: float | None = None  # flow training times: None = uniform, else logit-normal
     t_logit_std: float = 1.0
-    buffer_size: int = 64            # n_buf buffer tokens carrying the pooled condition
+    buffer_size: int = 64  # n_buf buffer tokens carrying the pooled condition
     mask_ratio_min: float = 0.7
     mask_ratio_std: float = 0.25
     cond_drop_prob: float = 0.1
     diffusion_batch_mul: int = 4
     proj_dropout: float = 0.1
     attn_dropout: float = 0.1
-    fusion: str = "full"             # where text enters; see FUSION_MODES (full: the published code)
+    fusion: str = "full"  # where text enters; see FUSION_MODES (full: the published code)
     preset: str = ""
 
 
@@ -58,12 +60,13 @@ class JEPATConfig:
 class Conditioning:
     """The caption as the network consumes it, made by ``JEPAT.condition`` (one path for training
     and sampling). Shapes for a batch of B captions of S tokens."""
-    c: torch.Tensor                  # [B,D] pooled condition (buffer tokens and predictor)
-    tau: torch.Tensor                # [B,S,D] projected caption tokens (cross-attention keys and values)
-    tau_mask: torch.Tensor           # [B,S] bool, True at real tokens
-    u: torch.Tensor                  # [B,Du] raw pooled vector after null replacement (injected before the heads)
 
-    def first(self, n: int) -> "Conditioning":
+    c: torch.Tensor  # [B,D] pooled condition (buffer tokens and predictor)
+    tau: torch.Tensor  # [B,S,D] projected caption tokens (cross-attention keys and values)
+    tau_mask: torch.Tensor  # [B,S] bool, True at real tokens
+    u: torch.Tensor  # [B,Du] raw pooled vector after null replacement (injected before the heads)
+
+    def first(self, n: int) -> Conditioning:
         """The first ``n`` rows (the conditional half of a guided batch)."""
         return Conditioning(self.c[:n], self.tau[:n], self.tau_mask[:n], self.u[:n])
 
@@ -76,8 +79,12 @@ class Conditioning:
 # input_only the input-level condition only;  none: unconditional
 FUSION_MODES = ("full", "input_only", "late_only", "none")
 _TEXT_TOKENS = ("text_proj", "cross_norm", "cross_attn", "text_inject", "null_token")
-UNUSED_BY_FUSION = {"full": (), "late_only": ("cond_mlp",), "input_only": _TEXT_TOKENS,
-                    "none": ("cond_mlp", "null_pooled") + _TEXT_TOKENS}
+UNUSED_BY_FUSION = {
+    "full": (),
+    "late_only": ("cond_mlp",),
+    "input_only": _TEXT_TOKENS,
+    "none": ("cond_mlp", "null_pooled") + _TEXT_TOKENS,
+}
 
 
 class JEPAT(nn.Module):
@@ -100,8 +107,9 @@ class JEPAT(nn.Module):
         self.z_proj = nn.Linear(cfg.token_dim, D)
         self.z_proj_ln = nn.LayerNorm(D, eps=1e-6)
         self.encoder_pos = nn.Parameter(torch.zeros(1, n_buf + L, D))
-        blocks = dict(mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm,
-                      proj_dropout=cfg.proj_dropout, attn_dropout=cfg.attn_dropout)
+        blocks = dict(
+            mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm, proj_dropout=cfg.proj_dropout, attn_dropout=cfg.attn_dropout
+        )
         self.encoder_blocks = transformer_blocks(D, cfg.encoder_depth, cfg.num_heads, **blocks)
         self.encoder_norm = nn.LayerNorm(D, eps=1e-6)
         # predictor
@@ -127,8 +135,14 @@ class JEPAT(nn.Module):
 
     def initialize_weights(self) -> None:
         """The single init: xavier linears, N(0, 0.02) embeddings, zeroed adaLN and flow output."""
-        for p in (self.encoder_pos, self.predictor_pos, self.head_pos, self.mask_token,
-                  self.null_pooled, self.null_token):
+        for p in (
+            self.encoder_pos,
+            self.predictor_pos,
+            self.head_pos,
+            self.mask_token,
+            self.null_pooled,
+            self.null_token,
+        ):
             nn.init.normal_(p, std=0.02)
         # image positions start from a 2-D sin-cos table (still learned): a short run knows the
         # layout from step 0 instead of having to discover it
@@ -147,6 +161,7 @@ class JEPAT(nn.Module):
             elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
         self.apply(init)
         self.flow_head.zero_init_modulation()
 
@@ -165,20 +180,22 @@ class JEPAT(nn.Module):
         if self.cfg.fusion == "none":
             drop = torch.ones_like(drop)
         keep = ~drop
-        u = torch.where(keep[:, None], text.pooled, self.null_pooled.to(text.pooled.dtype))   # [B,Du]
+        u = torch.where(keep[:, None], text.pooled, self.null_pooled.to(text.pooled.dtype))  # [B,Du]
         null_tokens = torch.zeros_like(text.tokens)
-        null_tokens[:, 0] = self.null_token.to(text.tokens.dtype)                              # [B,S,Dt]
-        tokens = torch.where(keep[:, None, None], text.tokens, null_tokens)                    # [B,S,Dt]
+        null_tokens[:, 0] = self.null_token.to(text.tokens.dtype)  # [B,S,Dt]
+        tokens = torch.where(keep[:, None, None], text.tokens, null_tokens)  # [B,S,Dt]
         null_mask = torch.zeros_like(text.mask)
-        null_mask[:, 0] = True                                                                  # [B,S]
-        tau_mask = torch.where(keep[:, None], text.mask, null_mask)                            # [B,S]
-        return Conditioning(c=self.cond_mlp(u),                                                # [B,D]
-                            tau=self.text_proj(tokens),                                        # [B,S,D]
-                            tau_mask=tau_mask, u=u)
+        null_mask[:, 0] = True  # [B,S]
+        tau_mask = torch.where(keep[:, None], text.mask, null_mask)  # [B,S]
+        return Conditioning(
+            c=self.cond_mlp(u),  # [B,D]
+            tau=self.text_proj(tokens),  # [B,S,D]
+            tau_mask=tau_mask,
+            u=u,
+        )
 
     # ---------------------------------------------------------------- backbone
-    def encode(self, x: torch.Tensor, cond: Conditioning,
-               visible: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, cond: Conditioning, visible: torch.Tensor | None = None) -> torch.Tensor:
         """Context encoder over [buffer tokens + c] ++ visible tokens.
 
         Args:
@@ -188,51 +205,50 @@ class JEPAT(nn.Module):
         """
         B, L, _ = x.shape
         n_buf, D = self.cfg.buffer_size, self.cfg.width
-        h = self.z_proj(x)                                                              # [B,L,D]
-        pos = self.encoder_pos.expand(B, -1, -1)                                        # [B,n_buf+L,D]
-        h = h + pos[:, n_buf:]                                                          # [B,L,D]
+        h = self.z_proj(x)  # [B,L,D]
+        pos = self.encoder_pos.expand(B, -1, -1)  # [B,n_buf+L,D]
+        h = h + pos[:, n_buf:]  # [B,L,D]
         if visible is not None:
-            h = h.gather(1, visible[..., None].expand(-1, -1, D))                       # [B,n_vis,D]
+            h = h.gather(1, visible[..., None].expand(-1, -1, D))  # [B,n_vis,D]
         c = not self.text_free_backbone
-        buf = pos[:, :n_buf] + (cond.c[:, None] if c else 0)                          # [B,n_buf,D]
-        h = self.z_proj_ln(torch.cat([buf, h], dim=1))                                  # [B,n_buf+n_vis,D]
+        buf = pos[:, :n_buf] + (cond.c[:, None] if c else 0)  # [B,n_buf,D]
+        h = self.z_proj_ln(torch.cat([buf, h], dim=1))  # [B,n_buf+n_vis,D]
         for block in self.encoder_blocks:
             h = block(h)
         return self.encoder_norm(h)
 
-    def predict(self, h: torch.Tensor, cond: Conditioning, visible: Optional[torch.Tensor]) -> torch.Tensor:
+    def predict(self, h: torch.Tensor, cond: Conditioning, visible: torch.Tensor | None) -> torch.Tensor:
         """Predictor: scatter encoder states into the full length, mask tokens elsewhere.
 
         h [B, n_buf + n_vis, D] -> z [B, L, D] (before text fusion).
         """
         B = h.shape[0]
         n_buf, L, D = self.cfg.buffer_size, self.cfg.seq_len, self.cfg.width
-        h = self.predictor_embed(h)                                                     # [B,n_buf+n_vis,D]
+        h = self.predictor_embed(h)  # [B,n_buf+n_vis,D]
         if visible is None:
-            full = h                                                                    # [B,n_buf+L,D]
+            full = h  # [B,n_buf+L,D]
         else:
             idx = torch.cat([torch.arange(n_buf, device=h.device).expand(B, -1), visible + n_buf], 1)
             full = self.mask_token.to(h.dtype).expand(B, n_buf + L, D)
-            full = full.scatter(1, idx[..., None].expand(-1, -1, D), h)                # [B,n_buf+L,D]
+            full = full.scatter(1, idx[..., None].expand(-1, -1, D), h)  # [B,n_buf+L,D]
         full = full + self.predictor_pos
         if not self.text_free_backbone:
-            full = full + cond.c[:, None]                                            # [B,n_buf+L,D]
+            full = full + cond.c[:, None]  # [B,n_buf+L,D]
         for block in self.predictor_blocks:
             full = block(full)
-        return self.predictor_norm(full)[:, n_buf:]                                     # [B,L,D]
+        return self.predictor_norm(full)[:, n_buf:]  # [B,L,D]
 
-    def fuse_text(self, z: torch.Tensor, cond: Conditioning,
-                  positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def fuse_text(self, z: torch.Tensor, cond: Conditioning, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-attention over the caption TOKENS, then raw pooled text injected: [B,n,D] -> [B,n,D].
 
         Every position is fused on its own (queries only), so ``z`` may hold any subset of the L
         positions: ``positions`` [B,n] long says which (None: all L in order)."""
         if self.cfg.fusion in ("full", "late_only"):
             z = z + self.cross_attn(self.cross_norm(z), cond.tau, cond.tau_mask)  # [B,n,D]
-            u = self.text_inject(cond.u)                                             # [B,D]
+            u = self.text_inject(cond.u)  # [B,D]
         else:
             u = torch.zeros_like(z[:, 0])
-        z = self.fuse(torch.cat([z, u[:, None].expand_as(z)], dim=-1))                 # [B,n,D]
+        z = self.fuse(torch.cat([z, u[:, None].expand_as(z)], dim=-1))  # [B,n,D]
         return z + (self.head_pos if positions is None else self.head_pos[0][positions])
 
     @property
@@ -241,14 +257,12 @@ class JEPAT(nn.Module):
         conditional and null rows of CFG then share one backbone pass."""
         return self.cfg.fusion in ("late_only", "none")
 
-    def backbone(self, x: torch.Tensor, cond: Conditioning, orders: torch.Tensor,
-                 num_masked: int) -> torch.Tensor:
+    def backbone(self, x: torch.Tensor, cond: Conditioning, orders: torch.Tensor, num_masked: int) -> torch.Tensor:
         """Encoder and predictor: [B,L,D] states before text fusion (see ``forward``)."""
-        visible = orders[:, num_masked:] if num_masked > 0 else None                   # [B,n_vis]
+        visible = orders[:, num_masked:] if num_masked > 0 else None  # [B,n_vis]
         return self.predict(self.encode(x, cond, visible), cond, visible)
 
-    def forward(self, x: torch.Tensor, cond: Conditioning, orders: torch.Tensor,
-                num_masked: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: Conditioning, orders: torch.Tensor, num_masked: int) -> torch.Tensor:
         """x [B,L,d] tokens (masked ones are ignored), orders [B,L] random permutations;
         the first ``num_masked`` of each order are hidden. Returns z [B,L,D] for the flow head."""
         return self.fuse_text(self.backbone(x, cond, orders, num_masked), cond)
@@ -256,9 +270,9 @@ class JEPAT(nn.Module):
     @torch.no_grad()
     def encode_full(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """JEPA targets: encoder states of the full, unmasked sequence, [B,L,D]."""
-        return self.encode(x, cond, None)[:, self.cfg.buffer_size:]
+        return self.encode(x, cond, None)[:, self.cfg.buffer_size :]
 
-    def num_params(self) -> Dict[str, int]:
+    def num_params(self) -> dict[str, int]:
         """Trainable parameter counts by part (the frozen encoders are not part of the model)."""
         parts = {
             "pooled condition (MLP, learned null)": ["null_", "cond_mlp"],
@@ -287,13 +301,13 @@ def sincos_2d(width: int, seq_len: int) -> torch.Tensor:
     if grid * grid != seq_len or width % 4:
         return torch.randn(seq_len, width) * 0.02  # not a square grid: keep the random init
     quarter = width // 4
-    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))          # [W/4]
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))  # [W/4]
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     parts = []
     for coord in (rows.flatten(), cols.flatten()):
-        angles = coord[:, None].double() * freqs[None]                                       # [L,W/4]
+        angles = coord[:, None].double() * freqs[None]  # [L,W/4]
         parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1).float()                                                   # [L,W]
+    return torch.cat(parts, dim=1).float()  # [L,W]
 
 
 # -------------------------------------------------------------------- masking
@@ -305,8 +319,9 @@ def sample_mask_ratio(batch_generator: torch.Generator, ratio_min: float, std: f
     return float(1.0 + std * torch.special.ndtri(u))
 
 
-def random_orders(batch: int, seq_len: int, device: torch.device,
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def random_orders(
+    batch: int, seq_len: int, device: torch.device, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """[B, L] independent random permutations, by argsort of uniform noise on the device."""
     return torch.rand(batch, seq_len, device=device, generator=generator).argsort(dim=1)
 
@@ -321,21 +336,34 @@ def mask_from_orders(orders: torch.Tensor, num_masked: int) -> torch.Tensor:
 def _preset(name: str, **arch) -> Callable[..., JEPAT]:
     def build(**kwargs) -> JEPAT:
         return JEPAT(JEPATConfig(preset=name, **{**arch, **kwargs}))
+
     build.__name__ = f"jepat_{name}"
     build.arch = arch
     return build
 
 
-JEPAT_MODELS: Dict[str, Callable[..., JEPAT]] = {
-    "tiny": _preset("tiny", width=192, encoder_depth=3, predictor_depth=3, num_heads=3,
-                    flow_width=256, flow_depth=3, buffer_size=4,
-                    proj_dropout=0.0, attn_dropout=0.0),
-    "base": _preset("base", width=768, encoder_depth=12, predictor_depth=12, num_heads=12,
-                    flow_width=1024, flow_depth=6),
-    "large": _preset("large", width=1024, encoder_depth=24, predictor_depth=24, num_heads=16,
-                     flow_width=1280, flow_depth=8),
-    "huge": _preset("huge", width=1280, encoder_depth=32, predictor_depth=32, num_heads=16,
-                    flow_width=1536, flow_depth=12),
+JEPAT_MODELS: dict[str, Callable[..., JEPAT]] = {
+    "tiny": _preset(
+        "tiny",
+        width=192,
+        encoder_depth=3,
+        predictor_depth=3,
+        num_heads=3,
+        flow_width=256,
+        flow_depth=3,
+        buffer_size=4,
+        proj_dropout=0.0,
+        attn_dropout=0.0,
+    ),
+    "base": _preset(
+        "base", width=768, encoder_depth=12, predictor_depth=12, num_heads=12, flow_width=1024, flow_depth=6
+    ),
+    "large": _preset(
+        "large", width=1024, encoder_depth=24, predictor_depth=24, num_heads=16, flow_width=1280, flow_depth=8
+    ),
+    "huge": _preset(
+        "huge", width=1280, encoder_depth=32, predictor_depth=32, num_heads=16, flow_width=1536, flow_depth=12
+    ),
 }
 
 

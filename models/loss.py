@@ -9,11 +9,11 @@ One batch:
     jepa = SmoothL1_beta(jepa_head(z_i), target_i)    target = EMA encoder over the FULL sequence (stop-grad)
     loss = flow_weight * flow + jepa_weight * jepa
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict
 
 import torch
 import torch.nn as nn
@@ -24,7 +24,7 @@ from models.jepat import JEPAT, random_orders, sample_mask_ratio
 from models.settings import setting
 from models.text_encoders import TextEmbeddings
 
-PUBLISHED_JEPA_BETA = 2.0   # the SmoothL1 beta of the published JEPA-T code
+PUBLISHED_JEPA_BETA = 2.0  # the SmoothL1 beta of the published JEPA-T code
 
 
 class EMATarget(nn.Module):
@@ -51,37 +51,45 @@ class JEPATLoss:
         x: clean image tokens [B,L,d]; text: the batch's caption embeddings.
         host_generator: CPU generator of the per-batch mask ratio (no device sync).
     """
+
     flow_weight: float = setting(1.0, "weight of the flow-matching loss")
     jepa_weight: float = setting(1.0, "weight of the JEPA (SmoothL1) loss")
     jepa_beta: float = setting(PUBLISHED_JEPA_BETA, "SmoothL1 beta of the JEPA loss")
 
     def __post_init__(self) -> None:
         if self.flow_weight < 0 or self.jepa_weight < 0 or self.flow_weight + self.jepa_weight == 0:
-            raise ValueError(f"loss weights must be >= 0 and not both 0, got flow {self.flow_weight}, "
-                             f"jepa {self.jepa_weight}")
+            raise ValueError(
+                f"loss weights must be >= 0 and not both 0, got flow {self.flow_weight}, jepa {self.jepa_weight}"
+            )
         if self.jepa_beta <= 0:
             raise ValueError(f"loss.jepa_beta must be positive, got {self.jepa_beta}")
 
-    def __call__(self, model: JEPAT, target: nn.Module, x: torch.Tensor, text: TextEmbeddings,
-                 host_generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    def __call__(
+        self, model: JEPAT, target: nn.Module, x: torch.Tensor, text: TextEmbeddings, host_generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         cfg = model.cfg
         B, L, _ = x.shape
         ratio = sample_mask_ratio(host_generator, cfg.mask_ratio_min, cfg.mask_ratio_std)
         num_masked = min(L, max(1, int(math.ceil(L * ratio))))
-        orders = random_orders(B, L, x.device)                                        # [B,L]
-        drop = torch.rand(B, device=x.device) < cfg.cond_drop_prob                    # [B]
-        z = model(x, model.condition(text, drop), orders, num_masked)                 # [B,L,D]
-        hidden = orders[:, :num_masked]                                               # [B,M]
-        z_m = z.gather(1, hidden[..., None].expand(-1, -1, z.shape[-1]))              # [B,M,D]
-        x_m = x.gather(1, hidden[..., None].expand(-1, -1, x.shape[-1]))              # [B,M,d]
-        flow = flow_matching_loss(model.flow_head, x_m.flatten(0, 1), z_m.flatten(0, 1), cfg.diffusion_batch_mul,
-                                  cfg.t_logit_mean, cfg.t_logit_std)
+        orders = random_orders(B, L, x.device)  # [B,L]
+        drop = torch.rand(B, device=x.device) < cfg.cond_drop_prob  # [B]
+        z = model(x, model.condition(text, drop), orders, num_masked)  # [B,L,D]
+        hidden = orders[:, :num_masked]  # [B,M]
+        z_m = z.gather(1, hidden[..., None].expand(-1, -1, z.shape[-1]))  # [B,M,D]
+        x_m = x.gather(1, hidden[..., None].expand(-1, -1, x.shape[-1]))  # [B,M,d]
+        flow = flow_matching_loss(
+            model.flow_head,
+            x_m.flatten(0, 1),
+            z_m.flatten(0, 1),
+            cfg.diffusion_batch_mul,
+            cfg.t_logit_mean,
+            cfg.t_logit_std,
+        )
         if self.jepa_weight > 0:
-            y = target(x, text, drop)                                                 # [B,L,D], no grad
-            y_m = y.gather(1, hidden[..., None].expand(-1, -1, y.shape[-1]))          # [B,M,D]
+            y = target(x, text, drop)  # [B,L,D], no grad
+            y_m = y.gather(1, hidden[..., None].expand(-1, -1, y.shape[-1]))  # [B,M,D]
             jepa = F.smooth_l1_loss(model.jepa_head(z_m).float(), y_m.float(), beta=self.jepa_beta)
         else:
             jepa = torch.zeros((), device=x.device)
         loss = self.flow_weight * flow + self.jepa_weight * jepa
-        return {"loss": loss, "flow": flow.detach(), "jepa": jepa.detach(),
-                "mask_ratio": torch.tensor(num_masked / L)}
+        return {"loss": loss, "flow": flow.detach(), "jepa": jepa.detach(), "mask_ratio": torch.tensor(num_masked / L)}

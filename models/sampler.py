@@ -8,12 +8,13 @@ and the flow head run twice; text fusion runs only where tokens are revealed); f
 stay hidden after step k (at least one fewer each step); the tokens that leave the mask are
 drawn by integrating the flow head's ODE from temperature-scaled noise.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -23,7 +24,7 @@ from models.settings import setting
 from models.text_encoders import TextEmbeddings
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
-StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]   # (step, tokens [B,L,d], known [B,L] bool)
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]  # (step, tokens [B,L,d], known [B,L] bool)
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +34,21 @@ class SamplingConfig:
     """How images are drawn: the ``sampling`` section of the configuration tree, stored in every
     checkpoint as its sampling defaults. The defaults are the published launch scripts'
     (guidance 1.0, temperature 0.94, 64 iterations, 100 Euler steps of the flow ODE)."""
+
     num_iter: int = setting(64, "K unmasking iterations")
     guidance_scale: float = setting(1.0, "classifier-free guidance scale g (1.0: conditional branch only)")
-    guidance_schedule: str = setting("linear", "constant g, or 1 + (g - 1) x share of tokens already known",
-                                     choices=GUIDANCE_SCHEDULES)
+    guidance_schedule: str = setting(
+        "linear", "constant g, or 1 + (g - 1) x share of tokens already known", choices=GUIDANCE_SCHEDULES
+    )
     temperature: float = setting(0.94, "scale of the flow ODE's initial noise")
     ode_steps: int = setting(100, "flow ODE steps per token")
     ode_solver: str = setting("euler", "integrator of the flow ODE", choices=ODE_SOLVERS)
 
     def validate(self) -> None:
         if self.guidance_schedule not in GUIDANCE_SCHEDULES:
-            raise ValueError(f"unknown guidance schedule {self.guidance_schedule!r}; choose one of "
-                             f"{GUIDANCE_SCHEDULES}")
+            raise ValueError(
+                f"unknown guidance schedule {self.guidance_schedule!r}; choose one of {GUIDANCE_SCHEDULES}"
+            )
         if self.ode_solver not in ODE_SOLVERS:
             raise ValueError(f"unknown ODE solver {self.ode_solver!r}; choose one of {ODE_SOLVERS}")
         if self.num_iter < 1:
@@ -65,10 +69,17 @@ def num_hidden_after(step: int, num_iter: int, seq_len: int, hidden_now: int) ->
 
 
 @torch.no_grad()
-def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, sampling: SamplingConfig,
-                  generator: Optional[torch.Generator] = None, batch_null: Optional[bool] = None,
-                  orders: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
-                  on_step: Optional[StepHook] = None) -> torch.Tensor:
+def sample_tokens(
+    model: JEPAT,
+    text: TextEmbeddings,
+    null: torch.Tensor,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    batch_null: bool | None = None,
+    orders: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    on_step: StepHook | None = None,
+) -> torch.Tensor:
     """Generate image tokens for a batch of captions.
 
     Args:
@@ -93,38 +104,46 @@ def sample_tokens(model: JEPAT, text: TextEmbeddings, null: torch.Tensor, sampli
         num_iter = L
     use_null = (sampling.guidance_scale != 1.0) if batch_null is None else batch_null
     if orders is None:
-        orders = random_orders(B, L, device, generator)                               # [B,L]
-    tokens = torch.zeros(B, L, d, device=device)                                      # [B,L,d]
+        orders = random_orders(B, L, device, generator)  # [B,L]
+    tokens = torch.zeros(B, L, d, device=device)  # [B,L,d]
     if use_null:
         text = TextEmbeddings.cat([text, text])
-        drop = torch.cat([null, torch.ones_like(null)])                               # [2B]
+        drop = torch.cat([null, torch.ones_like(null)])  # [2B]
     else:
         drop = null
-    cond = model.condition(text, drop)                                                # once per batch
+    cond = model.condition(text, drop)  # once per batch
     rows = 2 if use_null else 1
     # late fusion: the backbone never sees the caption, so both CFG rows share one pass
     passes = 1 if model.text_free_backbone else rows
     cond_in = cond.first(B) if passes == 1 else cond
-    orders_in = torch.cat([orders] * passes)                                          # [pB,L], fixed
+    orders_in = torch.cat([orders] * passes)  # [pB,L], fixed
     hidden = L
     for step in range(num_iter):
         h = model.backbone(torch.cat([tokens] * passes), cond_in, orders_in, hidden)  # [pB,L,D]
         hidden_next = num_hidden_after(step, num_iter, L, hidden)
-        reveal = orders[:, hidden_next:hidden]                                        # [B,n]
+        reveal = orders[:, hidden_next:hidden]  # [B,n]
         n = reveal.shape[1]
-        at = torch.cat([reveal] * passes)                                             # [pB,n]
-        h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))                    # [pB,n,D]
+        at = torch.cat([reveal] * passes)  # [pB,n]
+        h = h.gather(1, at[..., None].expand(-1, -1, h.shape[-1]))  # [pB,n,D]
         # text fusion runs on the revealed positions only; each position is fused on its own
         z = model.fuse_text(torch.cat([h] * (rows // passes)), cond, torch.cat([reveal] * rows))
-        z_sel = z.flatten(0, 1)                                                       # [rB*n,D]
+        z_sel = z.flatten(0, 1)  # [rB*n,D]
         guidance = None
         if use_null:
             known = (L - hidden_next) / L if sampling.guidance_schedule == "linear" else 1.0
             g = 1.0 + (sampling.guidance_scale - 1.0) * known
             guidance = torch.full((B * n,), g, device=device)
         eps = None if noise is None else noise.gather(1, reveal[..., None].expand(-1, -1, d)).flatten(0, 1)
-        new = sample_tokens_from_head(model.flow_head, z_sel, sampling.temperature, sampling.ode_steps,
-                                      sampling.ode_solver, guidance, generator, eps)          # [B*n,d]
+        new = sample_tokens_from_head(
+            model.flow_head,
+            z_sel,
+            sampling.temperature,
+            sampling.ode_steps,
+            sampling.ode_solver,
+            guidance,
+            generator,
+            eps,
+        )  # [B*n,d]
         tokens = tokens.scatter(1, reveal[..., None].expand(-1, -1, d), new.view(B, n, d).float())
         hidden = hidden_next
         if on_step is not None:

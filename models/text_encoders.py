@@ -13,12 +13,13 @@ Two encoders are available through :func:`build_text_encoder`:
 Nothing is imported or loaded at module import time; heavy libraries are imported
 inside the constructors.
 """
+
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ class TextEmbeddings:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TextEmbeddings":
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextEmbeddings:
         """Move all tensors to ``device``; ``dtype`` (if given) applies to ``tokens`` and ``pooled`` only."""
         return TextEmbeddings(
             tokens=self.tokens.to(device=device, dtype=dtype),
@@ -68,7 +69,7 @@ class TextEmbeddings:
             pooled=self.pooled.to(device=device, dtype=dtype),
         )
 
-    def __getitem__(self, idx: int | slice | torch.Tensor | Sequence[int]) -> "TextEmbeddings":
+    def __getitem__(self, idx: int | slice | torch.Tensor | Sequence[int]) -> TextEmbeddings:
         """Select along the batch dimension.
 
         An ``int`` keeps the batch dimension (``emb[i]`` has batch size 1); slices, index lists
@@ -88,7 +89,7 @@ class TextEmbeddings:
         return TextEmbeddings(tokens=self.tokens[idx], mask=self.mask[idx], pooled=self.pooled[idx])
 
     @staticmethod
-    def cat(items: Sequence["TextEmbeddings"]) -> "TextEmbeddings":
+    def cat(items: Sequence[TextEmbeddings]) -> TextEmbeddings:
         """Concatenate along the batch dimension; all items must share ``S``, ``D_tok`` and ``D_pool``."""
         items = list(items)
         if not items:
@@ -123,7 +124,7 @@ class TextEncoder(nn.Module):
             p.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         """Ignore ``mode``: a frozen encoder always stays in eval mode."""
         return super().train(False)
 
@@ -136,8 +137,10 @@ class TextEncoder(nn.Module):
         """Encode ``B`` prompts into tokens ``[B, max_length, token_dim]``, mask ``[B, max_length]``
         and pooled ``[B, pooled_dim]``. Long prompts are truncated with a warning; empty strings are allowed."""
         if isinstance(prompts, str):
-            raise TypeError(f"{type(self).__name__}.encode expects a list of prompt strings, got a str; "
-                            "wrap a single prompt as [prompt]")
+            raise TypeError(
+                f"{type(self).__name__}.encode expects a list of prompt strings, got a str; "
+                "wrap a single prompt as [prompt]"
+            )
         prompts = list(prompts)
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
@@ -162,12 +165,18 @@ class TextEncoder(nn.Module):
         if num_truncated:
             logger.warning(
                 "%s: %d of %d prompts exceed the %d-token limit and were truncated to %d tokens",
-                type(self).__name__, num_truncated, num_prompts, self.max_length, self.max_length,
+                type(self).__name__,
+                num_truncated,
+                num_prompts,
+                self.max_length,
+                self.max_length,
             )
 
     def extra_repr(self) -> str:
-        return (f"name={self.name!r}, token_dim={self.token_dim}, pooled_dim={self.pooled_dim}, "
-                f"max_length={self.max_length}")
+        return (
+            f"name={self.name!r}, token_dim={self.token_dim}, pooled_dim={self.pooled_dim}, "
+            f"max_length={self.max_length}"
+        )
 
 
 class MiniLMTextEncoder(TextEncoder):
@@ -184,8 +193,9 @@ class MiniLMTextEncoder(TextEncoder):
 
     name = "minilm"
 
-    def __init__(self, max_length: int = 32, device: torch.device | str = "cpu",
-                 model_path: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, max_length: int = 32, device: torch.device | str = "cpu", model_path: str | os.PathLike | None = None
+    ) -> None:
         super().__init__()
         if model_path is None:
             try:
@@ -218,8 +228,9 @@ class MiniLMTextEncoder(TextEncoder):
         """Tokenize to ``input_ids``/``attention_mask`` (and ``token_type_ids``), each ``[B, S]``."""
         lengths = self.tokenizer(prompts, truncation=False, verbose=False)["input_ids"]
         self._warn_truncated(sum(len(ids) > self.max_length for ids in lengths), len(prompts))
-        batch = self.tokenizer(prompts, padding="max_length", truncation=True,
-                               max_length=self.max_length, return_tensors="pt")
+        batch = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def _encode(self, prompts: list[str]) -> TextEmbeddings:
@@ -233,8 +244,7 @@ class MiniLMTextEncoder(TextEncoder):
 
 def _has_path_syntax(value: str) -> bool:
     seps = [os.sep] + ([os.altsep] if os.altsep else [])
-    return (any(s in value for s in seps) or value.startswith(("~", "."))
-            or value.lower().endswith(_CHECKPOINT_SUFFIXES))
+    return any(s in value for s in seps) or value.startswith(("~", ".")) or value.lower().endswith(_CHECKPOINT_SUFFIXES)
 
 
 class ClipTextEncoder(TextEncoder):
@@ -259,9 +269,14 @@ class ClipTextEncoder(TextEncoder):
 
     name = "clip"
 
-    def __init__(self, model_name: str = "ViT-L-14", pretrained: str | os.PathLike | None = "openai",
-                 max_length: int = 77, device: torch.device | str = "cpu",
-                 force_quick_gelu: bool | None = None) -> None:
+    def __init__(
+        self,
+        model_name: str = "ViT-L-14",
+        pretrained: str | os.PathLike | None = "openai",
+        max_length: int = 77,
+        device: torch.device | str = "cpu",
+        force_quick_gelu: bool | None = None,
+    ) -> None:
         super().__init__()
         try:
             import open_clip
@@ -273,12 +288,15 @@ class ClipTextEncoder(TextEncoder):
 
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
-            raise ValueError(f"unknown open_clip model {model_name!r}; use a built-in name such as 'ViT-L-14' "
-                             "or 'ViT-B-32' (see open_clip.list_models())")
+            raise ValueError(
+                f"unknown open_clip model {model_name!r}; use a built-in name such as 'ViT-L-14' "
+                "or 'ViT-B-32' (see open_clip.list_models())"
+            )
         context_length = int(model_cfg.get("text_cfg", {}).get("context_length", 77))
         if not 2 <= max_length <= context_length:
-            raise ValueError(f"ClipTextEncoder max_length must be in [2, {context_length}] for {model_name}, "
-                             f"got {max_length}")
+            raise ValueError(
+                f"ClipTextEncoder max_length must be in [2, {context_length}] for {model_name}, got {max_length}"
+            )
         tag_cfg: dict = {}
         if pretrained is not None:
             pretrained = str(pretrained)
@@ -297,22 +315,28 @@ class ClipTextEncoder(TextEncoder):
             force_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
 
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, precision="fp32", device="cpu",
-                                           force_quick_gelu=force_quick_gelu)
+            model = open_clip.create_model(
+                model_name, pretrained=pretrained, precision="fp32", device="cpu", force_quick_gelu=force_quick_gelu
+            )
         except Exception as e:
             if tag_cfg:
                 from huggingface_hub.constants import HF_HUB_CACHE
+
                 raise RuntimeError(
                     f"could not load CLIP weights for pretrained tag {pretrained!r} of {model_name} ({e}); "
                     f"offline, open_clip only finds them in the Hugging Face hub cache at {HF_HUB_CACHE} "
                     f"(set HF_HUB_CACHE/HF_HOME to another cache); otherwise {_CLIP_ALTERNATIVES}"
                 ) from e
             source = "random weights" if pretrained is None else pretrained
-            raise RuntimeError(f"could not build open_clip {model_name} from {source} ({e}); check that the file "
-                               f"is an open_clip checkpoint of this architecture (--clip_model)") from e
+            raise RuntimeError(
+                f"could not build open_clip {model_name} from {source} ({e}); check that the file "
+                f"is an open_clip checkpoint of this architecture (--clip_model)"
+            ) from e
         if type(model) is not CLIP:
-            raise ValueError(f"ClipTextEncoder supports open_clip models with the built-in CLIP text tower; "
-                             f"{model_name!r} builds {type(model).__name__}")
+            raise ValueError(
+                f"ClipTextEncoder supports open_clip models with the built-in CLIP text tower; "
+                f"{model_name!r} builds {type(model).__name__}"
+            )
 
         self.token_embedding = model.token_embedding
         self.positional_embedding = model.positional_embedding
@@ -327,8 +351,10 @@ class ClipTextEncoder(TextEncoder):
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.eot_token_id: int | None = getattr(self.tokenizer, "eot_token_id", None)
         if self.eot_token_id is None or getattr(self.tokenizer, "reduction_fn", None) is not None:
-            raise ValueError(f"ClipTextEncoder needs open_clip's SimpleTokenizer with plain truncation; "
-                             f"{model_name!r} uses {type(self.tokenizer).__name__}")
+            raise ValueError(
+                f"ClipTextEncoder needs open_clip's SimpleTokenizer with plain truncation; "
+                f"{model_name!r} uses {type(self.tokenizer).__name__}"
+            )
         self.model_name = model_name
         self.max_length = int(max_length)
         self.token_dim = int(self.transformer.width)
@@ -376,8 +402,13 @@ TEXT_ENCODERS: dict[str, type[TextEncoder]] = {
 }
 
 
-def build_text_encoder(name: str, path: str | None = None, clip_model: str = "ViT-L-14",
-                       max_length: int | None = None, device: torch.device | str = "cpu") -> TextEncoder:
+def build_text_encoder(
+    name: str,
+    path: str | None = None,
+    clip_model: str = "ViT-L-14",
+    max_length: int | None = None,
+    device: torch.device | str = "cpu",
+) -> TextEncoder:
     """Build a frozen text encoder by name.
 
     Args:
@@ -389,7 +420,7 @@ def build_text_encoder(name: str, path: str | None = None, clip_model: str = "Vi
         device: device for weights and outputs.
     """
     key = name.strip().lower()
-    path = path or None     # an empty value (an unset shell variable) means "not given"
+    path = path or None  # an empty value (an unset shell variable) means "not given"
     if key not in TEXT_ENCODERS:
         raise ValueError(f"unknown text encoder {name!r}; choose one of: {', '.join(sorted(TEXT_ENCODERS))}")
     kwargs: dict = {"device": device}

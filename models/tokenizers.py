@@ -4,9 +4,10 @@ A tokenizer lives outside the trainable model and is never saved in its checkpoi
 only sees patchified latents [B, L, c*p*p]. New tokenizers (VAEs) register in ``TOKENIZERS``
 and need nothing else from the model.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,7 @@ class Tokenizer(nn.Module):
 
     Attributes: name, channels (c), stride (H / h).
     """
+
     name: str = ""
     channels: int = 3
     stride: int = 1
@@ -31,12 +33,13 @@ class Tokenizer(nn.Module):
         """latents [B,c,h,w] -> images [B,3,h*stride,w*stride] in [-1,1]."""
         raise NotImplementedError
 
-    def train(self, mode: bool = True) -> "Tokenizer":
+    def train(self, mode: bool = True) -> Tokenizer:
         return super().train(False)  # frozen: always in eval mode
 
 
 class PixelTokenizer(Tokenizer):
     """The identity: raw pixels are the latents (3 channels, stride 1)."""
+
     name = "pixels"
     channels = 3
     stride = 1
@@ -50,8 +53,9 @@ class PixelTokenizer(Tokenizer):
         return latents.clamp(-1, 1)
 
 
-def latents_from_moments(moments: torch.Tensor, noise: Optional[torch.Tensor], scaling: float,
-                         shift: float = 0.0) -> torch.Tensor:
+def latents_from_moments(
+    moments: torch.Tensor, noise: torch.Tensor | None, scaling: float, shift: float = 0.0
+) -> torch.Tensor:
     """moments [B,2c,h,w] (mean ++ log-variance) -> latents [B,c,h,w] = (mean + std*noise - shift) * scaling;
     ``noise=None`` takes the mean. The log-variance is clamped to [-30, 20] as in LDM."""
     mean, logvar = moments.chunk(2, dim=1)
@@ -66,8 +70,9 @@ class VAETokenizer(Tokenizer):
     posterior's mean and log-variance [B, 2c, h, w] unscaled, for the latent cache.
     """
 
-    def __init__(self, vae: torch.nn.Module, name: str, scaling: float, shift: float = 0.0,
-                 source: str = "random init") -> None:
+    def __init__(
+        self, vae: torch.nn.Module, name: str, scaling: float, shift: float = 0.0, source: str = "random init"
+    ) -> None:
         super().__init__()
         self.vae = vae.eval().requires_grad_(False)
         self.name, self.scaling, self.shift, self.source = name, float(scaling), float(shift), source
@@ -76,9 +81,16 @@ class VAETokenizer(Tokenizer):
         self.stochastic = True
 
     def _check(self, images: torch.Tensor) -> None:
-        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-1] % self.stride or images.shape[-2] % self.stride:
-            raise ValueError(f"{self.name} expects images [B,3,H,W] with H and W divisible by {self.stride}, "
-                             f"got {tuple(images.shape)}")
+        if (
+            images.dim() != 4
+            or images.shape[1] != 3
+            or images.shape[-1] % self.stride
+            or images.shape[-2] % self.stride
+        ):
+            raise ValueError(
+                f"{self.name} expects images [B,3,H,W] with H and W divisible by {self.stride}, "
+                f"got {tuple(images.shape)}"
+            )
 
     @torch.no_grad()
     def moments(self, images: torch.Tensor) -> torch.Tensor:
@@ -90,7 +102,7 @@ class VAETokenizer(Tokenizer):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         m = self.moments(images)
-        return latents_from_moments(m, torch.randn_like(m[:, :self.channels]), self.scaling, self.shift)
+        return latents_from_moments(m, torch.randn_like(m[:, : self.channels]), self.scaling, self.shift)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -99,13 +111,13 @@ class VAETokenizer(Tokenizer):
         return self.vae.decode(z).sample.float().clamp(-1, 1)
 
 
-def mar_kl16(path: Optional[str] = None) -> VAETokenizer:
+def mar_kl16(path: str | None = None) -> VAETokenizer:
     """MAR's KL-16 from ``kl16.ckpt`` (default ``pretrained_models/vae/kl16.ckpt``)."""
     vae, source = load_kl16(path)
     return VAETokenizer(vae, "kl16", MAR_KL16_SCALING, source=source)
 
 
-def sd_vae(path: Optional[str] = None) -> VAETokenizer:
+def sd_vae(path: str | None = None) -> VAETokenizer:
     """The SD-VAE from a local diffusers folder (default ``pretrained_models/sd-vae-ft-ema``)."""
     vae, scaling, shift, source = load_sd_vae(path)
     return VAETokenizer(vae, "sd-vae", scaling, shift, source=source)
@@ -117,14 +129,14 @@ def random_vae(name: str, seed: int = 0) -> VAETokenizer:
     return VAETokenizer(vae, name, scaling)
 
 
-TOKENIZERS: Dict[str, Callable[..., Tokenizer]] = {
+TOKENIZERS: dict[str, Callable[..., Tokenizer]] = {
     "pixels": PixelTokenizer,
-    "kl16": mar_kl16,   # MAR's KL-16 (models/vae.py); path: kl16.ckpt
-    "sd-vae": sd_vae,   # Stable Diffusion's VAE; path: a local diffusers folder
+    "kl16": mar_kl16,  # MAR's KL-16 (models/vae.py); path: kl16.ckpt
+    "sd-vae": sd_vae,  # Stable Diffusion's VAE; path: a local diffusers folder
 }
 
 
-def build_tokenizer(name: str, path: Optional[str] = None) -> Tokenizer:
+def build_tokenizer(name: str, path: str | None = None) -> Tokenizer:
     """``path``: the VAE weights (ignored by ``pixels``; VAEs fall back to their default location)."""
     if name not in TOKENIZERS:
         raise ValueError(f"unknown tokenizer {name!r}; choose one of {sorted(TOKENIZERS)}")
@@ -138,14 +150,14 @@ def patchify(latents: torch.Tensor, patch: int) -> torch.Tensor:
     B, c, h, w = latents.shape
     if h % patch or w % patch:
         raise ValueError(f"latent grid {h}x{w} is not divisible by patch size {patch}")
-    x = latents.reshape(B, c, h // patch, patch, w // patch, patch)                  # [B,c,gh,p,gw,p]
-    x = x.permute(0, 2, 4, 1, 3, 5)                                                   # [B,gh,gw,c,p,p]
+    x = latents.reshape(B, c, h // patch, patch, w // patch, patch)  # [B,c,gh,p,gw,p]
+    x = x.permute(0, 2, 4, 1, 3, 5)  # [B,gh,gw,c,p,p]
     return x.reshape(B, (h // patch) * (w // patch), c * patch * patch)
 
 
 def unpatchify(tokens: torch.Tensor, channels: int, patch: int, grid: int) -> torch.Tensor:
     """[B, grid*grid, c*p*p] -> [B, c, grid*p, grid*p]; the inverse of ``patchify``."""
     B = tokens.shape[0]
-    x = tokens.reshape(B, grid, grid, channels, patch, patch)                        # [B,gh,gw,c,p,p]
-    x = x.permute(0, 3, 1, 4, 2, 5)                                                   # [B,c,gh,p,gw,p]
+    x = tokens.reshape(B, grid, grid, channels, patch, patch)  # [B,gh,gw,c,p,p]
+    x = x.permute(0, 3, 1, 4, 2, 5)  # [B,c,gh,p,gw,p]
     return x.reshape(B, channels, grid * patch, grid * patch)

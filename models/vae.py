@@ -12,12 +12,12 @@ diffusers' ``AutoencoderKL``.
 Latents follow the usual convention ``z = (sample - shift) * scaling``; the moments (mean and
 log-variance of the posterior, before scaling) are what the latent cache stores.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import re
-from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -29,35 +29,61 @@ MAR_KL16_SCALING = 0.2325
 SD_VAE_SCALING = 0.18215
 DEFAULT_KL16_PATH = "pretrained_models/vae/kl16.ckpt"
 DEFAULT_SD_VAE_PATH = "pretrained_models/sd-vae-ft-ema"
-KL16_SOURCE = ("MAR's KL-16 VAE (kl16.ckpt, ~250 MB) is linked from the MAR repository "
-               "(https://github.com/LTH14/mar, README 'Preparation', or util/download.py there)")
-SD_VAE_SOURCE = ("a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), e.g. "
-                 "`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir pretrained_models/sd-vae-ft-ema`")
+KL16_SOURCE = (
+    "MAR's KL-16 VAE (kl16.ckpt, ~250 MB) is linked from the MAR repository "
+    "(https://github.com/LTH14/mar, README 'Preparation', or util/download.py there)"
+)
+SD_VAE_SOURCE = (
+    "a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), e.g. "
+    "`huggingface-cli download stabilityai/sd-vae-ft-ema --local-dir pretrained_models/sd-vae-ft-ema`"
+)
 
 
-def mar_kl16_config() -> Dict:
+def mar_kl16_config() -> dict:
     """diffusers ``AutoencoderKL`` arguments that reproduce MAR's KL-16 (``models/vae.py`` there:
     ch 128, ch_mult (1,1,2,2,4), 2 resnets per level, encoder attention at the 16 px level of a
     256 px input, i.e. its last level; mid-blocks with attention; quant convs)."""
-    return dict(in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2, norm_num_groups=32,
-                down_block_types=("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
-                up_block_types=("UpDecoderBlock2D",) * 5, block_out_channels=(128, 128, 256, 256, 512),
-                act_fn="silu", scaling_factor=MAR_KL16_SCALING, sample_size=256)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        layers_per_block=2,
+        norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",) * 5,
+        block_out_channels=(128, 128, 256, 256, 512),
+        act_fn="silu",
+        scaling_factor=MAR_KL16_SCALING,
+        sample_size=256,
+    )
 
 
-def sd_vae_config() -> Dict:
+def sd_vae_config() -> dict:
     """The Stable Diffusion VAE's architecture (for random-init tests; real weights come from a folder)."""
-    return dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-                down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                block_out_channels=(128, 256, 512, 512), act_fn="silu", scaling_factor=SD_VAE_SCALING,
-                sample_size=256)
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        act_fn="silu",
+        scaling_factor=SD_VAE_SCALING,
+        sample_size=256,
+    )
 
 
 # ------------------------------------------------------------------ LDM <-> diffusers key mapping
 _RESNET = {"nin_shortcut": "conv_shortcut"}
 _ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_TOP = {"norm_out": "conv_norm_out", "mid.block_1": "mid_block.resnets.0", "mid.block_2": "mid_block.resnets.1",
-        "mid.attn_1": "mid_block.attentions.0"}
+_TOP = {
+    "norm_out": "conv_norm_out",
+    "mid.block_1": "mid_block.resnets.0",
+    "mid.block_2": "mid_block.resnets.1",
+    "mid.attn_1": "mid_block.attentions.0",
+}
 
 
 def _ldm_key(key: str, levels: int) -> str:
@@ -69,7 +95,7 @@ def _ldm_key(key: str, levels: int) -> str:
         raise KeyError(key)
     for old, new in _TOP.items():
         if rest.startswith(old + "."):
-            rest = new + rest[len(old):]
+            rest = new + rest[len(old) :]
     m = re.fullmatch(r"(down|up)\.(\d+)\.(block|attn|downsample|upsample)\.(.+)", rest)
     if m:
         kind, level, sub, tail = m.group(1), int(m.group(2)), m.group(3), m.group(4)
@@ -109,19 +135,23 @@ def _diffusers_key(key: str, levels: int) -> str:
         sub, j, tail = m.groups()
         leaf, _, wb = tail.rpartition(".")
         if sub == "attentions":
-            return f"{part}.mid.attn_1.{ {v: k for k, v in _ATTN.items()}.get(leaf, leaf)}.{wb}"
-        return f"{part}.mid.block_{int(j) + 1}.{ {v: k for k, v in _RESNET.items()}.get(leaf, leaf)}.{wb}"
+            return f"{part}.mid.attn_1.{ {v: k for k, v in _ATTN.items()}.get(leaf, leaf) }.{wb}"
+        return f"{part}.mid.block_{int(j) + 1}.{ {v: k for k, v in _RESNET.items()}.get(leaf, leaf) }.{wb}"
     if rest.startswith("conv_norm_out."):
-        return f"{part}.norm_out.{rest[len('conv_norm_out.'):]}"
+        return f"{part}.norm_out.{rest[len('conv_norm_out.') :]}"
     return key
 
 
 def _is_attention_matrix(diffusers_key: str, tensor: torch.Tensor) -> bool:
-    return ".attentions." in diffusers_key and diffusers_key.endswith("weight") and "group_norm" not in diffusers_key \
+    return (
+        ".attentions." in diffusers_key
+        and diffusers_key.endswith("weight")
+        and "group_norm" not in diffusers_key
         and tensor.dim() in (2, 4)
+    )
 
 
-def ldm_to_diffusers(state: Dict[str, torch.Tensor], levels: int) -> Dict[str, torch.Tensor]:
+def ldm_to_diffusers(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
     """An LDM/MAR KL-VAE state dict -> diffusers ``AutoencoderKL`` names. Attention q/k/v/proj
     are 1x1 convs in LDM and linear layers in diffusers. Keys of the training losses
     (``loss.*``: LPIPS, discriminator) are dropped; any other unknown key raises."""
@@ -139,7 +169,7 @@ def ldm_to_diffusers(state: Dict[str, torch.Tensor], levels: int) -> Dict[str, t
     return out
 
 
-def diffusers_to_ldm(state: Dict[str, torch.Tensor], levels: int) -> Dict[str, torch.Tensor]:
+def diffusers_to_ldm(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
     """The exact inverse of :func:`ldm_to_diffusers` (used by the tests and to export weights)."""
     out = {}
     for key, value in state.items():
@@ -149,15 +179,16 @@ def diffusers_to_ldm(state: Dict[str, torch.Tensor], levels: int) -> Dict[str, t
     return out
 
 
-def _autoencoder(config: Dict) -> torch.nn.Module:
+def _autoencoder(config: dict) -> torch.nn.Module:
     """An AutoencoderKL with unallocated (meta) weights: loading fills them, so the ~66M-parameter
     default initialisation is never run."""
     from diffusers import AutoencoderKL
+
     with torch.device("meta"):
         return AutoencoderKL(**config)
 
 
-def random_autoencoder(name: str, seed: int = 0) -> Tuple[torch.nn.Module, float]:
+def random_autoencoder(name: str, seed: int = 0) -> tuple[torch.nn.Module, float]:
     """(AutoencoderKL, scaling) of the real architecture with random weights (tests, benchmarks):
     convs and linears N(0, 1/fan_in), norms at identity. Same ``seed``, same weights, in any process."""
     configs = {"kl16": (mar_kl16_config, MAR_KL16_SCALING), "sd-vae": (sd_vae_config, SD_VAE_SCALING)}
@@ -175,12 +206,12 @@ def random_autoencoder(name: str, seed: int = 0) -> Tuple[torch.nn.Module, float
     return vae, scaling
 
 
-def load_kl16(path: Optional[str] = None) -> Tuple[torch.nn.Module, str]:
+def load_kl16(path: str | None = None) -> tuple[torch.nn.Module, str]:
     """(AutoencoderKL, path) of MAR's KL-16 from ``kl16.ckpt`` (default ``pretrained_models/vae/kl16.ckpt``)."""
     path = os.path.expanduser(path or DEFAULT_KL16_PATH)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no KL-16 checkpoint at {path}; {KL16_SOURCE}; put it there or pass --vae_path")
-    ckpt = load_torch_file(path, "KL-16 VAE checkpoint (MAR's kl16.ckpt)")   # tensors only: nothing in it runs
+    ckpt = load_torch_file(path, "KL-16 VAE checkpoint (MAR's kl16.ckpt)")  # tensors only: nothing in it runs
     state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds no state dict under 'model'; expected MAR's kl16.ckpt")
@@ -189,20 +220,25 @@ def load_kl16(path: Optional[str] = None) -> Tuple[torch.nn.Module, str]:
     converted = ldm_to_diffusers(state, levels=len(config["block_out_channels"]))
     missing, unexpected = vae.load_state_dict(converted, strict=False, assign=True)
     if missing or unexpected:
-        raise ValueError(f"{path} does not match MAR's KL-16 architecture: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} in all)")
+        raise ValueError(
+            f"{path} does not match MAR's KL-16 architecture: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]} ({len(missing)} / {len(unexpected)} in all)"
+        )
     log.info("loaded KL-16 VAE from %s (%d tensors)", path, len(converted))
     return vae, path
 
 
-def load_sd_vae(path: Optional[str] = None) -> Tuple[torch.nn.Module, float, float, str]:
+def load_sd_vae(path: str | None = None) -> tuple[torch.nn.Module, float, float, str]:
     """(AutoencoderKL, scaling, shift, path) of the SD-VAE from a local diffusers folder
     (default ``pretrained_models/sd-vae-ft-ema``)."""
     path = os.path.expanduser(path or DEFAULT_SD_VAE_PATH)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"no SD-VAE folder at {path} (config.json missing); expected {SD_VAE_SOURCE}; "
-                                "pass its location as --vae_path")
+        raise FileNotFoundError(
+            f"no SD-VAE folder at {path} (config.json missing); expected {SD_VAE_SOURCE}; "
+            "pass its location as --vae_path"
+        )
     from diffusers import AutoencoderKL
+
     vae = AutoencoderKL.from_pretrained(path, local_files_only=True)
     scaling = float(getattr(vae.config, "scaling_factor", None) or SD_VAE_SCALING)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)

@@ -1,5 +1,6 @@
 """Small builders shared by the tests: a tiny JEPA-T with random (not zero) heads and random
 caption embeddings, so that tests exercise every path without loading a text encoder."""
+
 from __future__ import annotations
 
 import torch
@@ -14,9 +15,19 @@ def tiny_model(seed: int = 0, **overrides) -> JEPAT:
     """A very small model; the zero-initialised adaLN / output layers get random values so the
     flow head's output depends on z (as in a trained model)."""
     torch.manual_seed(seed)
-    kw = dict(token_dim=TOKEN_DIM, seq_len=SEQ_LEN, text_token_dim=TEXT_TOK, text_pooled_dim=TEXT_POOL,
-              width=32, encoder_depth=1, predictor_depth=1, num_heads=2, flow_width=32, flow_depth=2,
-              buffer_size=2)
+    kw = dict(
+        token_dim=TOKEN_DIM,
+        seq_len=SEQ_LEN,
+        text_token_dim=TEXT_TOK,
+        text_pooled_dim=TEXT_POOL,
+        width=32,
+        encoder_depth=1,
+        predictor_depth=1,
+        num_heads=2,
+        flow_width=32,
+        flow_depth=2,
+        buffer_size=2,
+    )
     kw.update(overrides)
     model = build_model("tiny", **kw)
     with torch.no_grad():
@@ -31,4 +42,6 @@ def random_text(batch: int, seed: int = 0, valid: int = 4) -> TextEmbeddings:
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(batch, S, dtype=torch.bool)
     mask[:, :valid] = True
-    return TextEmbeddings(torch.randn(batch, S, TEXT_TOK, generator=g), mask, torch.randn(batch, TEXT_POOL, generator=g))
+    return TextEmbeddings(
+        torch.randn(batch, S, TEXT_TOK, generator=g), mask, torch.randn(batch, TEXT_POOL, generator=g)
+    )

@@ -1,6 +1,7 @@
 """Distributed training on the CPU: two gloo processes (spawned here, with the environment torchrun
 would give them) against one process with the same global batch; exact resume after a preemption
 signal; FSDP2; accumulation against a larger batch; compile without ``_orig_mod.`` keys."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import List
 
 import pytest
 import torch
@@ -18,11 +18,40 @@ import torch.multiprocessing as mp
 import main_jepat
 
 # 16 px shapes, 8 px patches (4 tokens); 48 images = 6 steps of a global batch of 8 per epoch
-COMMON = ["--img_size", "16", "--patch_size", "8", "--num_samples", "48", "--lr", "1e-3", "--warmup_epochs", "0.5",
-          "--log_freq", "3", "--no_eval", "--grid_freq", "0", "--num_workers", "0", "--precision", "fp32",
-          "--device", "cpu", "--weight_decay_end", "0.1", "--ema_rate_start", "0.9", "--ema_rate", "0.99",
-          "--epochs", "4", "--text_max_length", "8"]
-STEPS = 4 * 6   # long enough that the preemption signal lands before the end on a busy machine
+COMMON = [
+    "--img_size",
+    "16",
+    "--patch_size",
+    "8",
+    "--num_samples",
+    "48",
+    "--lr",
+    "1e-3",
+    "--warmup_epochs",
+    "0.5",
+    "--log_freq",
+    "3",
+    "--no_eval",
+    "--grid_freq",
+    "0",
+    "--num_workers",
+    "0",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+    "--weight_decay_end",
+    "0.1",
+    "--ema_rate_start",
+    "0.9",
+    "--ema_rate",
+    "0.99",
+    "--epochs",
+    "4",
+    "--text_max_length",
+    "8",
+]
+STEPS = 4 * 6  # long enough that the preemption signal lands before the end on a busy machine
 
 
 def _free_port() -> int:
@@ -31,15 +60,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, argv: List[str]) -> None:
+def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
     """One rank, with the environment torchrun sets (env:// rendezvous)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(1)
     main_jepat.main(main_jepat.get_args_parser().parse_args(argv))
 
 
-def start_ranks(argv: List[str], world: int = 2) -> List[mp.Process]:
+def start_ranks(argv: list[str], world: int = 2) -> list[mp.Process]:
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, world, port, argv)) for r in range(world)]
@@ -48,7 +83,7 @@ def start_ranks(argv: List[str], world: int = 2) -> List[mp.Process]:
     return procs
 
 
-def join_ranks(procs: List[mp.Process], timeout: float = 240) -> List[int]:
+def join_ranks(procs: list[mp.Process], timeout: float = 240) -> list[int]:
     deadline = time.time() + timeout
     for p in procs:
         p.join(max(1.0, deadline - time.time()))
@@ -59,16 +94,18 @@ def join_ranks(procs: List[mp.Process], timeout: float = 240) -> List[int]:
     return codes
 
 
-def run_ranks(argv: List[str], world: int = 2) -> None:
+def run_ranks(argv: list[str], world: int = 2) -> None:
     codes = join_ranks(start_ranks(argv, world))
     assert codes == [0] * world, f"ranks exited with {codes}"
 
 
 def run_single(out: Path, *extra: str) -> dict:
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # like each rank; a shared, busy machine punishes spinning intra-op threads
+    torch.set_num_threads(1)  # like each rank; a shared, busy machine punishes spinning intra-op threads
     try:
-        return main_jepat.main(main_jepat.get_args_parser().parse_args(COMMON + ["--output_dir", str(out)] + list(extra)))
+        return main_jepat.main(
+            main_jepat.get_args_parser().parse_args(COMMON + ["--output_dir", str(out)] + list(extra))
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -83,7 +120,7 @@ def assert_same(a: dict, b: dict, exact: bool) -> None:
         for k in a[key]:
             if exact:
                 assert torch.equal(a[key][k], b[key][k]), (key, k)
-            else:   # float summation order differs; Adam turns the ~0 gradient of key biases into noise
+            else:  # float summation order differs; Adam turns the ~0 gradient of key biases into noise
                 torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-4, atol=5e-5, msg=f"{key}.{k}")
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert sa.keys() == sb.keys()
@@ -108,7 +145,10 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(ddp_run, tm
     run_single(one, "--batch_size", "4", "--accum_iter", "2", "--max_steps", "6")
     a, b = load(ddp_run / "checkpoint-1.pth"), load(one / "checkpoint-last.pth")
     assert a["state"]["step"] == b["state"]["step"] == 6
-    assert a["config"]["optim"]["batch_size"] * 2 == b["config"]["optim"]["batch_size"] * b["config"]["optim"]["accum_iter"]
+    assert (
+        a["config"]["optim"]["batch_size"] * 2
+        == b["config"]["optim"]["batch_size"] * b["config"]["optim"]["accum_iter"]
+    )
     assert_same(a, b, exact=False)
     # the same losses and gradient norms were logged (rank 0 logs the mean over ranks)
     log_a = json.loads((ddp_run / "train_log.json").read_text())
@@ -130,7 +170,7 @@ def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_iden
     deadline = time.time() + 180
     while not (out / "checkpoint-last.pth").exists() and time.time() < deadline and all(p.is_alive() for p in procs):
         time.sleep(0.05)
-    os.kill(procs[1].pid, signal.SIGUSR1)   # only rank 1 is told; both must stop at the same step
+    os.kill(procs[1].pid, signal.SIGUSR1)  # only rank 1 is told; both must stop at the same step
     assert join_ranks(procs) == [0, 0]
     stopped = load(out / "checkpoint-last.pth")
     assert 0 < stopped["state"]["step"] < STEPS
@@ -148,13 +188,31 @@ def test_fsdp_with_activation_checkpointing_resumes_matches_ddp_and_writes_a_pla
     run_ranks(argv + ["--max_steps", "6", "--resume", str(out / "checkpoint-last.pth")])
     a, b = load(ddp_run / "checkpoint-1.pth"), load(out / "checkpoint-last.pth")
     assert b["state"]["step"] == 6
-    assert all(type(v) is torch.Tensor for v in b["model"].values())   # full tensors, not shards
+    assert all(type(v) is torch.Tensor for v in b["model"].values())  # full tensors, not shards
     assert_same(a, b, exact=False)
     # the consolidated checkpoint samples without any distributed setup
     import main_sample
-    rows = main_sample.main(main_sample.get_args_parser().parse_args([
-        "--checkpoint", str(out / "checkpoint-last.pth"), "--prompt", "a red circle", "--num_per_prompt", "1",
-        "--out_dir", str(tmp_path / "samples"), "--num_iter", "2", "--ode_steps", "2", "--device", "cpu"]))
+
+    rows = main_sample.main(
+        main_sample.get_args_parser().parse_args(
+            [
+                "--checkpoint",
+                str(out / "checkpoint-last.pth"),
+                "--prompt",
+                "a red circle",
+                "--num_per_prompt",
+                "1",
+                "--out_dir",
+                str(tmp_path / "samples"),
+                "--num_iter",
+                "2",
+                "--ode_steps",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+    )
     assert len(rows) == 1
 
 
@@ -180,8 +238,18 @@ def test_compiled_training_saves_plain_keys(tmp_path):
     ckpt = load(tmp_path / "checkpoint-last.pth")
     assert ckpt["state"]["step"] == 2
     assert not any("_orig_mod" in k for key in ("model", "ema") for k in ckpt[key])
-    run_single(tmp_path, "--batch_size", "8", "--compile", "--compile_backend", "eager", "--max_steps", "3",
-               "--resume", str(tmp_path / "checkpoint-last.pth"))
+    run_single(
+        tmp_path,
+        "--batch_size",
+        "8",
+        "--compile",
+        "--compile_backend",
+        "eager",
+        "--max_steps",
+        "3",
+        "--resume",
+        str(tmp_path / "checkpoint-last.pth"),
+    )
     assert load(tmp_path / "checkpoint-last.pth")["state"]["step"] == 3
 
 
@@ -191,6 +259,7 @@ def test_recipe_scripts_launch_torchrun_with_flags_main_jepat_accepts(preset, tm
     import hashlib
     import subprocess
     import sys
+
     root = Path(main_jepat.__file__).resolve().parent
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
@@ -200,20 +269,36 @@ def test_recipe_scripts_launch_torchrun_with_flags_main_jepat_accepts(preset, tm
     (venv / "bin" / "torchrun").write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$@" > {record}\n')
     (venv / "bin" / "torchrun").chmod(0o755)
     (venv / "bin" / "activate").write_text(f'export PATH="{venv / "bin"}:$PATH"\n')
-    env = {**os.environ, "JEPAT_VENV": str(venv), "GPUS_PER_NODE": "8", "NNODES": "4", "NODE_RANK": "1",
-           "MASTER_ADDR": "node0", "OUTPUT_DIR": str(tmp_path / "run")}
-    out = subprocess.run(["bash", str(root / "scripts" / f"jepat_{preset}.sh")], env=env, capture_output=True,
-                         text=True, timeout=60)
+    env = {
+        **os.environ,
+        "JEPAT_VENV": str(venv),
+        "GPUS_PER_NODE": "8",
+        "NNODES": "4",
+        "NODE_RANK": "1",
+        "MASTER_ADDR": "node0",
+        "OUTPUT_DIR": str(tmp_path / "run"),
+    }
+    out = subprocess.run(
+        ["bash", str(root / "scripts" / f"jepat_{preset}.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     argv = record.read_text().splitlines()
-    launcher, args = argv[:argv.index("main_jepat.py")], argv[argv.index("main_jepat.py") + 1:]
+    launcher, args = argv[: argv.index("main_jepat.py")], argv[argv.index("main_jepat.py") + 1 :]
     assert launcher[launcher.index("--nnodes") + 1] == "4" and launcher[launcher.index("--node_rank") + 1] == "1"
     assert launcher[launcher.index("--master_addr") + 1] == "node0"
     # the script passes the recipe and the cluster's values only; the recipe holds everything else
     assert args[:2] == ["--config", f"imagenet-{preset}"]
-    assert {a for a in args if a.startswith("--")} <= {"--config", "--device", "--data_path", "--vae_path",
-                                                       "--text_encoder_path", "--batch_size", "--accum_iter",
-                                                       "--output_dir", "--resume"}
+    assert {a for a in args if a.startswith("--")} <= {
+        "--config",
+        "--device",
+        "--data_path",
+        "--vae_path",
+        "--text_encoder_path",
+        "--batch_size",
+        "--accum_iter",
+        "--output_dir",
+        "--resume",
+    }
     c = main_jepat.parse_args(args).config
     global_batch = c.optim.batch_size * c.optim.accum_iter * 32
     assert global_batch == 2048 and c.model.preset == preset and c.optim.blr == 1e-4 and c.runtime.precision == "bf16"

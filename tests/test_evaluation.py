@@ -1,4 +1,5 @@
 """Evaluation by generation: prompts per image id, seeds per id, ranks, CLIP score, probe, CLI."""
+
 import json
 from collections import Counter
 from pathlib import Path
@@ -7,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from models.text_encoders import TextEmbeddings
-from models.tokenizers import build_tokenizer
-from models.sampler import SamplingConfig
-from tests.helpers import S, TEXT_POOL, TEXT_TOK, tiny_model
 from PIL import Image
 
+from models.sampler import SamplingConfig
+from models.text_encoders import TextEmbeddings
+from models.tokenizers import build_tokenizer
+from tests.helpers import TEXT_POOL, TEXT_TOK, S, tiny_model
 from util.evaluation import evaluate, generate, prompts
 from util.evaluation.generate import ImageGenerator
 from util.runtime import DistEnv
@@ -28,8 +28,13 @@ class HashedTextTable:
         rows = []
         for c in captions:
             g = torch.Generator().manual_seed(sum(ord(ch) * (i + 1) for i, ch in enumerate(c)))
-            rows.append(TextEmbeddings(torch.randn(1, S, TEXT_TOK, generator=g), torch.ones(1, S, dtype=torch.bool),
-                                       torch.randn(1, TEXT_POOL, generator=g)))
+            rows.append(
+                TextEmbeddings(
+                    torch.randn(1, S, TEXT_TOK, generator=g),
+                    torch.ones(1, S, dtype=torch.bool),
+                    torch.randn(1, TEXT_POOL, generator=g),
+                )
+            )
         return TextEmbeddings.cat(rows)
 
 
@@ -57,11 +62,12 @@ def read(folder: Path) -> np.ndarray:
 def test_one_rank_and_two_gloo_ranks_give_the_same_image_for_each_id(tmp_path, one_thread):
     generate_ids(tmp_path / "one", batch_size=3)
     # fork: the children inherit the imports instead of re-importing torch and the models
-    mp.start_processes(_rank_main, args=(2, str(tmp_path / "rdv"), str(tmp_path / "two")), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(
+        _rank_main, args=(2, str(tmp_path / "rdv"), str(tmp_path / "two")), nprocs=2, join=True, start_method="fork"
+    )
     one, two = read(tmp_path / "one"), read(tmp_path / "two")
     assert np.array_equal(one, two)
-    assert len({im.tobytes() for im in one}) == len(PROMPTS)      # not all the same picture
+    assert len({im.tobytes() for im in one}) == len(PROMPTS)  # not all the same picture
     # an image depends on its id, not on the batch it was drawn in
     generate_ids(tmp_path / "other_batch", batch_size=5)
     assert np.abs(read(tmp_path / "other_batch").astype(int) - one.astype(int)).max() <= 1
@@ -70,7 +76,7 @@ def test_one_rank_and_two_gloo_ranks_give_the_same_image_for_each_id(tmp_path, o
 
 
 def test_class_balanced_prompts():
-    names = ["tench", "goldfish", "great white shark", "crane", "crane"]      # ImageNet repeats names
+    names = ["tench", "goldfish", "great white shark", "crane", "crane"]  # ImageNet repeats names
     ps = prompts.class_balanced_prompts(names, 20, "a photo of a {}")
     assert len(ps) == 20 and ps.num_classes == 5 and ps.extra["images_per_class"] == 4
     assert Counter(ps.labels) == {k: 4 for k in range(5)}
@@ -88,18 +94,23 @@ def test_class_balanced_prompts():
 
 def test_image_seeds_differ_by_id_and_by_seed():
     seeds = {generate.image_seed(s, i) for s in range(3) for i in range(1000)}
-    assert len(seeds) == 3000 and all(0 <= x < 2 ** 63 for x in seeds)
+    assert len(seeds) == 3000 and all(0 <= x < 2**63 for x in seeds)
 
 
-TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+}
 
 
 def test_clip_score_with_random_open_clip_weights(tmp_path, one_thread):
     import open_clip
+
     from util.evaluation import clip_score
+
     (tmp_path / "jepat-test-clip.json").write_text(json.dumps(TINY_CLIP))
-    open_clip.add_model_config(tmp_path / "jepat-test-clip.json")      # a tiny architecture, random weights
+    open_clip.add_model_config(tmp_path / "jepat-test-clip.json")  # a tiny architecture, random weights
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     model, preprocess, tok = clip_score.load_clip("jepat-test-clip", None, cpu)
@@ -120,14 +131,16 @@ def test_clip_score_with_random_open_clip_weights(tmp_path, one_thread):
 
 def test_linear_probe_learns_colors_from_pixels_and_reads_the_encoder(one_thread):
     from util.evaluation import probe
+
     model = tiny_model()
     tokenizer = build_tokenizer("pixels")
-    out = probe.probe_shapes(model, tokenizer, patch_size=2, img_size=8, device=torch.device("cpu"),
-                             num_train=120, num_test=60, seed=0)
+    out = probe.probe_shapes(
+        model, tokenizer, patch_size=2, img_size=8, device=torch.device("cpu"), num_train=120, num_test=60, seed=0
+    )
     for key in ("color_acc", "shape_acc"):
         for r in (out, out["random_init_encoder"], out["raw_pixels"]):
             assert 0.0 <= r[key] <= 1.0
-    assert out["raw_pixels"]["color_acc"] > 0.6   # chance is 1/6: the probe itself works on pixels
+    assert out["raw_pixels"]["color_acc"] > 0.6  # chance is 1/6: the probe itself works on pixels
     feats = probe.encoder_features(model, tokenizer, 2, torch.zeros(4, 3, 8, 8), torch.device("cpu"))
     assert feats.shape == (4, model.cfg.width)
     with pytest.raises(ValueError, match="img_size"):
@@ -142,6 +155,8 @@ def test_missing_weights_and_references_fail_before_generating(tmp_path, monkeyp
     with pytest.raises(FileNotFoundError, match="no FID reference at .*nothing.npz"):
         evaluate.check_options(evaluate.EvalOptions(fid_ref=str(tmp_path / "nothing.npz"), feature_extractor=tiny))
     with pytest.raises(FileNotFoundError, match="no CLIP weights at .*clip.bin"):
-        evaluate.check_options(evaluate.EvalOptions(feature_extractor=tiny, clip_score_weights=str(tmp_path / "clip.bin")))
+        evaluate.check_options(
+            evaluate.EvalOptions(feature_extractor=tiny, clip_score_weights=str(tmp_path / "clip.bin"))
+        )
     # without a reference only the Inception Score remains (and metrics.json says what was skipped)
     assert evaluate.check_options(evaluate.EvalOptions(feature_extractor=tiny)) == ["isc"]

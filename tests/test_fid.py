@@ -1,4 +1,5 @@
 """FID / IS / precision-recall / KID through torch-fidelity with a small registered extractor (CPU, offline)."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,7 @@ from util.evaluation import fid
 
 def shapes_uint8(n: int, seed: int, res: int = 16) -> torch.Tensor:
     ds = shapes.ShapesDataset(split="all", num_samples=n, resolution=res, seed=seed)
-    return torch.stack([torch.from_numpy(ds.image(i)).permute(2, 0, 1) for i in range(n)])      # [N,3,H,W]
+    return torch.stack([torch.from_numpy(ds.image(i)).permute(2, 0, 1) for i in range(n)])  # [N,3,H,W]
 
 
 def write_folder(images: torch.Tensor, folder) -> None:
@@ -28,12 +29,14 @@ def sets():
 def test_fid_of_a_set_against_itself_is_zero_and_a_shifted_set_is_far(sets):
     name = fid.register_test_extractor()
     a, b = sets["a"], sets["b"]
-    shifted = (a.float() * 0.6).to(torch.uint8)                      # darker: another distribution
-    feats = {k: fid.extract_features(v, name, ["pool"], torch.device("cpu"))["pool"]
-             for k, v in {"a": a, "b": b, "shifted": shifted}.items()}
+    shifted = (a.float() * 0.6).to(torch.uint8)  # darker: another distribution
+    feats = {
+        k: fid.extract_features(v, name, ["pool"], torch.device("cpu"))["pool"]
+        for k, v in {"a": a, "b": b, "shifted": shifted}.items()
+    }
     stats = {k: fid.statistics(v) for k, v in feats.items()}
     self_fid = fid.frechet_distance(stats["a"], stats["a"])
-    same_dist = fid.frechet_distance(stats["a"], stats["b"])         # two draws of the same distribution
+    same_dist = fid.frechet_distance(stats["a"], stats["b"])  # two draws of the same distribution
     far = fid.frechet_distance(stats["a"], stats["shifted"])
     assert abs(self_fid) < 1e-3, self_fid
     assert far > 5 * same_dist and far > 0.05, (same_dist, far)
@@ -43,9 +46,16 @@ def test_statistics_file_fid_equals_torch_fidelity_two_folder_fid(sets, tmp_path
     name = fid.register_test_extractor()
     write_folder(sets["a"], tmp_path / "gen")
     write_folder(sets["b"], tmp_path / "ref")
-    theirs = torch_fidelity.calculate_metrics(input1=str(tmp_path / "gen"), input2=str(tmp_path / "ref"), fid=True,
-                                              feature_extractor=name, cuda=False, cache=False, verbose=False,
-                                              save_cpu_ram=True)["frechet_inception_distance"]
+    theirs = torch_fidelity.calculate_metrics(
+        input1=str(tmp_path / "gen"),
+        input2=str(tmp_path / "ref"),
+        fid=True,
+        feature_extractor=name,
+        cuda=False,
+        cache=False,
+        verbose=False,
+        save_cpu_ram=True,
+    )["frechet_inception_distance"]
     ref_feats = fid.extract_features(tmp_path / "ref", name, ["pool"], torch.device("cpu"))["pool"]
     fid.save_statistics(tmp_path / "ref_stats.npz", ref_feats, name)
     from_stats = fid.compute_metrics(tmp_path / "gen", tmp_path / "ref_stats.npz", ("fid", "isc", "prc"), name)

@@ -1,5 +1,6 @@
 """benchmarks/gpu_smoke.py spends scarce GPU minutes: every command it would run must name an
 existing script and flags that script accepts, on both the GPU plan and the CPU rehearsal."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,6 +21,7 @@ def _module(path: Path):
 def _parse(script: str, args):
     if script == "main_jepat.py":
         import main_jepat
+
         return main_jepat.parse_args(args)
     module = _module(ROOT / script)
     return module.get_args_parser().parse_args(args)
@@ -39,6 +41,6 @@ def test_every_smoke_command_parses_with_its_script(device, tmp_path):
         assert scripts, check.name
         i = scripts[0]
         assert (ROOT / check.argv[i]).is_file(), check.argv[i]
-        parsed = _parse(check.argv[i], check.argv[i + 1:])        # SystemExit(2) on an unknown flag
+        parsed = _parse(check.argv[i], check.argv[i + 1 :])  # SystemExit(2) on an unknown flag
         if "device" in vars(parsed):
             assert parsed.device == device, check.name

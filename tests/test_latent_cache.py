@@ -2,6 +2,7 @@
 written here (with every kind of bad input), MAR's KL-16 architecture with random weights at
 16 px, one process against two gloo ranks, resume after an interruption, the training loader,
 and the refusal of a mismatched cache."""
+
 import io
 import json
 import os
@@ -18,10 +19,18 @@ import main_cache
 from util.data.latent_cache import CachedLatentDataset, read_meta
 
 GOOD = {"n01440764/good1.jpg", "n01440764/good2.png", "n01440764/good3.JPEG"}
-CONVERTED = {"n01443537/cmyk.jpg": "CMYK", "n01443537/gray.png": "L converted", "n01443537/alpha.png": "alpha",
-             "n01443537/deep.png": "16-bit"}
-SKIPPED = {"my_class/small.png": "smaller than the crop", "my_class/corrupt.jpg": "not a readable image",
-           "my_class/truncated.jpg": "truncated", "my_class/notes.txt": "not an image file"}
+CONVERTED = {
+    "n01443537/cmyk.jpg": "CMYK",
+    "n01443537/gray.png": "L converted",
+    "n01443537/alpha.png": "alpha",
+    "n01443537/deep.png": "16-bit",
+}
+SKIPPED = {
+    "my_class/small.png": "smaller than the crop",
+    "my_class/corrupt.jpg": "not a readable image",
+    "my_class/truncated.jpg": "truncated",
+    "my_class/notes.txt": "not an image file",
+}
 
 
 def _rgb(rng, w, h):
@@ -53,14 +62,37 @@ def write_class_folders(root: Path) -> Path:
 
 def cache_args(data: Path, cache: Path, *extra: str):
     return main_cache.get_args_parser().parse_args(
-        ["--dataset", "imagenet", "--data_path", str(data), "--img_size", "16", "--tokenizer", "kl16",
-         "--cache_dir", str(cache), "--shard_size", "3", "--batch_size", "2", "--num_workers", "0",
-         "--small_images", "skip", "--no_text_cache", "--device", "cpu", *extra])
+        [
+            "--dataset",
+            "imagenet",
+            "--data_path",
+            str(data),
+            "--img_size",
+            "16",
+            "--tokenizer",
+            "kl16",
+            "--cache_dir",
+            str(cache),
+            "--shard_size",
+            "3",
+            "--batch_size",
+            "2",
+            "--num_workers",
+            "0",
+            "--small_images",
+            "skip",
+            "--no_text_cache",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def _rank(rank: int, world: int, port: int, argv) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     main_cache.main(main_cache.get_args_parser().parse_args(argv))
 
 
@@ -124,11 +156,12 @@ def test_bad_input_is_converted_or_skipped_and_counted(single, kl16_random):
     assert listing["groups"] == [["a photo of a my class"], ["a photo of a tench"], ["a photo of a goldfish"]]
     # the stored moments are those of the crop and of its mirror image
     from util.data.image_folders import load_image, to_tensor
+
     ds = CachedLatentDataset(cache)
     i = [p.decode() for p in index["path"]].index("n01440764/good2.png")
     img, _ = load_image(os.path.join(listing["root"], "n01440764/good2.png"), 16)
     x = to_tensor(img)[None]
-    both = torch.from_numpy(ds.moments(i).copy())                                        # [2,32,1,1]
+    both = torch.from_numpy(ds.moments(i).copy())  # [2,32,1,1]
     assert torch.allclose(both[0], kl16_random.moments(x)[0], atol=1e-5)
     assert torch.allclose(both[1], kl16_random.moments(x.flip(-1))[0], atol=1e-5)
     assert not torch.allclose(both[0], both[1])
@@ -136,9 +169,31 @@ def test_bad_input_is_converted_or_skipped_and_counted(single, kl16_random):
 
 def test_two_gloo_ranks_write_the_same_cache(single, folder, kl16_ckpt, tmp_path):
     cache = tmp_path / "two"
-    argv = ["--dataset", "imagenet", "--data_path", str(folder), "--img_size", "16", "--tokenizer", "kl16",
-            "--vae_path", str(kl16_ckpt), "--cache_dir", str(cache), "--shard_size", "3", "--batch_size", "2",
-            "--num_workers", "0", "--small_images", "skip", "--no_text_cache", "--device", "cpu"]
+    argv = [
+        "--dataset",
+        "imagenet",
+        "--data_path",
+        str(folder),
+        "--img_size",
+        "16",
+        "--tokenizer",
+        "kl16",
+        "--vae_path",
+        str(kl16_ckpt),
+        "--cache_dir",
+        str(cache),
+        "--shard_size",
+        "3",
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--small_images",
+        "skip",
+        "--no_text_cache",
+        "--device",
+        "cpu",
+    ]
     mp.start_processes(_rank, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="spawn")
     one, two = shard_arrays(single[0]), shard_arrays(cache)
     assert one.keys() == two.keys() and len([k for k in one if k.endswith(".state.npy")]) == 4
@@ -172,14 +227,14 @@ def test_loader_samples_plain_or_flipped_latents_and_refuses_a_mismatch(single):
     cache, _ = single
     ds = CachedLatentDataset(cache)
     assert len(ds) == 7 and len(ds.caption_vocabulary()) == 3
-    m = torch.from_numpy(ds.moments(0).copy())                                           # [2,32,1,1]
+    m = torch.from_numpy(ds.moments(0).copy())  # [2,32,1,1]
     mean, std = m[:, :16], torch.exp(0.5 * m[:, 16:].clamp(-30, 20))
     sides = set()
     for seed in range(24):
         torch.manual_seed(seed)
         z, caption = ds[0]
         assert z.shape == (16, 1, 1) and caption == "a photo of a tench"
-        noise = (z / 0.2325 - mean) / std                                                # [2,16,1,1]: one is N(0,1)
+        noise = (z / 0.2325 - mean) / std  # [2,16,1,1]: one is N(0,1)
         side = int(noise[1].abs().max() < noise[0].abs().max())
         assert noise[side].abs().max() < 6
         sides.add(side)

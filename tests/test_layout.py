@@ -1,17 +1,17 @@
 """The shape of the house: imports go one way (main_* -> engine_jepat -> util -> models), with no
 cycles and no project imports hidden inside functions, and no function of the project (tests and
 benchmarks aside) is longer than about 80 lines."""
+
 from __future__ import annotations
 
 import ast
 from pathlib import Path
-from typing import Dict, List, Set, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FUNCTION_LINES = 85
 
 
-def project_files() -> List[Path]:
+def project_files() -> list[Path]:
     files = sorted(ROOT.glob("*.py")) + sorted(ROOT.glob("util/**/*.py")) + sorted(ROOT.glob("models/**/*.py"))
     return [f for f in files if f.name != "__init__.py"]
 
@@ -29,16 +29,16 @@ def layer(module: str) -> int:
     return 2 if module == "engine_jepat" else 3
 
 
-def project_imports(path: Path) -> List[Tuple[str, bool]]:
+def project_imports(path: Path) -> list[tuple[str, bool]]:
     """(imported project module, whether the import sits inside a function) for every import."""
     tree = ast.parse(path.read_text())
-    inside: Set[int] = set()
+    inside: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             inside.update(id(n) for n in ast.walk(node) if n is not node)
     out = []
     for node in ast.walk(tree):
-        names: List[str] = []
+        names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -50,7 +50,7 @@ def project_imports(path: Path) -> List[Tuple[str, bool]]:
     return out
 
 
-def resolve(name: str, modules: Set[str]) -> str | None:
+def resolve(name: str, modules: set[str]) -> str | None:
     """The project module an import names (``util.data.shapes`` for ``from util.data import shapes``)."""
     while name and name not in modules:
         name = name.rpartition(".")[0]
@@ -60,7 +60,7 @@ def resolve(name: str, modules: Set[str]) -> str | None:
 def test_imports_go_one_way_without_cycles_or_hidden_imports():
     files = project_files()
     modules = {module_name(f) for f in files}
-    graph: Dict[str, Set[str]] = {}
+    graph: dict[str, set[str]] = {}
     problems = []
     for f in files:
         me = module_name(f)
@@ -76,19 +76,20 @@ def test_imports_go_one_way_without_cycles_or_hidden_imports():
                 problems.append(f"{me} (layer {layer(me)}) imports {target} (layer {layer(target)})")
     assert not problems, problems
 
-    state: Dict[str, int] = {}          # 1: on the current path, 2: done
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
 
-    def visit(m: str, path: List[str]) -> None:
+    def visit(m: str, path: list[str]) -> None:
         state[m] = 1
         for n in graph[m]:
             assert state.get(n) != 1, f"import cycle: {' -> '.join(path + [m, n])}"
             if n not in state:
                 visit(n, path + [m])
         state[m] = 2
+
     for m in graph:
         if m not in state:
             visit(m, [])
-    assert {"util.runtime", "models.loss", "util.training.parallel"} <= set(graph)   # the checker sees the tree
+    assert {"util.runtime", "models.loss", "util.training.parallel"} <= set(graph)  # the checker sees the tree
 
 
 def test_no_function_is_longer_than_about_80_lines():

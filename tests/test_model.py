@@ -7,11 +7,16 @@ from scipy.stats import truncnorm
 
 from models import jepat as jepat_module
 from models.flow_head import FlowHead, flow_matching_loss, integrate_flow, sample_tokens_from_head
-from models.jepat import (JEPAT_MODELS, build_model, mask_from_orders, random_orders, sample_mask_ratio,
-                          )
+from models.jepat import (
+    JEPAT_MODELS,
+    build_model,
+    mask_from_orders,
+    random_orders,
+    sample_mask_ratio,
+)
 from models.loss import EMATarget, JEPATLoss
 from models.sampler import SamplingConfig, num_hidden_after, sample_tokens
-from tests.helpers import S, SEQ_LEN, TOKEN_DIM, random_text, tiny_model
+from tests.helpers import SEQ_LEN, TOKEN_DIM, S, random_text, tiny_model
 
 REFERENCE_COUNTS = {"base": 216_152_080, "large": 694_769_168, "huge": 1_438_206_992}
 
@@ -68,6 +73,7 @@ def test_orders_and_masks():
 
 class OracleHead(torch.nn.Module):
     """Knows the data: every token equals z, so the true velocity is (z - x_t) / (1 - t)."""
+
     token_dim = TOKEN_DIM
 
     def forward(self, x_t, t, z):
@@ -84,13 +90,14 @@ def test_flow_loss_is_zero_for_the_true_velocity():
 
 class GaussianOracleHead(torch.nn.Module):
     """Exact velocity field for data ~ N(z, SIGMA^2 I): its ODE maps noise n to z + SIGMA * n."""
+
     token_dim = TOKEN_DIM
     SIGMA = 0.5
 
     def forward(self, x_t, t, z):
         t = t[:, None]
-        a = t * self.SIGMA ** 2 - (1 - t)
-        b = t ** 2 * self.SIGMA ** 2 + (1 - t) ** 2
+        a = t * self.SIGMA**2 - (1 - t)
+        b = t**2 * self.SIGMA**2 + (1 - t) ** 2
         return z + a / b * (x_t - t * z)
 
     def prepare(self, z):
@@ -118,8 +125,10 @@ def test_temperature_scales_the_initial_noise():
     head = FlowHead(TOKEN_DIM, 16, 16, 1)  # zero-initialised output: velocity 0, sample = initial noise
     head.zero_init_modulation()
     z = torch.randn(4000, 16)
-    std = {t: sample_tokens_from_head(head, z, t, 2, "euler", generator=torch.Generator().manual_seed(0)).std().item()
-           for t in (1.0, 0.5)}
+    std = {
+        t: sample_tokens_from_head(head, z, t, 2, "euler", generator=torch.Generator().manual_seed(0)).std().item()
+        for t in (1.0, 0.5)
+    }
     assert abs(std[1.0] - 1.0) < 0.02 and abs(std[0.5] - 0.5) < 0.01
 
 
@@ -136,8 +145,9 @@ def test_cosine_schedule_reveals_at_least_one_token_per_step():
 
 def _sample(model, text, seed=0, **sampling):
     sc = SamplingConfig(**{**dict(num_iter=4, guidance_scale=3.0, ode_steps=3, ode_solver="euler"), **sampling})
-    return sample_tokens(model, text, torch.zeros(len(text), dtype=torch.bool), sc,
-                         generator=torch.Generator().manual_seed(seed))
+    return sample_tokens(
+        model, text, torch.zeros(len(text), dtype=torch.bool), sc, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def test_same_seed_same_samples():
@@ -174,7 +184,9 @@ def test_cross_attention_ignores_padding():
     assert torch.allclose(model.fuse_text(z, cond), model.fuse_text(z, cond_p), atol=1e-6)
     real = copy.deepcopy(text)
     real.tokens[:, 1] += 1.0
-    assert not torch.allclose(model.fuse_text(z, cond), model.fuse_text(z, model.condition(real, torch.zeros(2, dtype=torch.bool))))
+    assert not torch.allclose(
+        model.fuse_text(z, cond), model.fuse_text(z, model.condition(real, torch.zeros(2, dtype=torch.bool)))
+    )
 
 
 def test_cfg_scale_one_equals_the_conditional_branch():
@@ -184,8 +196,9 @@ def test_cfg_scale_one_equals_the_conditional_branch():
     guided = sample_tokens(model, text, null, sc, torch.Generator().manual_seed(0), batch_null=True)
     plain = sample_tokens(model, text, null, sc, torch.Generator().manual_seed(0), batch_null=False)
     assert torch.allclose(guided, plain, atol=1e-5)
-    strong = sample_tokens(model, text, null, SamplingConfig(num_iter=4, guidance_scale=4.0, ode_steps=3),
-                           torch.Generator().manual_seed(0))
+    strong = sample_tokens(
+        model, text, null, SamplingConfig(num_iter=4, guidance_scale=4.0, ode_steps=3), torch.Generator().manual_seed(0)
+    )
     assert not torch.allclose(strong, plain, atol=1e-3)
 
 
@@ -207,9 +220,12 @@ def test_training_and_sampling_share_one_conditioning_path(monkeypatch):
     def spy(self, t, drop):
         calls.append(drop.clone())
         return original(self, t, drop)
+
     monkeypatch.setattr(type(model), "condition", spy)
     ema = copy.deepcopy(model)
-    JEPATLoss()(model.train(), EMATarget(ema), torch.randn(4, SEQ_LEN, TOKEN_DIM), text, torch.Generator().manual_seed(0))
+    JEPATLoss()(
+        model.train(), EMATarget(ema), torch.randn(4, SEQ_LEN, TOKEN_DIM), text, torch.Generator().manual_seed(0)
+    )
     assert len(calls) == 2  # the model, and the EMA target with the same drop mask
     assert torch.equal(calls[0], calls[1])
     calls.clear()
@@ -221,8 +237,9 @@ def test_training_and_sampling_share_one_conditioning_path(monkeypatch):
 def test_training_losses_backpropagate_to_every_trainable_part(fusion):
     model = tiny_model(fusion=fusion).train()
     ema = copy.deepcopy(model)
-    out = JEPATLoss()(model, EMATarget(ema), torch.randn(4, SEQ_LEN, TOKEN_DIM), random_text(4),
-                      torch.Generator().manual_seed(0))
+    out = JEPATLoss()(
+        model, EMATarget(ema), torch.randn(4, SEQ_LEN, TOKEN_DIM), random_text(4), torch.Generator().manual_seed(0)
+    )
     out["loss"].backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     no_grad = [n for n, p in trainable.items() if p.grad is None or p.grad.abs().sum() == 0]
@@ -256,8 +273,7 @@ def test_registry_and_errors():
 def test_parameter_counts_within_one_percent_of_the_reference(preset):
     # the reference counts the published code's model, which fuses text everywhere (full)
     with torch.device("meta"):
-        model = build_model(preset, token_dim=16, seq_len=256, text_token_dim=768, text_pooled_dim=768,
-                            fusion="full")
+        model = build_model(preset, token_dim=16, seq_len=256, text_token_dim=768, text_pooled_dim=768, fusion="full")
     total = model.num_params()["total"]
     assert abs(total / REFERENCE_COUNTS[preset] - 1) < 0.01, total
 
@@ -280,14 +296,20 @@ def test_step_hook_sees_the_canvas_fill_in_without_changing_the_samples():
     sc = SamplingConfig(num_iter=4, guidance_scale=2.0, ode_steps=2, ode_solver="euler")
     null = torch.zeros(2, dtype=torch.bool)
     seen = []
-    hooked = sample_tokens(model, text, null, sc, torch.Generator().manual_seed(0),
-                           on_step=lambda step, tokens, known: seen.append((step, tokens.clone(), known.clone())))
+    hooked = sample_tokens(
+        model,
+        text,
+        null,
+        sc,
+        torch.Generator().manual_seed(0),
+        on_step=lambda step, tokens, known: seen.append((step, tokens.clone(), known.clone())),
+    )
     plain = sample_tokens(model, text, null, sc, torch.Generator().manual_seed(0))
     assert torch.equal(hooked, plain)
     assert [s for s, _, _ in seen] == [0, 1, 2, 3]
     counts = [int(k[0].sum()) for _, _, k in seen]
     assert counts == sorted(counts) and counts[-1] == SEQ_LEN and counts[0] >= 1
-    for _, tokens, known in seen:                       # hidden tokens are still zeros, known ones are not
+    for _, tokens, known in seen:  # hidden tokens are still zeros, known ones are not
         assert (tokens[~known] == 0).all() and (tokens[known].abs().sum(-1) > 0).all()
     assert torch.equal(seen[-1][1], plain)
 
@@ -297,7 +319,7 @@ def test_text_fusion_of_a_subset_of_positions_equals_fusing_all_of_them():
         model, text = tiny_model(fusion=fusion).eval(), random_text(2)
         cond = model.condition(text, torch.tensor([False, True]))
         z = torch.randn(2, SEQ_LEN, 32)
-        positions = torch.stack([torch.randperm(SEQ_LEN)[:5] for _ in range(2)])          # [2,5]
+        positions = torch.stack([torch.randperm(SEQ_LEN)[:5] for _ in range(2)])  # [2,5]
         part = model.fuse_text(z.gather(1, positions[..., None].expand(-1, -1, 32)), cond, positions)
         whole = model.fuse_text(z, cond).gather(1, positions[..., None].expand(-1, -1, 32))
         assert torch.allclose(part, whole, atol=1e-5), fusion
@@ -309,7 +331,7 @@ def test_late_fusion_shares_one_backbone_pass_between_the_cfg_rows(fusion, monke
     rows = []
     model.encoder_blocks[0].register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
     shared = _sample(model, text, guidance_scale=3.0)
-    assert set(rows) == ({3} if fusion == "late_only" else {6})                          # B rows, or B + B
+    assert set(rows) == ({3} if fusion == "late_only" else {6})  # B rows, or B + B
     # the same samples as running both rows through the backbone: the sampler's one look at the
     # property says False; the encoder and predictor still see the model's real mode
     first = iter([False])
@@ -319,7 +341,7 @@ def test_late_fusion_shares_one_backbone_pass_between_the_cfg_rows(fusion, monke
     separate = _sample(model, text, guidance_scale=3.0)
     assert set(rows) == {6}
     assert torch.allclose(shared, separate, atol=1e-4)
-    assert not torch.allclose(shared, _sample(model, text, guidance_scale=1.0), atol=1e-3)         # guidance still acts
+    assert not torch.allclose(shared, _sample(model, text, guidance_scale=1.0), atol=1e-3)  # guidance still acts
 
 
 @pytest.mark.parametrize("prediction", ["v", "x"])
@@ -327,5 +349,5 @@ def test_prepared_head_velocity_equals_the_forward_pass(prediction):
     head = tiny_model(flow_prediction=prediction).flow_head.eval()
     z, x = torch.randn(5, 32), torch.randn(5, TOKEN_DIM)
     velocity = head.prepare(z)
-    for t in (0.0, 0.25, 0.25, 0.5, 0.99):                      # a repeated t comes from the cache
+    for t in (0.0, 0.25, 0.25, 0.5, 0.99):  # a repeated t comes from the cache
         assert torch.allclose(velocity(x, t), head(x, torch.full((5,), t), z), atol=1e-5, rtol=1e-4), t

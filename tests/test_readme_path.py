@@ -2,8 +2,9 @@
 marked block, with its variables set to small local data and flags appended that shrink the run
 (a tiny model, 16 px pixels, MiniLM, two CPU processes, the registered small feature extractor).
 Class folders with bad files, a caption manifest with bad entries and WebDataset shards with bad
-samples each go cache -> torchrun training -> evaluate -> sample; the test checks that the counts add up, that evaluation prompts are the training
-captions and that metrics.json names its sample count."""
+samples each go cache -> torchrun training -> evaluate -> sample; the test checks that the counts
+add up, that evaluation prompts are the training captions and that metrics.json names its sample count."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -27,31 +27,110 @@ from tests.test_webdataset import write_shards
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- tests/test_readme_path.py runs the commands of this block"
 TEXT = ["--text_encoder", "minilm", "--text_max_length", "16", "--text_encoder_path", ""]
-SMALL = {   # appended to each command: later flags win in argparse
-    "cache_vae.sh": ["--img_size", "16", "--tokenizer", "pixels", "--shard_size", "4", "--batch_size", "4",
-                     "--num_workers", "0", "--device", "cpu", "--small_images", "skip", *TEXT],
-    "train": ["--model", "tiny", "--img_size", "16", "--patch_size", "8", "--tokenizer", "pixels", *TEXT,
-              "--batch_size", "1", "--epochs", "1", "--max_steps", "2", "--device", "cpu", "--precision", "fp32",
-              "--num_workers", "0", "--grid_freq", "0", "--log_freq", "1", "--save_every_steps", "0",
-              "--num_images", "3", "--eval_metrics", "isc", "--fid_feature_extractor", "jepat-test-tiny",
-              "--num_iter", "2", "--ode_steps", "2", "--eval_batch_size", "2", "--no-compile", "--buffer_size", "none"],
-    "evaluate": ["--device", "cpu", "--precision", "fp32", "--num_images", "6", "--eval_metrics", "fid,isc",
-                 "--fid_feature_extractor", "jepat-test-tiny", "--eval_batch_size", "2", "--num_iter", "2",
-                 "--ode_steps", "2"],
-    "main_sample.py": ["--device", "cpu", "--precision", "fp32", "--num_iter", "2", "--ode_steps", "2",
-                       "--num_per_prompt", "2"],
+SMALL = {  # appended to each command: later flags win in argparse
+    "cache_vae.sh": [
+        "--img_size",
+        "16",
+        "--tokenizer",
+        "pixels",
+        "--shard_size",
+        "4",
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--device",
+        "cpu",
+        "--small_images",
+        "skip",
+        *TEXT,
+    ],
+    "train": [
+        "--model",
+        "tiny",
+        "--img_size",
+        "16",
+        "--patch_size",
+        "8",
+        "--tokenizer",
+        "pixels",
+        *TEXT,
+        "--batch_size",
+        "1",
+        "--epochs",
+        "1",
+        "--max_steps",
+        "2",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--num_workers",
+        "0",
+        "--grid_freq",
+        "0",
+        "--log_freq",
+        "1",
+        "--save_every_steps",
+        "0",
+        "--num_images",
+        "3",
+        "--eval_metrics",
+        "isc",
+        "--fid_feature_extractor",
+        "jepat-test-tiny",
+        "--num_iter",
+        "2",
+        "--ode_steps",
+        "2",
+        "--eval_batch_size",
+        "2",
+        "--no-compile",
+        "--buffer_size",
+        "none",
+    ],
+    "evaluate": [
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--num_images",
+        "6",
+        "--eval_metrics",
+        "fid,isc",
+        "--fid_feature_extractor",
+        "jepat-test-tiny",
+        "--eval_batch_size",
+        "2",
+        "--num_iter",
+        "2",
+        "--ode_steps",
+        "2",
+    ],
+    "main_sample.py": [
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--num_iter",
+        "2",
+        "--ode_steps",
+        "2",
+        "--num_per_prompt",
+        "2",
+    ],
 }
 
 
-def readme_commands() -> List[str]:
+def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
-    block = text[text.index(MARK):]
-    block = block[block.index("```bash") + len("```bash"):]
-    block = block[:block.index("```")].replace("\\\n", " ")
+    block = text[text.index(MARK) :]
+    block = block[block.index("```bash") + len("```bash") :]
+    block = block[: block.index("```")].replace("\\\n", " ")
     return [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
-def run(command: str, env: Dict[str, str]) -> subprocess.CompletedProcess:
+def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     argv = [re.sub(r"\$(\w+)", lambda m: env[m.group(1)], a) for a in shlex.split(command)]
     if argv[0] == "torchrun":
         kind = "evaluate" if "--evaluate" in argv else "train"
@@ -77,19 +156,31 @@ def reference_images(folder: Path) -> Path:
 def test_the_readme_path_runs_as_written(dataset, tmp_path):
     commands = readme_commands()
     assert [c.split()[0] for c in commands] == ["bash", "torchrun", "torchrun", "python"]
-    data = {"imagenet": lambda: write_class_folders(tmp_path / "folders"),
-            "captions": lambda: write_manifest(tmp_path / "data"),
-            "webdataset": lambda: (write_shards(tmp_path / "shards"), tmp_path / "shards")[1]}[dataset]()
-    env = {"DATASET": dataset, "DATA": str(data), "CACHE": str(tmp_path / "cache"), "VAE": "unused-by-pixels",
-           "CLIP": "", "GPUS": "2", "RUN": str(tmp_path / "run"), "REF": str(reference_images(tmp_path / "ref")),
-           "NPROC": "2", "OMP_NUM_THREADS": "1", "JEPAT_VENV": str(Path(sys.executable).parents[1])}
+    data = {
+        "imagenet": lambda: write_class_folders(tmp_path / "folders"),
+        "captions": lambda: write_manifest(tmp_path / "data"),
+        "webdataset": lambda: (write_shards(tmp_path / "shards"), tmp_path / "shards")[1],
+    }[dataset]()
+    env = {
+        "DATASET": dataset,
+        "DATA": str(data),
+        "CACHE": str(tmp_path / "cache"),
+        "VAE": "unused-by-pixels",
+        "CLIP": "",
+        "GPUS": "2",
+        "RUN": str(tmp_path / "run"),
+        "REF": str(reference_images(tmp_path / "ref")),
+        "NPROC": "2",
+        "OMP_NUM_THREADS": "1",
+        "JEPAT_VENV": str(Path(sys.executable).parents[1]),
+    }
     for command in commands:
         run(command, env)
 
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     c = meta["counts"]
     assert c["seen"] == c["cached"] + c["skipped"] and c["pending"] == 0 and c["skipped"] > 0
-    assert meta["flipped"] is (dataset == "imagenet")                 # flips for class folders only
+    assert meta["flipped"] is (dataset == "imagenet")  # flips for class folders only
     tree = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert tree["data"]["dataset"] == "cached" and tree["recipe"] == "imagenet-base"
     vocabulary = json.loads((tmp_path / "cache" / "listing.json").read_text())["vocabulary"]
@@ -100,7 +191,7 @@ def test_the_readme_path_runs_as_written(dataset, tmp_path):
         assert m["prompts"] == ("training class prompts" if dataset == "imagenet" else "training captions")
         assert set(prompts) <= set(vocabulary) and m["unseen_prompts"] == 0
     assert m["fidelity"]["fid_label"] == "FID-6" and m["fidelity"]["reference_num_samples"] == 8
-    if dataset == "imagenet":   # every class of the training set, balanced
+    if dataset == "imagenet":  # every class of the training set, balanced
         assert set(prompts) == {v for v in vocabulary} and len(vocabulary) == 3
     samples = [json.loads(r) for r in (tmp_path / "run" / "samples" / "manifest.jsonl").read_text().splitlines()]
     assert len(samples) == 2 and (tmp_path / "run" / "samples" / "grid.png").is_file()

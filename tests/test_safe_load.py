@@ -1,6 +1,7 @@
 """Nothing loaded from a file runs code: checkpoints load with weights_only=True, a file crafted to
 run code when unpickled is refused before anything of it runs, and truncated or foreign files get
 an error that names the file and what was expected."""
+
 from __future__ import annotations
 
 import os
@@ -45,8 +46,16 @@ def crafted_checkpoint(tmp_path: Path) -> tuple[Path, Path]:
     unpickling would run a shell command."""
     marker = tmp_path / "pwned"
     model = tiny_model()
-    torch.save({"format_version": 3, "model": model.state_dict(), "ema": model.state_dict(),
-                "model_config": {"preset": "tiny"}, "payload": RunsShell(marker)}, tmp_path / "evil.pth")
+    torch.save(
+        {
+            "format_version": 3,
+            "model": model.state_dict(),
+            "ema": model.state_dict(),
+            "model_config": {"preset": "tiny"},
+            "payload": RunsShell(marker),
+        },
+        tmp_path / "evil.pth",
+    )
     return tmp_path / "evil.pth", marker
 
 
@@ -54,20 +63,35 @@ def test_a_crafted_checkpoint_is_refused_and_nothing_runs(tmp_path):
     path, marker = crafted_checkpoint(tmp_path)
     with pytest.raises(UnsafeCheckpointError, match=r"refused to load .*evil.pth.*posix.system"):
         load_checkpoint(path)
-    raw = tmp_path / "evil_raw.pth"            # a bare pickle (the legacy torch format) that would open a file
+    raw = tmp_path / "evil_raw.pth"  # a bare pickle (the legacy torch format) that would open a file
     raw.write_bytes(pickle.dumps({"model": CreatesMarker(tmp_path / "opened")}, protocol=2))
     with pytest.raises(UnsafeCheckpointError, match=r"io.open|builtins.open"):
         load_checkpoint(raw)
     with pytest.raises(UnsafeCheckpointError):
-        load_kl16(str(path))                   # the VAE loader goes through the same gate
+        load_kl16(str(path))  # the VAE loader goes through the same gate
     assert not marker.exists() and not (tmp_path / "opened").exists()
 
 
 def test_main_sample_refuses_a_crafted_checkpoint_with_one_line(tmp_path):
     path, marker = crafted_checkpoint(tmp_path)
-    out = subprocess.run([sys.executable, "main_sample.py", "--checkpoint", str(path), "--prompt", "a red circle",
-                          "--out_dir", str(tmp_path / "samples"), "--device", "cpu"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "main_sample.py",
+            "--checkpoint",
+            str(path),
+            "--prompt",
+            "a red circle",
+            "--out_dir",
+            str(tmp_path / "samples"),
+            "--device",
+            "cpu",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1
     assert "error: refused to load" in out.stderr and "Traceback" not in out.stderr
     assert not marker.exists() and not (tmp_path / "samples").exists()
@@ -83,10 +107,13 @@ def test_truncated_and_foreign_files_name_the_file_and_what_was_expected(tmp_pat
         load_checkpoint(cut)
     png = tmp_path / "picture.pth"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
-    with pytest.raises(CheckpointFileError, match=r"picture.pth is not a JEPA-T checkpoint: expected a file "
-                                                  r"written by torch.save"):
+    with pytest.raises(
+        CheckpointFileError,
+        match=r"picture.pth is not a JEPA-T checkpoint: expected a file "
+        r"written by torch.save",
+    ):
         load_checkpoint(png)
-    weights_only = tmp_path / "weights.pth"     # a torch file, but not one of ours
+    weights_only = tmp_path / "weights.pth"  # a torch file, but not one of ours
     torch.save({"w": torch.ones(2)}, weights_only)
     with pytest.raises(CheckpointFileError, match="weights.pth is not a JEPA-T checkpoint: expected a dictionary"):
         load_checkpoint(weights_only)
@@ -100,11 +127,11 @@ def draws() -> tuple:
 
 def test_rng_state_is_plain_tensors_and_restores_every_generator(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    np.random.randn()                           # leaves a cached gaussian in numpy's state
+    np.random.randn()  # leaves a cached gaussian in numpy's state
     state = rng_state()
     expected = draws()
     torch.save(state, tmp_path / "rng.pth")
-    set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))   # no allow-list needed
+    set_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))  # no allow-list needed
     assert draws() == expected
 
 
@@ -115,8 +142,16 @@ def test_format_2_checkpoints_with_numpy_rng_tuples_still_load(tmp_path):
     random.seed(4), np.random.seed(5), torch.manual_seed(6)
     old_rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     expected = draws()
-    torch.save({"format_version": 2, "model": model.state_dict(), "ema": model.state_dict(),
-                "model_config": {"preset": "tiny"}, "rng": old_rng}, tmp_path / "old.pth")
+    torch.save(
+        {
+            "format_version": 2,
+            "model": model.state_dict(),
+            "ema": model.state_dict(),
+            "model_config": {"preset": "tiny"},
+            "rng": old_rng,
+        },
+        tmp_path / "old.pth",
+    )
     ckpt = load_checkpoint(tmp_path / "old.pth")
     set_rng_state(ckpt["rng"])
     assert draws() == expected

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -31,9 +30,7 @@ def test_constants():
     assert S.HELDOUT_COMBOS == (("red", "triangle"), ("blue", "circle"), ("yellow", "square"))
     assert len(S.SEEN_COMBOS) == 15 and len(set(S.SEEN_COMBOS)) == 15
     assert not set(S.SEEN_COMBOS) & set(S.HELDOUT_COMBOS)
-    assert set(S.SEEN_COMBOS) | set(S.HELDOUT_COMBOS) == {
-        (c, s) for c in S.COLORS for s in S.SHAPES
-    }
+    assert set(S.SEEN_COMBOS) | set(S.HELDOUT_COMBOS) == {(c, s) for c in S.COLORS for s in S.SHAPES}
     for c, s in S.HELDOUT_COMBOS:
         assert any(sc == c for sc, _ in S.SEEN_COMBOS)
         assert any(ss == s for _, ss in S.SEEN_COMBOS)
@@ -97,9 +94,7 @@ def test_judge_accepts_tensor():
     targets = [(ds.meta(i)["color"], ds.meta(i)["shape"]) for i in range(50)]
     assert J.judge_batch(x) == [J.judge(ds.image(i)) for i in range(50)]
     assert J.score(J.judge_batch(x), targets)["joint_acc"] == 1.0
-    assert J.score(J.judge_batch(np.stack([ds.image(i) for i in range(50)])), targets)[
-        "joint_acc"
-    ] == 1.0
+    assert J.score(J.judge_batch(np.stack([ds.image(i) for i in range(50)])), targets)["joint_acc"] == 1.0
 
 
 def test_judge_deterministic():
@@ -317,6 +312,7 @@ def test_judge_rejects_an_l_and_a_rectangle():
 # ------------------------------------------------------------------ fidelity (shapes_fidelity.py)
 def test_fidelity_features_measure_position_size_and_color():
     from util.evaluation.shapes_fidelity import FEATURES, features_of
+
     f = dict(zip(FEATURES, features_of(S.render("blue", "square", 8.0, 10.0, 14.0, 32))))
     assert f["cx"] == pytest.approx(100 * 10 / 32, abs=2) and f["cy"] == pytest.approx(100 * 14 / 32, abs=2)
     assert f["size"] == pytest.approx(100 * 8 / 32, abs=4) and f["width"] == pytest.approx(f["height"])
@@ -327,13 +323,14 @@ def test_fidelity_features_measure_position_size_and_color():
 
 def test_fidelity_tells_the_data_from_a_sampler_without_variety():
     from util.evaluation.shapes_fidelity import fidelity
+
     targets = [c for c in S.SEEN_COMBOS for _ in range(16)]
     rendered = fidelity(S.render_fresh(targets, 24, 123), targets, seed=0)
     assert rendered["fd"] < 2 * rendered["fd_floor"] and 0.8 < rendered["spread"] < 1.2
-    same = np.stack([S.render(c, s, 12.0, 12.0, 12.0, 24) for c, s in targets])     # one picture per prompt
+    same = np.stack([S.render(c, s, 12.0, 12.0, 12.0, 24) for c, s in targets])  # one picture per prompt
     collapsed = fidelity(same, targets, seed=0)
     assert collapsed["spread"] == 0 and collapsed["fd"] > 10 * collapsed["fd_floor"]
-    assert collapsed["fd_floor"] == rendered["fd_floor"]                                # the floor is the data's
+    assert collapsed["fd_floor"] == rendered["fd_floor"]  # the floor is the data's
     tensor = torch.from_numpy(same).permute(0, 3, 1, 2).float() / 127.5 - 1
     assert fidelity(tensor, targets, seed=0)["fd"] == pytest.approx(collapsed["fd"], rel=1e-6)
     with pytest.raises(ValueError, match="targets"):

@@ -1,4 +1,5 @@
 """Tests for models/text_encoders.py (CPU, offline)."""
+
 from __future__ import annotations
 
 import logging
@@ -49,6 +50,7 @@ def clip_random() -> ClipTextEncoder:
 
 # ---------------------------------------------------------------- TextEmbeddings
 
+
 def _random_embeddings(b: int = 4, s: int = 5, d: int = 3, p: int = 2) -> TextEmbeddings:
     lengths = torch.arange(1, b + 1).clamp(max=s)
     mask = torch.arange(s)[None, :] < lengths[:, None]
@@ -96,6 +98,7 @@ def test_embeddings_validate_shapes() -> None:
 
 
 # ---------------------------------------------------------------- MiniLM
+
 
 def test_minilm_shapes_mask_and_norm(minilm: MiniLMTextEncoder) -> None:
     out = minilm.encode(PROMPTS)
@@ -173,6 +176,7 @@ def test_frozen_and_always_eval(fixture: str, request: pytest.FixtureRequest) ->
 
 
 # ---------------------------------------------------------------- CLIP
+
 
 def test_clip_random_shapes_mask_and_pooled(clip_random: ClipTextEncoder) -> None:
     import open_clip

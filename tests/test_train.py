@@ -10,17 +10,44 @@ import torch
 import engine_jepat
 import main_jepat
 from tests.helpers import tiny_model
-from util.training.checkpoint import load_checkpoint, save_checkpoint
 from util.data.datasets import DataOrder
+from util.training.checkpoint import load_checkpoint, save_checkpoint
 from util.training.schedules import CosineValue, LRSchedule, WeightDecaySchedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # a run small enough for the CPU: 16 px shapes, 8 px patches (4 tokens), tiny preset
-SMALL = ["--img_size", "16", "--patch_size", "8", "--num_samples", "96", "--batch_size", "8",
-         "--lr", "1e-3", "--warmup_epochs", "0.5", "--log_freq", "2", "--no_eval", "--num_workers", "0",
-         "--precision", "fp32", "--device", "cpu", "--weight_decay_end", "0.1", "--ema_rate_start", "0.9",
-         "--ema_rate", "0.99", "--lr_schedule", "cosine"]
+SMALL = [
+    "--img_size",
+    "16",
+    "--patch_size",
+    "8",
+    "--num_samples",
+    "96",
+    "--batch_size",
+    "8",
+    "--lr",
+    "1e-3",
+    "--warmup_epochs",
+    "0.5",
+    "--log_freq",
+    "2",
+    "--no_eval",
+    "--num_workers",
+    "0",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+    "--weight_decay_end",
+    "0.1",
+    "--ema_rate_start",
+    "0.9",
+    "--ema_rate",
+    "0.99",
+    "--lr_schedule",
+    "cosine",
+]
 
 
 def run_main(tmp_path: Path, *extra: str) -> dict:
@@ -53,7 +80,7 @@ def test_compiled_and_ddp_prefixes_are_stripped(tmp_path):
 
 def test_resumed_run_continues_exactly(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    run_main(full, "--epochs", "2")                      # 24 steps uninterrupted
+    run_main(full, "--epochs", "2")  # 24 steps uninterrupted
     run_main(part, "--epochs", "2", "--max_steps", "7")  # stopped mid-epoch ...
     run_main(part, "--epochs", "2", "--resume", str(part / "checkpoint-last.pth"))  # ... and resumed
     a = torch.load(full / "checkpoint-last.pth", weights_only=True)
@@ -87,8 +114,12 @@ def test_checkpoint_of_another_preset_is_refused(tmp_path):
 
 
 def test_schedules_apply_what_they_log():
-    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "decay": True},
-                             {"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.0, "decay": False}])
+    opt = torch.optim.AdamW(
+        [
+            {"params": [torch.nn.Parameter(torch.zeros(2, 2))], "decay": True},
+            {"params": [torch.nn.Parameter(torch.zeros(2))], "weight_decay": 0.0, "decay": False},
+        ]
+    )
     lr = LRSchedule(1e-3, warmup_steps=10, total_steps=100, kind="cosine")
     assert lr(0) == pytest.approx(1e-4) and lr(9) == pytest.approx(1e-3) and lr(100) == pytest.approx(0.0)
     assert lr.apply(opt, 50) == opt.param_groups[0]["lr"] == opt.param_groups[1]["lr"]
@@ -121,8 +152,9 @@ def test_help_works(script, capsys):
 
 
 def test_help_works_from_the_command_line():
-    out = subprocess.run([sys.executable, "main_jepat.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "main_jepat.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "usage" in out.stdout
 
 
@@ -139,6 +171,7 @@ def test_unknown_choices_are_argparse_errors(flag, capsys):
 def test_flow_time_sampling_flag(capsys):
     def parse(argv):
         return main_jepat.parse_args(argv).config.model
+
     assert parse([]).t_logit_mean == -0.8  # the CPU recipe: logit-normal, towards noise
     assert parse(["--t_logit_mean", "none"]).t_logit_mean is None  # uniform t, given over the recipe's -0.8
     assert parse(["--t_logit_mean", "-1.5"]).t_logit_mean == -1.5
@@ -158,12 +191,29 @@ def test_scripts_pass_bash_n():
 
 def test_main_sample_writes_images_grid_and_manifest(tmp_path, caplog):
     import main_sample
+
     run_main(tmp_path / "run", "--epochs", "1", "--max_steps", "2")
     out = tmp_path / "samples"
-    args = main_sample.get_args_parser().parse_args([
-        "--checkpoint", str(tmp_path / "run" / "checkpoint-last.pth"), "--prompt", "a red circle",
-        "--prompt", "", "--num_per_prompt", "2", "--out_dir", str(out), "--num_iter", "2", "--ode_steps", "2",
-        "--device", "cpu"])
+    args = main_sample.get_args_parser().parse_args(
+        [
+            "--checkpoint",
+            str(tmp_path / "run" / "checkpoint-last.pth"),
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "",
+            "--num_per_prompt",
+            "2",
+            "--out_dir",
+            str(out),
+            "--num_iter",
+            "2",
+            "--ode_steps",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     with caplog.at_level("WARNING"):
         rows = main_sample.main(args)
     assert len(rows) == 4 and (out / "grid.png").is_file() and len(list(out.glob("0*.png"))) == 4
@@ -174,9 +224,25 @@ def test_main_sample_writes_images_grid_and_manifest(tmp_path, caplog):
 
 def test_shapes_evaluation_writes_grids_manifest_and_metrics(tmp_path):
     args = [a for a in SMALL if a != "--no_eval"]
-    ns = main_jepat.get_args_parser().parse_args(args + [
-        "--output_dir", str(tmp_path), "--epochs", "1", "--max_steps", "2", "--eval_per_combo", "2",
-        "--num_iter", "2", "--ode_steps", "2", "--grid_freq", "1"])
+    ns = main_jepat.get_args_parser().parse_args(
+        args
+        + [
+            "--output_dir",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--max_steps",
+            "2",
+            "--eval_per_combo",
+            "2",
+            "--num_iter",
+            "2",
+            "--ode_steps",
+            "2",
+            "--grid_freq",
+            "1",
+        ]
+    )
     result = main_jepat.main(ns)
     for name in ("grid_seen.png", "grid_heldout.png", "manifest.jsonl", "metrics.json"):
         assert (tmp_path / name).is_file(), name
@@ -195,24 +261,28 @@ def test_non_finite_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, 
     run_main(tmp_path, "--epochs", "2", "--max_steps", "3")
     good = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     from models.loss import JEPATLoss
+
     real = JEPATLoss.__call__
 
     def poisoned(*a, **k):
         out = real(*a, **k)
         out["loss"] = out["loss"] * float("nan")
         return out
+
     monkeypatch.setattr(JEPATLoss, "__call__", poisoned)
     with pytest.raises(FloatingPointError, match="non-finite"):
-        run_main(tmp_path, "--epochs", "2", "--resume", str(tmp_path / "checkpoint-last.pth"),
-                 "--save_every_steps", "1")
+        run_main(
+            tmp_path, "--epochs", "2", "--resume", str(tmp_path / "checkpoint-last.pth"), "--save_every_steps", "1"
+        )
     kept = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert kept["state"]["step"] == good["state"]["step"] == 3
 
 
 def test_auto_precision_on_the_cpu_follows_the_measured_bf16_speed(monkeypatch):
     from util import runtime
+
     cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda: False)      # no native bf16: no measuring
+    monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda: False)  # no native bf16: no measuring
     runtime.cpu_bf16_speedup.cache_clear()
     monkeypatch.setattr(torch, "randn", lambda *a, **k: pytest.fail("measured although bf16 is emulated"))
     assert runtime.cpu_bf16_speedup() == 0.0 and runtime.resolve_precision(cpu, "auto") == "fp32"
@@ -223,7 +293,7 @@ def test_auto_precision_on_the_cpu_follows_the_measured_bf16_speed(monkeypatch):
     assert runtime.resolve_precision(cpu, "fp32") == "fp32" and runtime.resolve_precision(cpu, "bf16") == "bf16"
     monkeypatch.undo()
     runtime.cpu_bf16_speedup.cache_clear()
-    monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda: None)       # unknown CPU: measured
+    monkeypatch.setattr(runtime, "cpu_bf16_flags", lambda: None)  # unknown CPU: measured
     assert runtime.cpu_bf16_speedup(n=64, reps=1) > 0
     runtime.cpu_bf16_speedup.cache_clear()
 
@@ -231,7 +301,7 @@ def test_auto_precision_on_the_cpu_follows_the_measured_bf16_speed(monkeypatch):
 def test_a_stop_signal_that_lands_during_the_rank_agreement_is_not_lost():
     import signal as sig
 
-    class Env:                                   # the signal arrives while the all-reduce waits
+    class Env:  # the signal arrives while the all-reduce waits
         def max_over_ranks(self, value):
             stops._on_signal(sig.SIGUSR1, None)
             return value

@@ -1,10 +1,10 @@
 """VAE tokenizers: MAR KL-16 key conversion (exact round trip through the LDM layout), SD-VAE
 from a diffusers folder, clear errors for missing weights. Random weights, small inputs."""
+
 import pytest
 import torch
 
-from models.tokenizers import build_tokenizer
-from models.tokenizers import mar_kl16, random_vae, sd_vae
+from models.tokenizers import build_tokenizer, mar_kl16, random_vae, sd_vae
 from models.vae import MAR_KL16_SCALING, diffusers_to_ldm, ldm_to_diffusers
 
 
@@ -16,12 +16,15 @@ def test_kl16_loads_from_the_ldm_layout_exactly(kl16_random, kl16_ckpt):
     # 1x1-conv attention projections, nin_shortcut for channel changes
     assert ldm["encoder.down.4.attn.1.proj_out.weight"].shape == (512, 512, 1, 1)
     assert ldm["encoder.down.2.block.0.nin_shortcut.weight"].shape == (256, 128, 1, 1)
-    assert ldm["decoder.up.4.block.2.conv2.weight"].shape == (512, 512, 3, 3)     # LDM counts levels upward
+    assert ldm["decoder.up.4.block.2.conv2.weight"].shape == (512, 512, 3, 3)  # LDM counts levels upward
     assert ldm["decoder.up.1.block.0.nin_shortcut.weight"].shape == (128, 256, 1, 1)
     assert not any(k.startswith("decoder.up.") and ".attn." in k for k in ldm)
     assert {k for k in ldm if ".attn." in k and k.startswith("encoder.down")} == {
-        f"encoder.down.4.attn.{j}.{n}.{wb}" for j in (0, 1) for n in ("norm", "q", "k", "v", "proj_out")
-        for wb in ("weight", "bias")}
+        f"encoder.down.4.attn.{j}.{n}.{wb}"
+        for j in (0, 1)
+        for n in ("norm", "q", "k", "v", "proj_out")
+        for wb in ("weight", "bias")
+    }
     assert "encoder.mid.attn_1.q.weight" in ldm and "quant_conv.weight" in ldm
     assert ldm_to_diffusers(ldm, levels=5).keys() == state.keys()
     assert torch.load(kl16_ckpt)["model"]["encoder.conv_in.weight"].equal(ldm["encoder.conv_in.weight"])
@@ -56,12 +59,18 @@ def test_kl16_checkpoint_errors(tmp_path, kl16_random):
 
 def test_sd_vae_from_a_diffusers_folder(tmp_path):
     from diffusers import AutoencoderKL
+
     with pytest.raises(FileNotFoundError, match=r"no SD-VAE folder at .*missing.*sd-vae-ft-ema"):
         sd_vae(str(tmp_path / "missing"))
     torch.manual_seed(0)
-    small = AutoencoderKL(block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                          scaling_factor=0.18215)
+    small = AutoencoderKL(
+        block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.18215,
+    )
     small.save_pretrained(tmp_path / "vae")
     tok = build_tokenizer("sd-vae", str(tmp_path / "vae"))
     assert (tok.name, tok.channels, tok.stride, tok.scaling) == ("sd-vae", 4, 2, 0.18215)

@@ -5,6 +5,7 @@ The one helper of the three mains and of evaluation.
     torchrun --nproc_per_node 8 main_jepat.py ...              # 8 GPUs (NCCL)
     torchrun --nproc_per_node 2 main_jepat.py --device cpu ... # two CPU processes (gloo)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,12 +34,13 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 @dataclass
 class DistEnv:
     """Where this process sits. ``world_size == 1`` and ``initialized == False`` for a plain run."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     initialized: bool = False
-    control: Optional[Any] = None   # a gloo group for host-side flags (never syncs the GPU stream)
+    control: Any | None = None  # a gloo group for host-side flags (never syncs the GPU stream)
 
     @property
     def is_main(self) -> bool:
@@ -74,8 +76,10 @@ def _device(name: str, local_rank: int, distributed: bool) -> torch.device:
     if not torch.cuda.is_available():
         raise UserError(f"--device {name}, but this process sees no GPU; use --device cpu")
     if ":" in name and distributed and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        raise UserError(f"--device {name} names one GPU, but torchrun starts several processes per node; "
-                         "pass --device cuda (each process takes the GPU of its LOCAL_RANK)")
+        raise UserError(
+            f"--device {name} names one GPU, but torchrun starts several processes per node; "
+            "pass --device cuda (each process takes the GPU of its LOCAL_RANK)"
+        )
     device = torch.device("cuda", int(name.split(":")[1]) if ":" in name else local_rank)
     torch.cuda.set_device(device)
     return device
@@ -95,8 +99,14 @@ def init_runtime(device_name: str = "auto", timeout_min: float = 30.0) -> DistEn
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=timeout_min)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world, timeout=timeout,
-                                device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            device_id=device if backend == "nccl" else None,
+        )
     control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
     return DistEnv(rank=rank, world_size=world, local_rank=local, device=device, initialized=True, control=control)
 
@@ -106,7 +116,7 @@ def shutdown_runtime(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def cpu_bf16_flags() -> Optional[bool]:
+def cpu_bf16_flags() -> bool | None:
     """Whether the CPU announces native bf16 matmuls (avx512_bf16 or amx_bf16 in /proc/cpuinfo);
     None where the file is missing (not Linux)."""
     try:
@@ -169,14 +179,14 @@ def user_errors():
         raise SystemExit(f"error: {e}") from None
 
 
-def setup_logging(env: Optional[DistEnv] = None) -> None:
+def setup_logging(env: DistEnv | None = None) -> None:
     """INFO lines with time and module on rank 0; warnings only on the other ranks. Off a terminal,
     the Hugging Face libraries' progress bars are switched off too (a log file gets lines, not frames)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if env is not None and not env.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     if not interactive():
-        disable_progress_bars()        # read by transformers when it is imported
+        disable_progress_bars()  # read by transformers when it is imported
         if "transformers" in sys.modules:
             sys.modules["transformers"].utils.logging.disable_progress_bar()
 

@@ -14,13 +14,14 @@ Folder ``<cache>/text/<encoder key>/``::
 Row r holds caption r of the cache's vocabulary (``listing.json``), the order in which the cache's
 ``caption_groups.npz`` names them, so a cached item carries row ids, not strings.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,17 +45,21 @@ class CaptionTable:
         self.dir = Path(directory)
         self.info = json.loads((self.dir / "table.json").read_text())
         if self.info.get("format_version") != TABLE_VERSION:
-            raise ValueError(f"caption table {self.dir} has format {self.info.get('format_version')}; this code "
-                             f"reads {TABLE_VERSION}: delete the folder and run main_cache.py again")
+            raise ValueError(
+                f"caption table {self.dir} has format {self.info.get('format_version')}; this code "
+                f"reads {TABLE_VERSION}: delete the folder and run main_cache.py again"
+            )
         state = np.load(self.dir / "state.npy", mmap_mode="r")
         if not state.all():
-            raise ValueError(f"caption table {self.dir} is incomplete ({int((state == 0).sum())} rows missing); "
-                             "rerun main_cache.py with the same arguments to finish it")
+            raise ValueError(
+                f"caption table {self.dir} is incomplete ({int((state == 0).sum())} rows missing); "
+                "rerun main_cache.py with the same arguments to finish it"
+            )
         self.tokens = np.load(self.dir / "tokens.npy", mmap_mode="r")
         self.mask = np.load(self.dir / "mask.npy", mmap_mode="r")
         self.pooled = np.load(self.dir / "pooled.npy", mmap_mode="r")
         self._offsets = np.load(self.dir / "offsets.npy", mmap_mode="r")
-        self._hashes: Optional[np.ndarray] = None     # loaded on the first find (evaluation prompts only)
+        self._hashes: np.ndarray | None = None  # loaded on the first find (evaluation prompts only)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
@@ -62,11 +67,14 @@ class CaptionTable:
     def rows(self, ids: torch.Tensor, device: torch.device) -> TextEmbeddings:
         """Embeddings of rows ``ids`` [B]: tokens [B,S,Dt] and pooled [B,Du] as float32, mask [B,S]."""
         idx = ids.cpu().numpy()
-        order = np.argsort(idx, kind="stable")                    # sorted reads touch the file in order
+        order = np.argsort(idx, kind="stable")  # sorted reads touch the file in order
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
         sorted_idx = idx[order]
-        take = (lambda a: torch.from_numpy(np.ascontiguousarray(a[sorted_idx]))[back])
+
+        def take(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a[sorted_idx]))[back]
+
         return TextEmbeddings(take(self.tokens).float(), take(self.mask), take(self.pooled).float()).to(device)
 
     def caption(self, row: int) -> str:
@@ -83,7 +91,7 @@ class CaptionTable:
         for i, c in enumerate(captions):
             h = np.uint64(caption_hash(c))
             k = int(np.searchsorted(self._hashes, h))
-            while k < len(self._hashes) and self._hashes[k] == h:   # a collision is checked against the text
+            while k < len(self._hashes) and self._hashes[k] == h:  # a collision is checked against the text
                 if self.caption(int(self._order[k])) == c:
                     out[i] = int(self._order[k])
                     break
@@ -91,14 +99,25 @@ class CaptionTable:
         return out
 
 
-def write_caption_table(directory: Path, vocabulary: Sequence[str], encoder: TextEncoder, batch_size: int = 1024,
-                        progress: Optional[Callable[[int], None]] = None) -> Dict:
+def write_caption_table(
+    directory: Path,
+    vocabulary: Sequence[str],
+    encoder: TextEncoder,
+    batch_size: int = 1024,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
     """Encode every caption of ``vocabulary`` into a table at ``directory``, in batches; rerun
     after a kill, it encodes only the rows not yet written. Returns the table's info."""
     directory.mkdir(parents=True, exist_ok=True)
-    info = {"format_version": TABLE_VERSION, "name": encoder.name, "token_dim": encoder.token_dim,
-            "pooled_dim": encoder.pooled_dim, "max_length": encoder.max_length, "rows": len(vocabulary),
-            "dtype": "float16"}
+    info = {
+        "format_version": TABLE_VERSION,
+        "name": encoder.name,
+        "token_dim": encoder.token_dim,
+        "pooled_dim": encoder.pooled_dim,
+        "max_length": encoder.max_length,
+        "rows": len(vocabulary),
+        "dtype": "float16",
+    }
     info_path = directory / "table.json"
     if info_path.is_file() and json.loads(info_path.read_text()) != info:
         raise ValueError(f"{directory} holds a caption table of another encoder or vocabulary; delete it to rebuild")
@@ -110,21 +129,21 @@ def write_caption_table(directory: Path, vocabulary: Sequence[str], encoder: Tex
     state = np.load(directory / "state.npy", mmap_mode="r+")
     pending = np.flatnonzero(state == 0)
     for start in range(0, len(pending), batch_size):
-        rows = pending[start:start + batch_size]
+        rows = pending[start : start + batch_size]
         emb = encoder.encode([vocabulary[r] for r in rows.tolist()])
         tokens[rows] = emb.tokens.float().cpu().numpy().astype(np.float16)
         mask[rows] = emb.mask.cpu().numpy()
         pooled[rows] = emb.pooled.float().cpu().numpy().astype(np.float16)
         for a in (tokens, mask, pooled):
             a.flush()
-        state[rows] = 1                     # after the rows themselves: a kill leaves them pending
+        state[rows] = 1  # after the rows themselves: a kill leaves them pending
         state.flush()
         if progress is not None:
             progress(len(rows))
     return info
 
 
-def _create(directory: Path, vocabulary: Sequence[str], info: Dict) -> None:
+def _create(directory: Path, vocabulary: Sequence[str], info: dict) -> None:
     """Allocate the arrays and write the captions and their hash index (table.json last)."""
     U, S = len(vocabulary), info["max_length"]
     np.lib.format.open_memmap(directory / "tokens.npy", "w+", np.float16, (U, S, info["token_dim"]))
@@ -146,7 +165,7 @@ def _create(directory: Path, vocabulary: Sequence[str], info: Dict) -> None:
     (directory / "table.json").write_text(json.dumps(info))
 
 
-def group_rows(groups: List[List[str]], vocabulary: Sequence[str]) -> Dict[str, np.ndarray]:
+def group_rows(groups: list[list[str]], vocabulary: Sequence[str]) -> dict[str, np.ndarray]:
     """The caption rows of each caption group, as CSR arrays: rows of group g are
     ``rows[offsets[g]:offsets[g + 1]]`` (rows index ``vocabulary``)."""
     index = {c: r for r, c in enumerate(vocabulary)}
@@ -154,5 +173,5 @@ def group_rows(groups: List[List[str]], vocabulary: Sequence[str]) -> Dict[str, 
     rows = np.empty(sum(len(g) for g in groups), dtype=np.int64)
     for g, caps in enumerate(groups):
         offsets[g + 1] = offsets[g] + len(caps)
-        rows[offsets[g]:offsets[g + 1]] = [index[c] for c in caps]
+        rows[offsets[g] : offsets[g + 1]] = [index[c] for c in caps]
     return {"offsets": offsets, "rows": rows}

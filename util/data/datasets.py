@@ -3,9 +3,10 @@
 A dataset item is ``(image [3,H,W] float in [-1,1], caption str)``; for ``cached`` it is
 ``(latent [c,h,w], caption str)`` read from a main_cache.py folder.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -16,34 +17,34 @@ from util.data.shapes import ShapesDataset
 from util.data.tar_shards import list_tar_shards
 
 
-def _shapes(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
+def _shapes(data_path: str, img_size: int, num_samples: int, seed: int, flip: bool | None) -> Dataset:
     del data_path  # procedural: nothing to read
     if flip:
         raise ValueError("the shapes set draws its own positions; --random_flip does not apply to it")
     return ShapesDataset(split="train", num_samples=num_samples, resolution=img_size, seed=seed)
 
 
-def _imagenet(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
+def _imagenet(data_path: str, img_size: int, num_samples: int, seed: int, flip: bool | None) -> Dataset:
     del num_samples, seed  # the files decide
     return RawImageDataset(list_class_folders(data_path), img_size, flip=True if flip is None else flip)
 
 
-def _captions(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
+def _captions(data_path: str, img_size: int, num_samples: int, seed: int, flip: bool | None) -> Dataset:
     del num_samples, seed  # the files decide
     return RawImageDataset(list_manifest(data_path), img_size, flip=bool(flip))
 
 
-def _webdataset(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
+def _webdataset(data_path: str, img_size: int, num_samples: int, seed: int, flip: bool | None) -> Dataset:
     del num_samples, seed  # the shards decide
     return RawImageDataset(list_tar_shards(data_path), img_size, flip=bool(flip))
 
 
-def _cached(data_path: str, img_size: int, num_samples: int, seed: int, flip: Optional[bool]) -> Dataset:
+def _cached(data_path: str, img_size: int, num_samples: int, seed: int, flip: bool | None) -> Dataset:
     del img_size, num_samples, seed  # the cache decides (main_jepat checks its resolution)
     return CachedLatentDataset(data_path, flip)
 
 
-DATASETS: Dict[str, Callable[..., Dataset]] = {
+DATASETS: dict[str, Callable[..., Dataset]] = {
     "shapes": _shapes,
     "imagenet": _imagenet,
     "captions": _captions,
@@ -52,8 +53,14 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
 }
 
 
-def build_dataset(name: str, data_path: str = "", img_size: int = 32, num_samples: int = 20000,
-                  seed: int = 0, flip: Optional[bool] = None) -> Dataset:
+def build_dataset(
+    name: str,
+    data_path: str = "",
+    img_size: int = 32,
+    num_samples: int = 20000,
+    seed: int = 0,
+    flip: bool | None = None,
+) -> Dataset:
     """``flip``: random horizontal flips; None takes the dataset's convention (on for class
     folders, as MAR does; off for captions, which may say "left" or hold text)."""
     if name not in DATASETS:
@@ -75,15 +82,18 @@ class DataOrder(Sampler[int]):
     uninterrupted one would have seen. Drops the tail so every rank gets the same count.
     """
 
-    def __init__(self, dataset_len: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True) -> None:
+    def __init__(
+        self, dataset_len: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True
+    ) -> None:
         self.n, self.batch_size, self.seed = dataset_len, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.epoch, self.start_batch = 0, 0
         self.num_batches = dataset_len // (batch_size * world_size)
         if self.num_batches == 0:
-            raise ValueError(f"dataset of {dataset_len} items is smaller than one global batch "
-                             f"({batch_size} x {world_size} ranks); lower --batch_size")
+            raise ValueError(
+                f"dataset of {dataset_len} items is smaller than one global batch "
+                f"({batch_size} x {world_size} ranks); lower --batch_size"
+            )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.start_batch = epoch, 0
@@ -99,7 +109,7 @@ class DataOrder(Sampler[int]):
             perm = torch.arange(self.n)
         per_rank = self.num_batches * self.batch_size
         mine = perm[: per_rank * self.world_size].view(self.num_batches, self.world_size, self.batch_size)
-        mine = mine[self.start_batch:, self.rank].reshape(-1)
+        mine = mine[self.start_batch :, self.rank].reshape(-1)
         return iter(mine.tolist())
 
     def __len__(self) -> int:

@@ -9,6 +9,7 @@ line, a tar sample without an image). Loading
 16-bit, small images) and raises :class:`BadImage` with a reason for the rest. Both the latent
 cache (``main_cache.py``) and raw training read through these.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,7 +18,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Dict, List, Optional, Tuple
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -35,22 +36,31 @@ DEFAULT_PROMPT = "a photo of a {name}"
 class CaptionOrigin:
     """How a dataset's captions were made: stored (as ``to_dict``) in latent caches and checkpoints,
     read by the evaluation (class folders are evaluated on exactly their class prompts)."""
-    kind: str = ""                   # class (class folders), caption (free text), shapes (the built-in set)
-    class_prompts: List[str] = field(default_factory=list)   # class folders: each class's caption, by label
-    class_names: List[str] = field(default_factory=list)
-    template: str = ""               # class folders: the caption of a class name, e.g. "a photo of a {name}"
+
+    kind: str = ""  # class (class folders), caption (free text), shapes (the built-in set)
+    class_prompts: list[str] = field(default_factory=list)  # class folders: each class's caption, by label
+    class_names: list[str] = field(default_factory=list)
+    template: str = ""  # class folders: the caption of a class name, e.g. "a photo of a {name}"
 
     @classmethod
-    def from_dict(cls, d: Optional[Dict]) -> "CaptionOrigin":
+    def from_dict(cls, d: dict | None) -> CaptionOrigin:
         d = d or {}
-        return cls(d.get("kind", ""), list(d.get("class_prompts", [])), list(d.get("class_names", [])),
-                   d.get("template", "") or "")
+        return cls(
+            d.get("kind", ""),
+            list(d.get("class_prompts", [])),
+            list(d.get("class_names", [])),
+            d.get("template", "") or "",
+        )
 
-    def to_dict(self) -> Dict:
+    def to_dict(self) -> dict:
         if self.kind != "class":
             return {"kind": self.kind}
-        return {"kind": "class", "class_prompts": self.class_prompts, "class_names": self.class_names,
-                "template": self.template}
+        return {
+            "kind": "class",
+            "class_prompts": self.class_prompts,
+            "class_names": self.class_names,
+            "template": self.template,
+        }
 
 
 class BadImage(Exception):
@@ -62,8 +72,9 @@ class TarMembers:
     """Where the images of a listing lie when they are members of tar shards: entry i is the
     ``where[i] = (t, offset, size)`` bytes of ``tars[t]`` (relative to the listing's root), read
     by one seek, so any entry loads alone and in any order."""
-    tars: List[str]
-    where: np.ndarray                            # [n,3] int64: tar index, data offset, size in bytes
+
+    tars: list[str]
+    where: np.ndarray  # [n,3] int64: tar index, data offset, size in bytes
 
     def read(self, root: str, i: int) -> bytes:
         t, offset, size = (int(v) for v in self.where[i])
@@ -78,11 +89,11 @@ class TarMembers:
             raise BadImage(f"tar member cut short ({len(data)} of {size} bytes; the shard changed since it was listed)")
         return data
 
-    def to_json(self) -> Dict:
+    def to_json(self) -> dict:
         return {"tars": list(self.tars), "where": self.where.tolist()}
 
     @classmethod
-    def from_json(cls, d: Dict) -> "TarMembers":
+    def from_json(cls, d: dict) -> TarMembers:
         return cls(list(d["tars"]), np.asarray(d["where"], dtype=np.int64).reshape(-1, 3))
 
 
@@ -92,15 +103,16 @@ class Listing:
     ``captions[g]`` are the captions of group g (one is drawn per step). ``skipped`` holds
     ``{"path", "reason"}`` records of entries refused at listing time. With ``members`` the
     images are tar members and ``paths[i]`` only names them (``shard.tar/key.jpg``)."""
+
     root: str
-    paths: List[str]
-    groups: List[int]
-    captions: List[List[str]]
-    kind: str                                    # "class" or "caption"
-    skipped: List[Dict] = field(default_factory=list)
-    class_names: List[str] = field(default_factory=list)   # class folders: the name of each class
-    template: str = ""                                     # class folders: its prompt, e.g. "a photo of a {}"
-    members: Optional[TarMembers] = None                   # tar shards: where each entry's bytes are
+    paths: list[str]
+    groups: list[int]
+    captions: list[list[str]]
+    kind: str  # "class" or "caption"
+    skipped: list[dict] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)  # class folders: the name of each class
+    template: str = ""  # class folders: its prompt, e.g. "a photo of a {}"
+    members: TarMembers | None = None  # tar shards: where each entry's bytes are
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -119,12 +131,12 @@ class Listing:
             return CaptionOrigin(self.kind)
         return CaptionOrigin("class", [g[0] for g in self.captions], list(self.class_names), self.template)
 
-    def vocabulary(self) -> List[str]:
+    def vocabulary(self) -> list[str]:
         return list(dict.fromkeys(c for group in self.captions for c in group))
 
 
 # ------------------------------------------------------------------ listings
-def imagenet_class_names() -> Dict[str, str]:
+def imagenet_class_names() -> dict[str, str]:
     """The 1000 ImageNet synsets -> human class names (``util/imagenet_classes.txt``)."""
     names = {}
     for line in IMAGENET_CLASSES_FILE.read_text().splitlines():
@@ -141,7 +153,9 @@ def list_class_folders(root: str, prompt: str = DEFAULT_PROMPT) -> Listing:
     if (base / "train").is_dir():
         base = base / "train"
     if not base.is_dir():
-        raise FileNotFoundError(f"no image folder at {root}; expected <root>/<class>/<image> or <root>/train/<class>/...")
+        raise FileNotFoundError(
+            f"no image folder at {root}; expected <root>/<class>/<image> or <root>/train/<class>/..."
+        )
     classes = sorted(d.name for d in os.scandir(base) if d.is_dir())
     if not classes:
         raise ValueError(f"{base} has no class folders; expected <root>/<class>/<image>")
@@ -162,15 +176,17 @@ def list_class_folders(root: str, prompt: str = DEFAULT_PROMPT) -> Listing:
     return Listing(str(base), paths, groups, captions, "class", skipped, class_names, prompt.replace("{name}", "{}"))
 
 
-def list_manifest(manifest: str, root: Optional[str] = None) -> Listing:
+def list_manifest(manifest: str, root: str | None = None) -> Listing:
     """JSON Lines, one image per line: ``{"image": "rel/path.jpg", "caption": "..."}`` or
     ``"caption": ["...", "..."]``. Paths are relative to ``root`` (default: the manifest's folder).
     Refused: bad JSON, no image/caption, empty captions (empty strings in a list are dropped),
     missing files, and a path listed twice (the first listing is kept)."""
     mpath = Path(manifest).expanduser()
     if not mpath.is_file():
-        raise FileNotFoundError(f"no caption manifest at {manifest}; expected a JSON Lines file of "
-                                '{"image": "rel/path.jpg", "caption": "..."}')
+        raise FileNotFoundError(
+            f"no caption manifest at {manifest}; expected a JSON Lines file of "
+            '{"image": "rel/path.jpg", "caption": "..."}'
+        )
     base = Path(root).expanduser() if root else mpath.parent
     paths, groups, captions, skipped, first_line = [], [], [], [], {}
     with open(mpath, encoding="utf-8") as f:
@@ -185,7 +201,7 @@ def list_manifest(manifest: str, root: Optional[str] = None) -> Listing:
                 continue
             image = rec.get("image") if isinstance(rec, dict) else None
             if not isinstance(image, str) or not image.strip():
-                skipped.append({"path": where, "reason": "manifest line has no \"image\" path"})
+                skipped.append({"path": where, "reason": 'manifest line has no "image" path'})
                 continue
             cap = rec.get("caption")
             caps = [cap] if isinstance(cap, str) else cap if isinstance(cap, list) else []
@@ -194,7 +210,9 @@ def list_manifest(manifest: str, root: Optional[str] = None) -> Listing:
             if not caps:
                 skipped.append({"path": rel, "reason": f"empty or missing caption ({where})"})
             elif rel in first_line:
-                skipped.append({"path": rel, "reason": f"duplicate path ({where}; first listed at line {first_line[rel]})"})
+                skipped.append(
+                    {"path": rel, "reason": f"duplicate path ({where}; first listed at line {first_line[rel]})"}
+                )
             elif not (base / rel).is_file():
                 skipped.append({"path": rel, "reason": f"file listed in the manifest is missing ({where})"})
             else:
@@ -217,7 +235,7 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def to_rgb(img: Image.Image) -> Tuple[Image.Image, Optional[str]]:
+def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
     """Any PIL mode -> 8-bit RGB; returns the image and a note when something was converted
     (alpha is composited onto white; 16-bit and float images are scaled to 8 bits)."""
     mode = img.mode
@@ -239,7 +257,7 @@ def to_rgb(img: Image.Image) -> Tuple[Image.Image, Optional[str]]:
     return img.convert("RGB"), f"{mode} converted to RGB"
 
 
-def load_image(path: str | BinaryIO, size: int, small: str = "upscale") -> Tuple[Image.Image, Optional[str]]:
+def load_image(path: str | BinaryIO, size: int, small: str = "upscale") -> tuple[Image.Image, str | None]:
     """Read (a file, or bytes in a file object), convert and center-crop one image to ``size`` px
     RGB. Returns (image, note) where
     the note says what was converted (or None); raises BadImage(reason) for unusable files.
@@ -267,7 +285,7 @@ def load_image(path: str | BinaryIO, size: int, small: str = "upscale") -> Tuple
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
     """PIL RGB -> [3,H,W] float in [-1,1]."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())                    # [H,W,3]
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # [H,W,3]
     return arr.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
@@ -282,7 +300,7 @@ class RawImageDataset(Dataset):
         if len(listing) == 0:
             raise ValueError(f"no usable images under {listing.root} ({len(listing.skipped)} refused)")
         self.listing, self.img_size, self.flip, self.small = listing, img_size, flip, small
-        self.bad: Dict[int, str] = {}
+        self.bad: dict[int, str] = {}
         for rec in listing.skipped[:20]:
             log.warning("skipped %s: %s", rec["path"], rec["reason"])
         if len(listing.skipped) > 20:
@@ -291,13 +309,13 @@ class RawImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.listing)
 
-    def caption_vocabulary(self) -> List[str]:
+    def caption_vocabulary(self) -> list[str]:
         return self.listing.vocabulary()
 
     def caption_origin(self) -> CaptionOrigin:
         return self.listing.caption_origin()
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         for k in range(min(len(self), 64)):
             j = (i + k) % len(self)
             if j in self.bad:
@@ -318,8 +336,7 @@ class RawImageDataset(Dataset):
         return x, caption
 
 
-def build_listing(dataset: str, data_path: str, manifest: Optional[str] = None,
-                  prompt: str = DEFAULT_PROMPT) -> Listing:
+def build_listing(dataset: str, data_path: str, manifest: str | None = None, prompt: str = DEFAULT_PROMPT) -> Listing:
     """``imagenet``: class folders at ``data_path``; ``captions``: the JSON Lines manifest
     (``manifest``, or ``data_path`` when it is a file) with paths relative to ``data_path``."""
     if dataset == "imagenet":
@@ -328,7 +345,9 @@ def build_listing(dataset: str, data_path: str, manifest: Optional[str] = None,
         if manifest is None and data_path.endswith((".jsonl", ".json")):
             return list_manifest(data_path)
         if manifest is None:
-            raise ValueError("the captions dataset needs a JSON Lines manifest: --data_path file.jsonl, or "
-                             "--manifest file.jsonl with --data_path the image root")
+            raise ValueError(
+                "the captions dataset needs a JSON Lines manifest: --data_path file.jsonl, or "
+                "--manifest file.jsonl with --data_path the image root"
+            )
         return list_manifest(manifest, data_path or None)
     raise ValueError(f"no image listing for dataset {dataset!r}")

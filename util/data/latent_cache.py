@@ -21,13 +21,14 @@ Shards are fixed runs of ``shard_size`` entries of the listing, whatever the num
 shard k belongs to rank ``k % world_size``. A row's moments are flushed before its state byte,
 so a killed run resumes exactly where it stopped: rows still pending are encoded, nothing twice.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ class ListingSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, i: int) -> Tuple[torch.Tensor, int, Optional[str]]:
+    def load(self, i: int) -> tuple[torch.Tensor, int, str | None]:
         img, note = load_image(self.listing.image_file(i), self.size, self.small)
         return to_tensor(img), self.listing.groups[i], note
 
@@ -72,7 +73,7 @@ class ShapesSource:
         self.groups = [[c] for c in self.vocabulary]
         self._group = {c: g for g, c in enumerate(self.vocabulary)}
         self.paths = [f"shapes/{seed}/{i}" for i in range(num_samples)]
-        self.listing_skipped: List[Dict] = []
+        self.listing_skipped: list[dict] = []
         self.entry_groups = None  # known when an image is drawn
         self.caption_origin = CaptionOrigin("shapes")
         self.members = None
@@ -80,7 +81,7 @@ class ShapesSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, i: int) -> Tuple[torch.Tensor, int, Optional[str]]:
+    def load(self, i: int) -> tuple[torch.Tensor, int, str | None]:
         image, caption = self.data[i]
         return image, self._group[caption], None
 
@@ -116,7 +117,7 @@ def listing_digest(source) -> str:
     for p in source.paths:
         h.update(p.encode("utf-8", "surrogateescape") + b"\0")
     h.update(json.dumps(source.groups).encode())
-    if source.members is not None:   # tar shards: a shard rewritten with the same names is another source
+    if source.members is not None:  # tar shards: a shard rewritten with the same names is another source
         h.update(json.dumps(source.members.tars).encode())
         h.update(source.members.where.tobytes())
     return h.hexdigest()
@@ -129,26 +130,36 @@ def atomic_write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def read_meta(cache_dir: str | Path) -> Dict:
+def read_meta(cache_dir: str | Path) -> dict:
     path = Path(cache_dir) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no latent cache at {cache_dir} (meta.json missing); create one with main_cache.py "
-                                "(scripts/cache_vae.sh)")
+        raise FileNotFoundError(
+            f"no latent cache at {cache_dir} (meta.json missing); create one with main_cache.py (scripts/cache_vae.sh)"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"latent cache {cache_dir} has format version {meta.get('format_version')}, this code reads "
-                         f"version {FORMAT_VERSION}; cache again with this version of main_cache.py")
+        raise ValueError(
+            f"latent cache {cache_dir} has format version {meta.get('format_version')}, this code reads "
+            f"version {FORMAT_VERSION}; cache again with this version of main_cache.py"
+        )
     return meta
 
 
-def sides(meta: Dict) -> int:
+def sides(meta: dict) -> int:
     """Moments stored per image: 2 (plain and flipped) or 1 (plain). Caches written before flips
     became a choice always hold both."""
     return 2 if meta.get("flipped", True) else 1
 
 
-def prepare_cache(cache_dir: Path, source, tokenizer_meta: Dict, shard_size: int, dtype: str,
-                  vae_source: str = "", flipped: bool = True) -> Dict:
+def prepare_cache(
+    cache_dir: Path,
+    source,
+    tokenizer_meta: dict,
+    shard_size: int,
+    dtype: str,
+    vae_source: str = "",
+    flipped: bool = True,
+) -> dict:
     """Create the cache folder (or check that a partial one was made from the same source and
     settings) and return its meta. Run on one rank only."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -159,65 +170,102 @@ def prepare_cache(cache_dir: Path, source, tokenizer_meta: Dict, shard_size: int
         meta = read_meta(cache_dir)
         diff = {k: (meta.get(k), v) for k, v in settings.items() if meta.get(k) != v}
         if diff:
-            raise ValueError(f"{cache_dir} holds a cache made with other settings ("
-                             + ", ".join(f"{k}: {a} there vs {b} now" for k, (a, b) in diff.items())
-                             + "); use a new --cache_dir or the original arguments")
+            raise ValueError(
+                f"{cache_dir} holds a cache made with other settings ("
+                + ", ".join(f"{k}: {a} there vs {b} now" for k, (a, b) in diff.items())
+                + "); use a new --cache_dir or the original arguments"
+            )
         if meta["listing_digest"] != digest:
-            raise ValueError(f"the images listed for {cache_dir} changed since it was started ({meta['num_entries']} "
-                             f"entries then, {len(source)} now); finish it with the original files or use a new "
-                             "--cache_dir")
+            raise ValueError(
+                f"the images listed for {cache_dir} changed since it was started ({meta['num_entries']} "
+                f"entries then, {len(source)} now); finish it with the original files or use a new "
+                "--cache_dir"
+            )
         return meta
-    atomic_write_json(cache_dir / "listing.json", {
-        "kind": source.kind, "root": source.root, "paths": source.paths, "groups": source.groups,
-        "entry_groups": source.entry_groups,
-        "vocabulary": source.vocabulary, "listing_skipped": source.listing_skipped,
+    atomic_write_json(
+        cache_dir / "listing.json",
+        {
+            "kind": source.kind,
+            "root": source.root,
+            "paths": source.paths,
+            "groups": source.groups,
+            "entry_groups": source.entry_groups,
+            "vocabulary": source.vocabulary,
+            "listing_skipped": source.listing_skipped,
+            "caption_source": source.caption_origin.to_dict(),
+            "members": None if source.members is None else source.members.to_json(),
+        },
+    )
+    meta = {
+        "format_version": FORMAT_VERSION,
+        **settings,
+        "num_entries": len(source),
+        "listing_digest": digest,
+        "kind": source.kind,
+        "root": source.root,
+        "vae_source": vae_source,
+        "complete": False,
         "caption_source": source.caption_origin.to_dict(),
-        "members": None if source.members is None else source.members.to_json()})
-    meta = {"format_version": FORMAT_VERSION, **settings, "num_entries": len(source), "listing_digest": digest,
-            "kind": source.kind, "root": source.root, "vae_source": vae_source, "complete": False,
-            "caption_source": source.caption_origin.to_dict()}
+    }
     atomic_write_json(cache_dir / "meta.json", meta)
     return meta
 
 
-def num_shards(meta: Dict) -> int:
+def num_shards(meta: dict) -> int:
     return (meta["num_entries"] + meta["shard_size"] - 1) // meta["shard_size"]
 
 
-def shard_rows(meta: Dict, k: int) -> range:
+def shard_rows(meta: dict, k: int) -> range:
     return range(k * meta["shard_size"], min((k + 1) * meta["shard_size"], meta["num_entries"]))
 
 
-def _shard_paths(cache_dir: Path, k: int) -> Dict[str, Path]:
+def _shard_paths(cache_dir: Path, k: int) -> dict[str, Path]:
     base = cache_dir / "shards" / f"shard-{k:05d}"
     return {s: Path(f"{base}{s}") for s in (".npy", ".state.npy", ".group.npy", ".log.jsonl")}
 
 
-def open_shard(cache_dir: Path, meta: Dict, k: int, sample_shape: Tuple[int, ...]):
+def open_shard(cache_dir: Path, meta: dict, k: int, sample_shape: tuple[int, ...]):
     """(moments, state, group) memmaps of shard k, created on first use."""
     paths, n = _shard_paths(cache_dir, k), len(shard_rows(meta, k))
     if not paths[".state.npy"].is_file():  # the state file is created last: without it, start over
-        np.lib.format.open_memmap(paths[".npy"], mode="w+", dtype=meta["dtype"],
-                                  shape=(n, sides(meta)) + tuple(sample_shape))
+        np.lib.format.open_memmap(
+            paths[".npy"], mode="w+", dtype=meta["dtype"], shape=(n, sides(meta)) + tuple(sample_shape)
+        )
         np.lib.format.open_memmap(paths[".group.npy"], mode="w+", dtype=np.int32, shape=(n,))
         np.lib.format.open_memmap(paths[".state.npy"], mode="w+", dtype=np.uint8, shape=(n,))
     data = np.load(paths[".npy"], mmap_mode="r+")
     if data.shape[1:] != (sides(meta),) + tuple(sample_shape):
-        raise ValueError(f"shard {paths['.npy']} holds moments {data.shape[1:]}, expected "
-                         f"{(sides(meta),) + tuple(sample_shape)}")
+        raise ValueError(
+            f"shard {paths['.npy']} holds moments {data.shape[1:]}, expected {(sides(meta),) + tuple(sample_shape)}"
+        )
     return data, np.load(paths[".state.npy"], mmap_mode="r+"), np.load(paths[".group.npy"], mmap_mode="r+")
 
 
-def cache_shard(cache_dir: Path, meta: Dict, k: int, source, encode_moments, batch_size: int, num_workers: int,
-                device: torch.device, sample_shape: Tuple[int, ...], max_batches: Optional[int] = None,
-                progress=None) -> Tuple[int, bool]:
+def cache_shard(
+    cache_dir: Path,
+    meta: dict,
+    k: int,
+    source,
+    encode_moments,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    sample_shape: tuple[int, ...],
+    max_batches: int | None = None,
+    progress=None,
+) -> tuple[int, bool]:
     """Encode the pending rows of shard k. ``encode_moments``: images [B,3,S,S] -> [B,m,h,w].
     Returns (batches run, finished)."""
     data, state, group = open_shard(cache_dir, meta, k, sample_shape)
     first = shard_rows(meta, k).start
     pending = [first + r for r in np.flatnonzero(state == PENDING).tolist()]
-    loader = torch.utils.data.DataLoader(_EncodeItems(source, pending), batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers, collate_fn=_keep_lists)
+    loader = torch.utils.data.DataLoader(
+        _EncodeItems(source, pending),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_keep_lists,
+    )
     log_path = _shard_paths(cache_dir, k)[".log.jsonl"]
     batches = 0
     with open(log_path, "a", encoding="utf-8") as log_file:
@@ -226,10 +274,10 @@ def cache_shard(cache_dir: Path, meta: Dict, k: int, source, encode_moments, bat
                 return batches, False
             good = [b for b in batch if b[1] is not None]
             if good:
-                x = torch.stack([b[1] for b in good]).to(device)                         # [b,3,S,S]
+                x = torch.stack([b[1] for b in good]).to(device)  # [b,3,S,S]
                 views = [x, x.flip(-1)] if sides(meta) == 2 else [x]
-                m = encode_moments(torch.cat(views)).float().cpu().numpy()               # [sb,m,h,w]
-                m = np.stack(np.split(m, len(views)), axis=1)                            # [b,s,m,h,w]
+                m = encode_moments(torch.cat(views)).float().cpu().numpy()  # [sb,m,h,w]
+                m = np.stack(np.split(m, len(views)), axis=1)  # [b,s,m,h,w]
                 rows = np.array([b[0] - first for b in good])
                 data[rows] = m.astype(data.dtype)
                 group[rows] = [b[2] for b in good]
@@ -237,8 +285,17 @@ def cache_shard(cache_dir: Path, meta: Dict, k: int, source, encode_moments, bat
                 group.flush()
             for i, _, _, note, reason in batch:
                 if reason is not None or note is not None:
-                    log_file.write(json.dumps({"item": i, "path": source.paths[i], "reason": reason or note,
-                                               "action": "skipped" if reason is not None else "converted"}) + "\n")
+                    log_file.write(
+                        json.dumps(
+                            {
+                                "item": i,
+                                "path": source.paths[i],
+                                "reason": reason or note,
+                                "action": "skipped" if reason is not None else "converted",
+                            }
+                        )
+                        + "\n"
+                    )
             log_file.flush()
             for i, image, *_ in batch:
                 state[i - first] = CACHED if image is not None else SKIPPED
@@ -249,7 +306,7 @@ def cache_shard(cache_dir: Path, meta: Dict, k: int, source, encode_moments, bat
     return batches, True
 
 
-def finalize_cache(cache_dir: Path, meta: Dict) -> Dict:
+def finalize_cache(cache_dir: Path, meta: dict) -> dict:
     """Gather the shards' states into ``index.npy``, ``skipped.jsonl`` and ``converted.jsonl``;
     mark the cache complete when nothing is pending. Returns the counts."""
     listing = json.loads((cache_dir / "listing.json").read_text())
@@ -270,8 +327,9 @@ def finalize_cache(cache_dir: Path, meta: Dict) -> Dict:
     state, group = np.concatenate(states), np.concatenate(groups)
     cached = np.flatnonzero(state == CACHED)
     width = max([len(p.encode("utf-8", "surrogateescape")) for p in listing["paths"]] + [1])
-    index = np.zeros(len(cached), dtype=[("item", "<i8"), ("shard", "<i4"), ("row", "<i4"), ("group", "<i4"),
-                                         ("path", f"S{width}")])
+    index = np.zeros(
+        len(cached), dtype=[("item", "<i8"), ("shard", "<i4"), ("row", "<i4"), ("group", "<i4"), ("path", f"S{width}")]
+    )
     index["item"] = cached
     index["shard"] = cached // meta["shard_size"]
     index["row"] = cached % meta["shard_size"]
@@ -283,15 +341,25 @@ def finalize_cache(cache_dir: Path, meta: Dict) -> Dict:
     os.replace(tmp, cache_dir / "index.npy")
     np.savez(cache_dir / "caption_groups.npz", **group_rows(listing["groups"], listing["vocabulary"]))
     skipped = [{"path": r["path"], "reason": r["reason"], "stage": "listing"} for r in listing["listing_skipped"]]
-    skipped += [{"path": records[i]["path"], "reason": records[i]["reason"], "stage": "load"}
-                for i in np.flatnonzero(state == SKIPPED).tolist()]
-    converted = [{"path": r["path"], "note": r["reason"]} for i, r in sorted(records.items())
-                 if r["action"] == "converted" and state[i] == CACHED]
+    skipped += [
+        {"path": records[i]["path"], "reason": records[i]["reason"], "stage": "load"}
+        for i in np.flatnonzero(state == SKIPPED).tolist()
+    ]
+    converted = [
+        {"path": r["path"], "note": r["reason"]}
+        for i, r in sorted(records.items())
+        if r["action"] == "converted" and state[i] == CACHED
+    ]
     for name, recs in (("skipped.jsonl", skipped), ("converted.jsonl", converted)):
         with open(cache_dir / name, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in recs)
-    counts = {"seen": len(listing["paths"]) + len(listing["listing_skipped"]), "cached": int(len(cached)),
-              "skipped": len(skipped), "converted": len(converted), "pending": int((state == PENDING).sum())}
+    counts = {
+        "seen": len(listing["paths"]) + len(listing["listing_skipped"]),
+        "cached": int(len(cached)),
+        "skipped": len(skipped),
+        "converted": len(converted),
+        "pending": int((state == PENDING).sum()),
+    }
     meta.update(counts=counts, complete=counts["pending"] == 0)
     atomic_write_json(cache_dir / "meta.json", meta)
     return counts
@@ -305,30 +373,40 @@ class CachedLatentDataset(Dataset):
     on first use in each worker process. ``flip`` None: flip when the cache holds flipped moments
     of class folders (MAR's convention; captions may name left and right)."""
 
-    def __init__(self, cache_dir: str | Path, flip: Optional[bool] = None) -> None:
+    def __init__(self, cache_dir: str | Path, flip: bool | None = None) -> None:
         self.dir = Path(cache_dir)
         self.meta = read_meta(self.dir)
         if not self.meta.get("complete"):
             c = self.meta.get("counts", {})
-            raise ValueError(f"latent cache {cache_dir} is incomplete ({c.get('pending', 'some')} entries pending); "
-                             "rerun main_cache.py with the same arguments to finish it")
+            raise ValueError(
+                f"latent cache {cache_dir} is incomplete ({c.get('pending', 'some')} entries pending); "
+                "rerun main_cache.py with the same arguments to finish it"
+            )
         self.index = np.load(self.dir / "index.npy", mmap_mode="r")
         self._where = np.stack([self.index["shard"], self.index["row"], self.index["group"]], axis=1).astype(np.int64)
         groups = np.load(self.dir / "caption_groups.npz")
         self._group_offsets, self._group_rows = groups["offsets"], groups["rows"]
-        self._vocabulary: Optional[List[str]] = None    # read from listing.json only when strings are asked for
-        self.row_ids = False                            # items carry caption-table rows instead of strings
-        self._origin = CaptionOrigin.from_dict(self.meta.get("caption_source") or (   # caches made before it
-            {"kind": "shapes"} if str(self.meta.get("root", "")).startswith("shapes(") else   # was recorded
-            {"kind": self.meta.get("kind", "caption")}))
+        self._vocabulary: list[str] | None = None  # read from listing.json only when strings are asked for
+        self.row_ids = False  # items carry caption-table rows instead of strings
+        self._origin = CaptionOrigin.from_dict(
+            self.meta.get("caption_source")
+            or (  # caches made before it
+                {"kind": "shapes"}
+                if str(self.meta.get("root", "")).startswith("shapes(")
+                # was recorded
+                else {"kind": self.meta.get("kind", "caption")}
+            )
+        )
         if flip is None:
             flip = sides(self.meta) == 2 and self.meta.get("kind") == "class"
         if flip and sides(self.meta) == 1:
-            raise ValueError(f"latent cache {cache_dir} holds no flipped moments (made with --no-random_flip); train "
-                             "with --no-random_flip, or cache again with --random_flip")
+            raise ValueError(
+                f"latent cache {cache_dir} holds no flipped moments (made with --no-random_flip); train "
+                "with --no-random_flip, or cache again with --random_flip"
+            )
         self.flip = flip
         self.channels, self.scaling, self.shift = self.meta["channels"], self.meta["scaling"], self.meta["shift"]
-        self._shards: Dict[int, np.ndarray] = {}
+        self._shards: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.index)
@@ -338,7 +416,7 @@ class CachedLatentDataset(Dataset):
         the caption: training from a caption table holds nothing per caption in memory."""
         self.row_ids = True
 
-    def caption_vocabulary(self) -> List[str]:
+    def caption_vocabulary(self) -> list[str]:
         """Every caption, in caption-table row order (read from listing.json on first use)."""
         if self._vocabulary is None:
             self._vocabulary = json.loads((self.dir / "listing.json").read_text())["vocabulary"]
@@ -352,10 +430,12 @@ class CachedLatentDataset(Dataset):
         """Refuse a cache made with another tokenizer or resolution."""
         have = (self.meta["tokenizer"], self.meta["resolution"])
         if have != (tokenizer, img_size):
-            raise ValueError(f"latent cache {self.dir} was made with tokenizer {have[0]!r} at {have[1]} px, but training "
-                             f"asks for --tokenizer {tokenizer} --img_size {img_size}; pass --tokenizer {have[0]} "
-                             f"--img_size {have[1]}, or cache again with main_cache.py --tokenizer {tokenizer} "
-                             f"--img_size {img_size}")
+            raise ValueError(
+                f"latent cache {self.dir} was made with tokenizer {have[0]!r} at {have[1]} px, but training "
+                f"asks for --tokenizer {tokenizer} --img_size {img_size}; pass --tokenizer {have[0]} "
+                f"--img_size {have[1]}, or cache again with main_cache.py --tokenizer {tokenizer} "
+                f"--img_size {img_size}"
+            )
 
     def _shard(self, k: int) -> np.ndarray:
         if k not in self._shards:
@@ -369,8 +449,8 @@ class CachedLatentDataset(Dataset):
 
     def _latents(self, m: torch.Tensor) -> torch.Tensor:
         """moments [B,m,h,w] -> latents [B,c,h,w]: sampled for a VAE, as stored for pixels."""
-        if self.meta["stochastic"]:                                                     # mean ++ log-variance
-            return latents_from_moments(m, torch.randn_like(m[:, :self.channels]), self.scaling, self.shift)
+        if self.meta["stochastic"]:  # mean ++ log-variance
+            return latents_from_moments(m, torch.randn_like(m[:, : self.channels]), self.scaling, self.shift)
         return (m - self.shift) * self.scaling
 
     def _caption(self, i: int) -> str | int:
@@ -384,12 +464,12 @@ class CachedLatentDataset(Dataset):
             self.caption_vocabulary()
         return self._vocabulary[row]
 
-    def __getitem__(self, i: int) -> Tuple[torch.Tensor, str]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
         side = int(torch.rand(()) < 0.5) if self.flip else 0
         m = torch.from_numpy(np.array(self.moments(i)[side], dtype=np.float32))[None]  # [1,m,h,w]
         return self._latents(m)[0], self._caption(i)
 
-    def __getitems__(self, indices: Sequence[int]) -> List[Tuple[torch.Tensor, str]]:
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, str]]:
         """A whole batch at once (the DataLoader calls this when batching): rows are gathered
         shard by shard in sorted order and the latents sampled in one call."""
         idx = np.asarray(indices, dtype=np.int64)
@@ -401,7 +481,7 @@ class CachedLatentDataset(Dataset):
             rows = self._where[idx[sel], 1]
             order = np.argsort(rows, kind="stable")
             out[sel[order]] = self._shard(k)[rows[order], sides[sel[order]]]
-        z = self._latents(torch.from_numpy(out))                                        # [B,c,h,w]
+        z = self._latents(torch.from_numpy(out))  # [B,c,h,w]
         return [(z[j], self._caption(int(i))) for j, i in enumerate(idx.tolist())]
 
 

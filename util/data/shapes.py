@@ -9,7 +9,7 @@ still appears in other training combinations.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -34,9 +34,7 @@ HELDOUT_COMBOS: tuple[tuple[str, str], ...] = (
     ("blue", "circle"),
     ("yellow", "square"),
 )
-SEEN_COMBOS: tuple[tuple[str, str], ...] = tuple(
-    c for c in ALL_COMBOS if c not in HELDOUT_COMBOS
-)
+SEEN_COMBOS: tuple[tuple[str, str], ...] = tuple(c for c in ALL_COMBOS if c not in HELDOUT_COMBOS)
 
 TEMPLATES: tuple[str, ...] = (
     "a {color} {shape}",
@@ -56,7 +54,6 @@ MEMO_MAX_BYTES: int = 256 * 2**20  # sets up to this size keep their rendered im
 SUPERSAMPLE: int = 4
 
 
-
 def _check_combo(color: str, shape: str) -> None:
     if color not in COLORS:
         raise ValueError(f"unknown color {color!r}; choices: {list(COLORS)}")
@@ -68,9 +65,7 @@ def caption(color: str, shape: str, template_index: int = 0) -> str:
     """Caption for ``(color, shape)`` using ``TEMPLATES[template_index]``."""
     _check_combo(color, shape)
     if not 0 <= template_index < len(TEMPLATES):
-        raise ValueError(
-            f"template_index must be in [0, {len(TEMPLATES) - 1}], got {template_index}"
-        )
+        raise ValueError(f"template_index must be in [0, {len(TEMPLATES) - 1}], got {template_index}")
     return TEMPLATES[template_index].format(color=color, shape=shape)
 
 
@@ -84,9 +79,7 @@ def all_captions(combos: Sequence[tuple[str, str]] = ALL_COMBOS) -> list[str]:
     return [caption(c, s, t) for c, s in combos for t in range(len(TEMPLATES))]
 
 
-def render(
-    color: str, shape: str, size: float, cx: float, cy: float, resolution: int = 32
-) -> np.ndarray:
+def render(color: str, shape: str, size: float, cx: float, cy: float, resolution: int = 32) -> np.ndarray:
     """Render one filled shape on white; returns uint8 array [H, W, 3].
 
     ``size`` is the circle diameter, the square side, or the triangle base and
@@ -178,7 +171,8 @@ class ShapesDataset(torch.utils.data.Dataset):
         # Items are pure functions of (seed, split, i): keep the rendered uint8 images of small
         # sets in memory, so epochs after the first skip the rendering (about 0.5 ms an image).
         self._memo: dict[int, tuple[np.ndarray, str]] | None = (
-            {} if self.num_samples * self.resolution**2 * 3 <= MEMO_MAX_BYTES else None)
+            {} if self.num_samples * self.resolution**2 * 3 <= MEMO_MAX_BYTES else None
+        )
 
     def __len__(self) -> int:
         return self.num_samples

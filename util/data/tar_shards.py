@@ -1,27 +1,27 @@
-"""WebDataset tar shards (what img2dataset writes) as a listing: one entry per sample that has an
-image and a non-empty caption, read later by seeking to the image member's bytes.
+"""WebDataset tar shards (what img2dataset writes) as a listing: one entry per sample that has an image
+and a non-empty caption, read later by seeking to the image member's bytes.
 
 A sample is the run of adjacent members that share a key (``<key>.jpg``, ``<key>.txt``,
 ``<key>.json``), split into key and extension as the ``webdataset`` package splits them
-(``webdataset.tariterators.base_plus_ext``: the extension starts at the first dot of the file
-name), so a shard groups here exactly as ``webdataset`` groups it. ``--data_path`` is a brace
-pattern (``/data/cc3m/{00000..00331}.tar``, expanded by ``webdataset.shardlists.expand_urls``) or a
-folder whose ``*.tar`` files are taken in sorted order.
+(``webdataset.tariterators.base_plus_ext``: the extension starts at the first dot of the file name),
+so a shard groups here exactly as ``webdataset`` groups it. ``--data_path`` is a brace pattern
+(``/data/cc3m/{00000..00331}.tar``, expanded by ``webdataset.shardlists.expand_urls``) or a folder
+whose ``*.tar`` files are taken in sorted order.
 
 The shards are indexed by reading their 512-byte headers (and the small ``.txt`` captions) from a
 memory map, not by ``tarfile``, whose member-by-member parsing is about 4 times slower (a shard of
-10k samples, 30k members: 5.6 s against 1.3 s on a busy 2-core machine; CC3M has 331 such
-shards). The offsets are tested against ``tarfile``'s. Refused at listing time, each with a reason: a sample without an image member, a
-missing or empty caption, a caption that is not UTF-8, a key repeated apart from its first run,
-the sample a truncated or damaged shard ends in (it may be incomplete; later ones are lost), and a
-shard that is missing or not a tar at all (one record for the whole shard).
-"""
+10k samples, 30k members: 5.6 s against 1.3 s on a busy 2-core machine; CC3M has 331 such shards).
+The offsets are tested against ``tarfile``'s. Refused at listing time, each with a reason: a sample
+without an image member, a missing or empty caption, a caption that is not UTF-8, a key repeated
+apart from its first run, the sample a truncated or damaged shard ends in (it may be incomplete;
+later ones are lost), and a shard that is missing or not a tar at all (one record for the whole
+shard)."""
+
 from __future__ import annotations
 
 import logging
 import mmap
 import os
-from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from webdataset.shardlists import expand_urls
@@ -32,30 +32,36 @@ from util.data.image_folders import IMAGE_EXTENSIONS, Listing, TarMembers
 log = logging.getLogger(__name__)
 
 BLOCK = 512
-IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)   # preference order when a sample has several
-REGULAR = (b"0", b"\0", b"7")                                      # tar type flags of regular files
+IMAGE_SUFFIXES = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)  # preference order when a sample has several
+REGULAR = (b"0", b"\0", b"7")  # tar type flags of regular files
 
-Member = Tuple[str, int, int]                                      # name, data offset, size
+Member = tuple[str, int, int]  # name, data offset, size
 
 
 # ------------------------------------------------------------------ shards
-def expand_shards(data_path: str) -> Tuple[str, List[str]]:
+def expand_shards(data_path: str) -> tuple[str, list[str]]:
     """(root, tar paths relative to it) of a brace pattern or a folder of ``.tar`` files."""
     path = os.path.expanduser(data_path)
     if "://" in path or path.startswith("pipe:"):
-        raise ValueError(f"--data_path {data_path!r} is not a local path; the shards are read by seeking, so copy or "
-                         "mount them and pass a brace pattern such as /data/cc3m/{00000..00331}.tar")
+        raise ValueError(
+            f"--data_path {data_path!r} is not a local path; the shards are read by seeking, so copy or "
+            "mount them and pass a brace pattern such as /data/cc3m/{00000..00331}.tar"
+        )
     if os.path.isdir(path):
         root = os.path.normpath(path)
         tars = sorted(f for f in os.listdir(root) if f.endswith(".tar") and os.path.isfile(os.path.join(root, f)))
         if not tars:
-            raise FileNotFoundError(f"no .tar files in {data_path}; pass a folder of WebDataset shards or a brace "
-                                    "pattern such as /data/cc3m/{00000..00331}.tar")
+            raise FileNotFoundError(
+                f"no .tar files in {data_path}; pass a folder of WebDataset shards or a brace "
+                "pattern such as /data/cc3m/{00000..00331}.tar"
+            )
         return root, tars
     urls = [os.path.normpath(u) for u in expand_urls(path)]
     if not any(os.path.isfile(u) for u in urls):
-        raise FileNotFoundError(f"no tar shard matches {data_path} ({len(urls)} name(s), none exists, e.g. {urls[0]}); "
-                                "pass a brace pattern such as /data/cc3m/{00000..00331}.tar or a folder of .tar files")
+        raise FileNotFoundError(
+            f"no tar shard matches {data_path} ({len(urls)} name(s), none exists, e.g. {urls[0]}); "
+            "pass a brace pattern such as /data/cc3m/{00000..00331}.tar or a folder of .tar files"
+        )
     root = os.path.commonpath([os.path.dirname(u) or "." for u in urls])
     return root, [os.path.relpath(u, root) for u in urls]
 
@@ -77,7 +83,7 @@ def _checksum_ok(header: bytes) -> bool:
         return False
 
 
-def _pax(record: bytes) -> Dict[bytes, bytes]:
+def _pax(record: bytes) -> dict[bytes, bytes]:
     """The ``length key=value\\n`` records of a pax extended header."""
     out, pos = {}, 0
     while pos < len(record):
@@ -85,7 +91,7 @@ def _pax(record: bytes) -> Dict[bytes, bytes]:
         length = int(record[pos:space])
         if length <= 0:
             raise ValueError("bad pax record length")
-        key, _, value = record[space + 1:pos + length - 1].partition(b"=")
+        key, _, value = record[space + 1 : pos + length - 1].partition(b"=")
         out[key] = value
         pos += length
     return out
@@ -97,16 +103,19 @@ def _header_name(header: bytes) -> bytes:
     return prefix + b"/" + name if prefix else name
 
 
-def scan_tar(data: bytes | mmap.mmap) -> Tuple[List[Member], Optional[str]]:
+def scan_tar(data: bytes | mmap.mmap) -> tuple[list[Member], str | None]:
     """The regular-file members of an uncompressed tar in archive order, and why the scan ended
     early (None at an end-of-archive block). A member cut by the end of the file is listed too,
     last, with the reason naming it. Handles ustar prefixes, GNU long names and pax headers."""
-    members: List[Member] = []
+    members: list[Member] = []
     off, end, pending = 0, len(data), {}
     while True:
         if off + BLOCK > end:
-            return members, "the file ends without an end-of-archive block" if off == end else "the file ends inside a header"
-        header = bytes(data[off:off + BLOCK])
+            return (
+                members,
+                "the file ends without an end-of-archive block" if off == end else "the file ends inside a header",
+            )
+        header = bytes(data[off : off + BLOCK])
         if not any(header):
             return members, None
         if not _checksum_ok(header):
@@ -115,7 +124,7 @@ def scan_tar(data: bytes | mmap.mmap) -> Tuple[List[Member], Optional[str]]:
             size, flag = _number(header[124:136]), header[156:157]
             start = off + BLOCK
             if flag in (b"x", b"L"):
-                body = bytes(data[start:start + size])
+                body = bytes(data[start : start + size])
                 pending.update(_pax(body) if flag == b"x" else {b"path": body.split(b"\0", 1)[0]})
             elif flag in REGULAR:
                 size = int(pending.get(b"size", size))
@@ -126,16 +135,19 @@ def scan_tar(data: bytes | mmap.mmap) -> Tuple[List[Member], Optional[str]]:
         except ValueError as e:
             return members, f"damaged header at byte {off} ({e})"
         if start + size > end:
-            return members, (f"the file ends inside member {members[-1][0]}" if flag in REGULAR
-                             else "the file ends inside an extended header")
+            return members, (
+                f"the file ends inside member {members[-1][0]}"
+                if flag in REGULAR
+                else "the file ends inside an extended header"
+            )
         off = start + (size + BLOCK - 1) // BLOCK * BLOCK
 
 
 # ------------------------------------------------------------------ samples
-def _group(members: List[Member]) -> List[Tuple[str, Dict[str, Member]]]:
+def _group(members: list[Member]) -> list[tuple[str, dict[str, Member]]]:
     """Adjacent members with one key -> (key, {extension: member}), as webdataset groups them
     (extensions lower-cased; members without an extension and ``__*__`` names are ignored)."""
-    samples: List[Tuple[str, Dict[str, Member]]] = []
+    samples: list[tuple[str, dict[str, Member]]] = []
     for m in members:
         key, ext = base_plus_ext(m[0])
         if key is None or os.path.basename(key).startswith("__"):
@@ -146,18 +158,18 @@ def _group(members: List[Member]) -> List[Tuple[str, Dict[str, Member]]]:
     return samples
 
 
-def _caption(data, member: Optional[Member]) -> Tuple[Optional[str], Optional[str]]:
+def _caption(data, member: Member | None) -> tuple[str | None, str | None]:
     """(caption, None) or (None, why not)."""
     if member is None:
         return None, "empty or missing caption (no .txt member)"
     try:
-        text = bytes(data[member[1]:member[1] + member[2]]).decode("utf-8").strip()
+        text = bytes(data[member[1] : member[1] + member[2]]).decode("utf-8").strip()
     except UnicodeDecodeError:
         return None, "caption .txt is not UTF-8 text"
     return (text, None) if text else (None, "empty or missing caption (empty .txt)")
 
 
-def index_tar(root: str, rel: str) -> Tuple[List[Tuple[str, str, int, int]], List[Dict]]:
+def index_tar(root: str, rel: str) -> tuple[list[tuple[str, str, int, int]], list[dict]]:
     """One shard: (image member path, caption, data offset, size) per usable sample, and the
     ``{"path", "reason"}`` records of the refused ones."""
     path = os.path.join(root, rel)
@@ -166,7 +178,7 @@ def index_tar(root: str, rel: str) -> Tuple[List[Tuple[str, str, int, int]], Lis
             data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except FileNotFoundError:
         return [], [{"path": rel, "reason": "tar shard is missing"}]
-    except (OSError, ValueError) as e:          # an empty file cannot be mapped
+    except (OSError, ValueError) as e:  # an empty file cannot be mapped
         return [], [{"path": rel, "reason": f"tar shard unreadable ({e})"}]
     with data:
         members, stop = scan_tar(data)

@@ -4,14 +4,15 @@ Two kinds: a prompt set (class-balanced class names or a prompts file: generated
 seeded per image id, then FID / IS / precision-recall / KID through torch-fidelity and the CLIP
 score), or, for models trained on the built-in ``shapes`` set, the judged shapes evaluation (rank 0).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,12 +21,12 @@ from torchvision.utils import make_grid, save_image
 
 from util.config import EvalConfig
 from util.data.image_folders import CaptionOrigin
+from util.errors import UserError
 from util.evaluation import clip_score, fid, probe
 from util.evaluation.generate import ImageGenerator, SampleFolder, image_name, image_seed, save_adm_npz
 from util.evaluation.prompts import PromptSet, class_balanced_prompts, file_prompts, read_class_names, read_lines
 from util.evaluation.shapes_eval import evaluate_shapes
 from util.runtime import DistEnv
-from util.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,31 +34,35 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalOptions:
     """What to generate and what to compute from it."""
-    prompts: Optional[PromptSet] = None           # None: the dataset's own evaluation (shapes), if any
-    fid_ref: Optional[str] = None                 # statistics .npz or reference image folder
-    metrics: Tuple[str, ...] = ("fid", "isc", "prc")
+
+    prompts: PromptSet | None = None  # None: the dataset's own evaluation (shapes), if any
+    fid_ref: str | None = None  # statistics .npz or reference image folder
+    metrics: tuple[str, ...] = ("fid", "isc", "prc")
     feature_extractor: str = fid.INCEPTION
-    inception_weights: Optional[str] = None
+    inception_weights: str | None = None
     save_npz: bool = False
     clip_score_model: str = "ViT-B-32"
-    clip_score_weights: Optional[str] = None      # open_clip checkpoint file or pretrained tag; None: skipped
+    clip_score_weights: str | None = None  # open_clip checkpoint file or pretrained tag; None: skipped
     batch_size: int = 64
-    per_combo: int = 16                           # shapes: images per color-shape combination
-    probe: bool = False                           # shapes: linear probe of the frozen encoder
-    probe_sizes: Tuple[int, int] = (1000, 500)    # its training and test images
+    per_combo: int = 16  # shapes: images per color-shape combination
+    probe: bool = False  # shapes: linear probe of the frozen encoder
+    probe_sizes: tuple[int, int] = (1000, 500)  # its training and test images
     seed: int = 0
 
 
-def eval_prompts(e: EvalConfig, origin: CaptionOrigin,
-                 training_captions: Optional[Callable[[int], List[str]]] = None) -> Optional[PromptSet]:
+def eval_prompts(
+    e: EvalConfig, origin: CaptionOrigin, training_captions: Callable[[int], list[str]] | None = None
+) -> PromptSet | None:
     """The prompt of every evaluation image: from ``class_names`` or ``prompts_file``, else
     the training captions: for class folders exactly the class prompts, class-balanced (50,000
     images unless --num_images); for caption data up to 30,000 of its captions, spread over all of
     them (``training_captions(n)``), one image each. ``source``: how the training captions were made."""
     if e.class_names and e.prompts_file:
         raise UserError("give --eval_class_names or --eval_prompts_file, not both")
-    def num(classes: int) -> int:   # 50 per class for ImageNet's 1000 (FID-50K), ~50,000 in all otherwise
+
+    def num(classes: int) -> int:  # 50 per class for ImageNet's 1000 (FID-50K), ~50,000 in all otherwise
         return e.num_images or max(1, round(50_000 / classes)) * classes
+
     if e.class_names:
         template = e.class_template or origin.template or "{}"
         names = read_class_names(e.class_names)
@@ -68,8 +73,7 @@ def eval_prompts(e: EvalConfig, origin: CaptionOrigin,
         if e.class_template:
             if not origin.class_names:
                 raise UserError("--eval_class_template needs the class names: pass --eval_class_names too")
-            return class_balanced_prompts(origin.class_names, num(len(origin.class_names)),
-                                          e.class_template)
+            return class_balanced_prompts(origin.class_names, num(len(origin.class_names)), e.class_template)
         prompts = class_balanced_prompts(origin.class_prompts, num(len(origin.class_prompts)), "{}")
         prompts.source = "training class prompts"
         prompts.extra["template"] = origin.template or None
@@ -83,29 +87,43 @@ def eval_prompts(e: EvalConfig, origin: CaptionOrigin,
     return None
 
 
-def log_unseen(prompts: PromptSet, known: Callable[[Sequence[str]], List[bool]]) -> None:
+def log_unseen(prompts: PromptSet, known: Callable[[Sequence[str]], list[bool]]) -> None:
     """Prompts the model never saw in training are allowed (open vocabulary), and said so.
     ``known(prompts)``: whether each appeared among the training captions."""
     unique = list(dict.fromkeys(prompts.prompts))
     unseen = [p for p, k in zip(unique, known(unique)) if not k]
     if unseen:
-        log.info("%d of %d evaluation prompts never appeared in training (open vocabulary), e.g. %r",
-                 len(unseen), len(set(prompts.prompts)), unseen[0])
+        log.info(
+            "%d of %d evaluation prompts never appeared in training (open vocabulary), e.g. %r",
+            len(unseen),
+            len(set(prompts.prompts)),
+            unseen[0],
+        )
     prompts.extra["unseen_prompts"] = len(unseen)
 
 
-def eval_options(e: EvalConfig, seed: int, origin: CaptionOrigin,
-                 training_captions: Optional[Callable[[int], List[str]]] = None) -> EvalOptions:
+def eval_options(
+    e: EvalConfig, seed: int, origin: CaptionOrigin, training_captions: Callable[[int], list[str]] | None = None
+) -> EvalOptions:
     """The options of the ``eval`` section; prompt files are read (and checked) here, at start-up."""
-    return EvalOptions(prompts=eval_prompts(e, origin, training_captions), fid_ref=e.fid_ref,
-                       metrics=tuple(m for m in e.metrics.split(",") if m), feature_extractor=e.feature_extractor,
-                       inception_weights=e.inception_weights, save_npz=e.save_npz,
-                       clip_score_model=e.clip_score_model, clip_score_weights=e.clip_score_weights,
-                       batch_size=e.batch_size, per_combo=e.per_combo, probe=e.probe,
-                       probe_sizes=(e.probe_train, e.probe_test), seed=seed)
+    return EvalOptions(
+        prompts=eval_prompts(e, origin, training_captions),
+        fid_ref=e.fid_ref,
+        metrics=tuple(m for m in e.metrics.split(",") if m),
+        feature_extractor=e.feature_extractor,
+        inception_weights=e.inception_weights,
+        save_npz=e.save_npz,
+        clip_score_model=e.clip_score_model,
+        clip_score_weights=e.clip_score_weights,
+        batch_size=e.batch_size,
+        per_combo=e.per_combo,
+        probe=e.probe,
+        probe_sizes=(e.probe_train, e.probe_test),
+        seed=seed,
+    )
 
 
-def check_options(options: EvalOptions) -> List[str]:
+def check_options(options: EvalOptions) -> list[str]:
     """The fidelity metrics that will be computed; unknown metrics and missing Inception weights,
     reference or CLIP weights are errors raised now (naming the path), not after generating."""
     wanted = [m for m in options.metrics if m == "isc" or options.fid_ref]
@@ -118,12 +136,22 @@ def check_options(options: EvalOptions) -> List[str]:
         raise FileNotFoundError(f"no FID reference at {options.fid_ref} (a statistics .npz or an image folder)")
     weights = options.clip_score_weights
     if weights and (Path(weights).suffix or "/" in weights) and not Path(weights).expanduser().is_file():
-        raise FileNotFoundError(f"no CLIP weights at {weights} for the CLIP score; leave out --clip_score_weights to skip it")
+        raise FileNotFoundError(
+            f"no CLIP weights at {weights} for the CLIP score; leave out --clip_score_weights to skip it"
+        )
     return wanted
 
 
-def evaluate(gen: ImageGenerator, options: EvalOptions, out_dir: Path, step: int, env: DistEnv, shapes: bool,
-             record: Optional[Dict] = None, logger=None) -> Dict:
+def evaluate(
+    gen: ImageGenerator,
+    options: EvalOptions,
+    out_dir: Path,
+    step: int,
+    env: DistEnv,
+    shapes: bool,
+    record: dict | None = None,
+    logger=None,
+) -> dict:
     """Run the evaluation the options ask for and write ``out_dir/metrics.json`` (rank 0).
 
     A prompt set is generated by every rank (each with the whole model in ``gen``); the shapes
@@ -138,8 +166,9 @@ def evaluate(gen: ImageGenerator, options: EvalOptions, out_dir: Path, step: int
         metrics = evaluate_shapes(gen, out_dir, options.per_combo, options.seed) if env.is_main else {}
         if metrics and options.probe:
             img_size = gen.grid * gen.patch * gen.tokenizer.stride
-            metrics["probe"] = probe.probe_shapes(gen.model, gen.tokenizer, gen.patch, img_size, gen.device,
-                                                  *options.probe_sizes, seed=options.seed)
+            metrics["probe"] = probe.probe_shapes(
+                gen.model, gen.tokenizer, gen.patch, img_size, gen.device, *options.probe_sizes, seed=options.seed
+            )
     else:
         if env.is_main:
             log.info("no evaluation: pass --eval_class_names or --eval_prompts_file (this dataset has no built-in one)")
@@ -154,11 +183,11 @@ def evaluate(gen: ImageGenerator, options: EvalOptions, out_dir: Path, step: int
     return metrics
 
 
-def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, env: DistEnv) -> Dict:
+def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, env: DistEnv) -> dict:
     """Generate every id of the prompt set across ranks, then (rank 0) write the grid, the
     manifest, the optional .npz and compute the metrics. Other ranks return {}."""
     prompt_set = options.prompts
-    wanted = check_options(options)           # fail before generating, on every rank, not after
+    wanted = check_options(options)  # fail before generating, on every rank, not after
     t0 = time.time()
     gen.generate_to_folder(prompt_set.prompts, options.seed, out_dir / "samples", env, options.batch_size)
     seconds = time.time() - t0
@@ -166,9 +195,15 @@ def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, e
         env.barrier()
         return {}
     n = len(prompt_set)
-    metrics: Dict = {"num_samples": n, "ranks": env.world_size, "prompts": prompt_set.source,
-                     "num_classes": prompt_set.num_classes, **prompt_set.extra,
-                     "generation_seconds": seconds, "seconds_per_image": seconds * env.world_size / n}
+    metrics: dict = {
+        "num_samples": n,
+        "ranks": env.world_size,
+        "prompts": prompt_set.source,
+        "num_classes": prompt_set.num_classes,
+        **prompt_set.extra,
+        "generation_seconds": seconds,
+        "seconds_per_image": seconds * env.world_size / n,
+    }
     samples = SampleFolder(out_dir / "samples", n)
     save_image(samples.stack(64).float() / 255, out_dir / "grid.png", nrow=8, padding=1, pad_value=0.5)
     _write_manifest(out_dir, prompt_set, options.seed)
@@ -180,12 +215,25 @@ def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, e
         metrics["fidelity_skipped"] = {m: "no --fid_ref" for m in options.metrics if m not in wanted}
         log.info("%s skipped: no --fid_ref", ", ".join(metrics["fidelity_skipped"]))
     if wanted:
-        metrics["fidelity"] = fid.compute_metrics(samples, options.fid_ref, wanted, options.feature_extractor,
-                                                  gen.device, options.batch_size, options.inception_weights)
+        metrics["fidelity"] = fid.compute_metrics(
+            samples,
+            options.fid_ref,
+            wanted,
+            options.feature_extractor,
+            gen.device,
+            options.batch_size,
+            options.inception_weights,
+        )
         log.info("%s", fid.describe(metrics["fidelity"]))
     if options.clip_score_weights:
-        metrics["clip_score"] = clip_score.clip_score(samples, prompt_set.prompts, options.clip_score_model,
-                                                      options.clip_score_weights, gen.device, options.batch_size)
+        metrics["clip_score"] = clip_score.clip_score(
+            samples,
+            prompt_set.prompts,
+            options.clip_score_model,
+            options.clip_score_weights,
+            gen.device,
+            options.batch_size,
+        )
         log.info("CLIP score %.3f (%s, %d samples)", metrics["clip_score"]["clip_score"], options.clip_score_model, n)
     else:
         metrics["clip_score"] = {"skipped": "no --clip_score_weights (an open_clip checkpoint file or pretrained tag)"}
@@ -203,10 +251,10 @@ def _write_manifest(out_dir: Path, prompt_set: PromptSet, seed: int) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def metric_scalars(metrics: Dict) -> Dict[str, float]:
+def metric_scalars(metrics: dict) -> dict[str, float]:
     """The figures of a metrics.json as ``eval/<name>`` scalars (FID named with its sample count,
     e.g. ``eval/FID-1K``): what the loggers get and what curves.png plots."""
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     fidelity = metrics.get("fidelity", {})
     if "fid" in fidelity:
         out[f"eval/{fidelity['fid_label']}"] = fidelity["fid"]
@@ -225,7 +273,7 @@ def metric_scalars(metrics: Dict) -> Dict[str, float]:
     return out
 
 
-def log_metrics(logger, metrics: Dict, step: int, out_dir: Path) -> None:
+def log_metrics(logger, metrics: dict, step: int, out_dir: Path) -> None:
     """The scalars of :func:`metric_scalars` and the evaluation grids, to a ``RunLogger`` (or a
     TensorBoard ``SummaryWriter``: the same three calls)."""
     for tag, value in metric_scalars(metrics).items():
@@ -236,7 +284,7 @@ def log_metrics(logger, metrics: Dict, step: int, out_dir: Path) -> None:
             logger.add_image(f"eval/{name}", np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
 
 
-def training_grid(gen: ImageGenerator, prompts: List[str], seed: int) -> Tuple[torch.Tensor, List[str]]:
+def training_grid(gen: ImageGenerator, prompts: list[str], seed: int) -> tuple[torch.Tensor, list[str]]:
     """A grid [3,H,W] in [0,1] of one image for each prompt (a spread of the training captions)."""
     images = gen.generate(prompts, seed)
     return make_grid((images + 1) / 2, nrow=6, padding=1), list(prompts)

@@ -14,14 +14,15 @@ Every result carries its sample count; a FID on fewer than 50,000 samples is lab
     python -m util.evaluation.fid --samples out/eval/samples --ref VIRTUAL_imagenet256_labeled.npz
     python -m util.evaluation.fid --stats_of data/real_images --save_stats ref_stats.npz
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -37,7 +38,7 @@ METRICS = ("fid", "isc", "prc", "kid")
 FULL_FID_SAMPLES = 50_000
 TEST_EXTRACTOR = "jepat-test-tiny"
 
-ImageSource = Union[str, os.PathLike, torch.Tensor, Dataset]
+ImageSource = str | os.PathLike | torch.Tensor | Dataset
 
 
 # -------------------------------------------------------------------- weights
@@ -45,32 +46,36 @@ def inception_weights_path() -> Path:
     """Where torch-fidelity's Inception weights live: torch.hub's checkpoint cache
     (``$TORCH_HOME/hub/checkpoints``, the file torch-fidelity downloads on first use)."""
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(URL_INCEPTION_V3)
 
 
-def extractor_kwargs(extractor: str, weights: Optional[str] = None) -> Dict:
+def extractor_kwargs(extractor: str, weights: str | None = None) -> dict:
     """torch-fidelity keyword arguments for ``extractor``. For the Inception network the weights
     must already be on disk (nothing is downloaded); a missing file is an error naming the path."""
     if extractor not in _registry():
         raise ValueError(f"unknown feature extractor {extractor!r}; torch-fidelity knows {sorted(_registry())}")
-    kw: Dict = {"feature_extractor": extractor}
+    kw: dict = {"feature_extractor": extractor}
     if extractor == INCEPTION:
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
         path = Path(weights) if weights else inception_weights_path()
         if not path.is_file():
             raise FileNotFoundError(
                 f"no Inception weights at {path}; FID/IS/precision-recall need torch-fidelity's Inception file. "
                 f"Copy {URL_INCEPTION_V3} to {inception_weights_path()} (or pass --inception_weights PATH; "
-                "--eval_metrics '' or --no_eval skips these metrics)")
+                "--eval_metrics '' or --no_eval skips these metrics)"
+            )
         kw["feature_extractor_weights_path"] = str(path)
     elif weights:
         kw["feature_extractor_weights_path"] = str(weights)
     return kw
 
 
-def _registry() -> Dict:
+def _registry() -> dict:
     """torch-fidelity's feature extractors, with the offline test extractor registered."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
     register_test_extractor()
     return FEATURE_EXTRACTORS_REGISTRY
 
@@ -81,6 +86,7 @@ def register_test_extractor() -> str:
     whole metric path runs offline on the CPU. Its numbers mean nothing beyond the tests."""
     from torch_fidelity import register_feature_extractor
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
     if TEST_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
         register_feature_extractor(TEST_EXTRACTOR, TinyFeatureExtractor)
     return TEST_EXTRACTOR
@@ -118,8 +124,8 @@ class TinyFeatureExtractor(FeatureExtractorBase):
 
     def forward(self, x: torch.Tensor):
         x = F.interpolate(x.float() / 127.5 - 1, size=(32, 32), mode="bilinear", align_corners=False)  # [B,3,32,32]
-        h = F.relu(self.conv2(F.relu(self.conv1(x))))                                                # [B,32,8,8]
-        pool = h.mean(dim=(2, 3))                                                                    # [B,32]
+        h = F.relu(self.conv2(F.relu(self.conv1(x))))  # [B,32,8,8]
+        pool = h.mean(dim=(2, 3))  # [B,32]
         out = {"pool": pool, "logits_unbiased": self.fc(pool)}
         return tuple(out[k] for k in self.features_list)
 
@@ -153,6 +159,7 @@ def as_dataset(source: ImageSource) -> Dataset:
         return Uint8Images(source if source.dtype == torch.uint8 else to_uint8(source))
     from torch_fidelity.datasets import ImagesPathDataset
     from torch_fidelity.utils import glob_samples_paths
+
     folder = Path(source)
     if not folder.is_dir():
         raise FileNotFoundError(f"no image folder at {folder}")
@@ -162,10 +169,17 @@ def as_dataset(source: ImageSource) -> Dataset:
     return ImagesPathDataset(files)
 
 
-def extract_features(source: ImageSource, extractor: str, layers: Sequence[str], device: torch.device,
-                     batch_size: int = 64, weights: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def extract_features(
+    source: ImageSource,
+    extractor: str,
+    layers: Sequence[str],
+    device: torch.device,
+    batch_size: int = 64,
+    weights: str | None = None,
+) -> dict[str, torch.Tensor]:
     """torch-fidelity features {layer: [N, F]} of every image of ``source``."""
     from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
     kw = extractor_kwargs(extractor, weights)
     kw.pop("feature_extractor")
     cuda = device.type == "cuda"
@@ -174,22 +188,28 @@ def extract_features(source: ImageSource, extractor: str, layers: Sequence[str],
 
 
 # -------------------------------------------------------------------- statistics
-def statistics(features: torch.Tensor) -> Dict[str, np.ndarray]:
+def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
     """mu [F] and sigma [F,F] (float64) by torch-fidelity's own ``fid_features_to_statistics``."""
     from torch_fidelity.metric_fid import fid_features_to_statistics
+
     s = fid_features_to_statistics(features.cpu())
     return {"mu": np.asarray(s["mu"], dtype=np.float64), "sigma": np.asarray(s["sigma"], dtype=np.float64)}
 
 
-def save_statistics(path: Union[str, os.PathLike], features: torch.Tensor, extractor: str) -> Dict[str, np.ndarray]:
+def save_statistics(path: str | os.PathLike, features: torch.Tensor, extractor: str) -> dict[str, np.ndarray]:
     """Write ``mu``, ``sigma`` (the ADM reference layout) plus the sample count and extractor name."""
     s = statistics(features)
-    np.savez(path, mu=s["mu"], sigma=s["sigma"], num_samples=np.int64(features.shape[0]),
-             feature_extractor=np.array(extractor))
+    np.savez(
+        path,
+        mu=s["mu"],
+        sigma=s["sigma"],
+        num_samples=np.int64(features.shape[0]),
+        feature_extractor=np.array(extractor),
+    )
     return s
 
 
-def load_statistics(path: Union[str, os.PathLike]) -> Dict:
+def load_statistics(path: str | os.PathLike) -> dict:
     """mu/sigma (float64) from an .npz; ``images`` too when it is an ADM reference batch (arr_0)."""
     path = Path(path)
     if not path.is_file():
@@ -197,25 +217,33 @@ def load_statistics(path: Union[str, os.PathLike]) -> Dict:
     with np.load(path) as f:
         keys = set(f.files)
         if not {"mu", "sigma"} <= keys:
-            raise ValueError(f"{path} holds {sorted(keys)}; a FID reference needs 'mu' and 'sigma' "
-                             "(write one with python -m util.evaluation.fid --stats_of FOLDER --save_stats OUT.npz)")
-        out = {"mu": f["mu"].astype(np.float64), "sigma": f["sigma"].astype(np.float64),
-               "num_samples": int(f["num_samples"]) if "num_samples" in keys else None,
-               "feature_extractor": str(f["feature_extractor"]) if "feature_extractor" in keys else None}
+            raise ValueError(
+                f"{path} holds {sorted(keys)}; a FID reference needs 'mu' and 'sigma' "
+                "(write one with python -m util.evaluation.fid --stats_of FOLDER --save_stats OUT.npz)"
+            )
+        out = {
+            "mu": f["mu"].astype(np.float64),
+            "sigma": f["sigma"].astype(np.float64),
+            "num_samples": int(f["num_samples"]) if "num_samples" in keys else None,
+            "feature_extractor": str(f["feature_extractor"]) if "feature_extractor" in keys else None,
+        }
         if "arr_0" in keys and f["arr_0"].ndim == 4:
-            out["images"] = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).contiguous()   # [N,3,H,W] uint8
+            out["images"] = torch.from_numpy(f["arr_0"]).permute(0, 3, 1, 2).contiguous()  # [N,3,H,W] uint8
             out["num_samples"] = out["num_samples"] or out["images"].shape[0]
     if out["mu"].ndim != 1 or out["sigma"].shape != (out["mu"].shape[0],) * 2:
         raise ValueError(f"{path}: mu {out['mu'].shape} and sigma {out['sigma'].shape} do not match")
     return out
 
 
-def frechet_distance(a: Dict[str, np.ndarray], b: Dict[str, np.ndarray]) -> float:
+def frechet_distance(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     """FID between two statistics dicts, by torch-fidelity's ``fid_statistics_to_metric``."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
     if a["mu"].shape != b["mu"].shape:
-        raise ValueError(f"statistics of {a['mu'].shape[0]} and {b['mu'].shape[0]} features: computed with "
-                         "different feature extractors or layers")
+        raise ValueError(
+            f"statistics of {a['mu'].shape[0]} and {b['mu'].shape[0]} features: computed with "
+            "different feature extractors or layers"
+        )
     a = {k: np.asarray(a[k], dtype=np.float64) for k in ("mu", "sigma")}
     b = {k: np.asarray(b[k], dtype=np.float64) for k in ("mu", "sigma")}
     return float(fid_statistics_to_metric(a, b, verbose=False)[KEY_METRIC_FID])
@@ -227,11 +255,18 @@ def sample_count_label(n: int) -> str:
 
 
 # -------------------------------------------------------------------- metrics
-def compute_metrics(samples: ImageSource, reference: Optional[Union[str, os.PathLike]] = None,
-                    metrics: Sequence[str] = ("fid", "isc", "prc"), extractor: str = INCEPTION,
-                    device: torch.device = torch.device("cpu"), batch_size: int = 64,
-                    weights: Optional[str] = None, kid_subset_size: int = 1000, prc_neighborhood: int = 3,
-                    isc_splits: int = 10) -> Dict:
+def compute_metrics(
+    samples: ImageSource,
+    reference: str | os.PathLike | None = None,
+    metrics: Sequence[str] = ("fid", "isc", "prc"),
+    extractor: str = INCEPTION,
+    device: torch.device = torch.device("cpu"),
+    batch_size: int = 64,
+    weights: str | None = None,
+    kid_subset_size: int = 1000,
+    prc_neighborhood: int = 3,
+    isc_splits: int = 10,
+) -> dict:
     """FID / IS / precision-recall / KID of ``samples`` (generated) against ``reference``.
 
     ``reference``: an .npz with mu/sigma (FID only, unless it also holds the images as ``arr_0``)
@@ -241,6 +276,7 @@ def compute_metrics(samples: ImageSource, reference: Optional[Union[str, os.Path
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
     from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {METRICS}")
@@ -253,13 +289,25 @@ def compute_metrics(samples: ImageSource, reference: Optional[Union[str, os.Path
         raise ValueError(f"{', '.join(binary)} need a reference (--fid_ref: a statistics .npz or an image folder)")
     feats = extract_features(samples, extractor, [layer[m] for m in metrics], device, batch_size, weights)
     n = next(iter(feats.values())).shape[0]
-    out: Dict = {"num_samples": n, "feature_extractor": extractor, "reference": None if reference is None else str(reference)}
-    tf_kwargs = {"verbose": False, "isc_splits": isc_splits, "prc_neighborhood": prc_neighborhood,
-                 "kid_subset_size": min(kid_subset_size, n), "save_cpu_ram": True}
+    out: dict = {
+        "num_samples": n,
+        "feature_extractor": extractor,
+        "reference": None if reference is None else str(reference),
+    }
+    tf_kwargs = {
+        "verbose": False,
+        "isc_splits": isc_splits,
+        "prc_neighborhood": prc_neighborhood,
+        "kid_subset_size": min(kid_subset_size, n),
+        "save_cpu_ram": True,
+    }
     if "isc" in metrics:
         isc = isc_featuresdict_to_metric(feats, layer["isc"], **tf_kwargs)
-        out.update(inception_score_mean=float(isc["inception_score_mean"]),
-                   inception_score_std=float(isc["inception_score_std"]), isc_splits=isc_splits)
+        out.update(
+            inception_score_mean=float(isc["inception_score_mean"]),
+            inception_score_std=float(isc["inception_score_std"]),
+            isc_splits=isc_splits,
+        )
     if not binary:
         return out
     ref_feats, ref_stats = None, None
@@ -273,8 +321,9 @@ def compute_metrics(samples: ImageSource, reference: Optional[Union[str, os.Path
             raise ValueError(f"{reference} was computed with {ref_stats['feature_extractor']}, not {extractor}")
         need_images = [m for m in binary if m != "fid"]
         if need_images and "images" in ref_stats:
-            ref_feats = extract_features(ref_stats["images"], extractor, [layer[m] for m in need_images], device,
-                                         batch_size, weights)
+            ref_feats = extract_features(
+                ref_stats["images"], extractor, [layer[m] for m in need_images], device, batch_size, weights
+            )
         elif need_images:
             log.info("%s: skipped, the statistics file %s holds no reference images", ", ".join(need_images), reference)
             out["skipped"] = {m: "the reference is a statistics file without images" for m in need_images}
@@ -283,30 +332,36 @@ def compute_metrics(samples: ImageSource, reference: Optional[Union[str, os.Path
         fid = frechet_distance(statistics(feats[layer["fid"]]), ref)
         out.update(fid=fid, fid_label=f"FID-{sample_count_label(n)}")
         if n < FULL_FID_SAMPLES:
-            out["fid_note"] = (f"computed on {n} samples (fewer than {FULL_FID_SAMPLES}): biased upward, "
-                               "not comparable with FID-50K")
+            out["fid_note"] = (
+                f"computed on {n} samples (fewer than {FULL_FID_SAMPLES}): biased upward, not comparable with FID-50K"
+            )
     if ref_feats is not None:
         if "prc" in metrics:
             if min(n, out["reference_num_samples"]) <= prc_neighborhood:
                 raise ValueError(f"precision/recall need more than {prc_neighborhood} images on each side")
             prc = prc_featuresdict_to_metric(feats, ref_feats, layer["prc"], **tf_kwargs)
-            out.update(precision=float(prc["precision"]), recall=float(prc["recall"]),
-                       prc_neighborhood=prc_neighborhood)
+            out.update(
+                precision=float(prc["precision"]), recall=float(prc["recall"]), prc_neighborhood=prc_neighborhood
+            )
         if "kid" in metrics:
             tf_kwargs["kid_subset_size"] = min(kid_subset_size, n, out["reference_num_samples"])
             kid = kid_featuresdict_to_metric(feats, ref_feats, layer["kid"], **tf_kwargs)
-            out.update(kid_mean=float(kid["kernel_inception_distance_mean"]),
-                       kid_std=float(kid["kernel_inception_distance_std"]),
-                       kid_subset_size=tf_kwargs["kid_subset_size"])
+            out.update(
+                kid_mean=float(kid["kernel_inception_distance_mean"]),
+                kid_std=float(kid["kernel_inception_distance_std"]),
+                kid_subset_size=tf_kwargs["kid_subset_size"],
+            )
     return out
 
 
-def describe(result: Dict) -> str:
+def describe(result: dict) -> str:
     """One line: 'FID-1K 12.34 (1000 samples, fewer than 50K) IS 5.6 ± 0.1 P 0.7 R 0.5'."""
     parts = []
     if "fid" in result:
-        parts.append(f"{result['fid_label']} {result['fid']:.3f}"
-                     + (" (fewer than 50K samples: not comparable with FID-50K)" if "fid_note" in result else ""))
+        parts.append(
+            f"{result['fid_label']} {result['fid']:.3f}"
+            + (" (fewer than 50K samples: not comparable with FID-50K)" if "fid_note" in result else "")
+        )
     if "inception_score_mean" in result:
         parts.append(f"IS {result['inception_score_mean']:.3f} ± {result['inception_score_std']:.3f}")
     if "precision" in result:
@@ -338,8 +393,15 @@ def main() -> None:
         save_statistics(a.save_stats, feats[layer], a.feature_extractor)
         log.info("wrote statistics of %d images to %s", feats[layer].shape[0], a.save_stats)
     if a.samples:
-        result = compute_metrics(a.samples, a.ref, [m for m in a.metrics.split(",") if m], a.feature_extractor,
-                                 device, a.batch_size, a.inception_weights)
+        result = compute_metrics(
+            a.samples,
+            a.ref,
+            [m for m in a.metrics.split(",") if m],
+            a.feature_extractor,
+            device,
+            a.batch_size,
+            a.inception_weights,
+        )
         print(describe(result))
         print(json.dumps(result, indent=2))
 

@@ -6,12 +6,13 @@ each token) comes from a generator seeded by (seed, id) alone, so an id gives th
 alone or in a batch, on one rank or on eight (tested with two gloo processes). For the evaluation,
 ids are cut into fixed batches of consecutive ids and rank r of W draws batches r, r+W, ...
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ def image_seed(seed: int, image_id: int) -> int:
     return (int(state[0]) << 31 | int(state[1]) >> 1) & ((1 << 63) - 1)
 
 
-def batches_of_rank(num_images: int, batch_size: int, rank: int, world: int) -> List[range]:
+def batches_of_rank(num_images: int, batch_size: int, rank: int, world: int) -> list[range]:
     """Fixed batches of consecutive ids; rank r takes batches r, r + world, ..."""
     starts = range(0, num_images, batch_size)
     return [range(s, min(s + batch_size, num_images)) for s in starts][rank::world]
@@ -47,20 +48,34 @@ class ImageGenerator:
     """A model ready to sample: its EMA weights, the caption store, the frozen tokenizer (decoder),
     the sampler settings, the device and precision."""
 
-    def __init__(self, model: JEPAT, captions: CaptionStore, tokenizer: Tokenizer, sampling: SamplingConfig,
-                 device: torch.device, precision: str = "fp32") -> None:
+    def __init__(
+        self,
+        model: JEPAT,
+        captions: CaptionStore,
+        tokenizer: Tokenizer,
+        sampling: SamplingConfig,
+        device: torch.device,
+        precision: str = "fp32",
+    ) -> None:
         self.model, self.captions, self.tokenizer, self.sampling = model, captions, tokenizer, sampling
         self.device, self.precision = device, precision
         c = model.cfg
         self.grid = int(round(math.sqrt(c.seq_len)))
         self.patch = int(round(math.sqrt(c.token_dim / tokenizer.channels)))
-        if self.grid ** 2 != c.seq_len or tokenizer.channels * self.patch ** 2 != c.token_dim:
-            raise ValueError(f"the model's {c.seq_len} tokens of width {c.token_dim} do not tile a square grid of "
-                             f"{tokenizer.channels}-channel {tokenizer.name} latents")
+        if self.grid**2 != c.seq_len or tokenizer.channels * self.patch**2 != c.token_dim:
+            raise ValueError(
+                f"the model's {c.seq_len} tokens of width {c.token_dim} do not tile a square grid of "
+                f"{tokenizer.channels}-channel {tokenizer.name} latents"
+            )
 
     @torch.no_grad()
-    def generate_ids(self, prompts: Sequence[str], ids: Sequence[int], seed: int,
-                     on_canvas: Optional[Callable[[int, torch.Tensor], None]] = None) -> torch.Tensor:
+    def generate_ids(
+        self,
+        prompts: Sequence[str],
+        ids: Sequence[int],
+        seed: int,
+        on_canvas: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
         """Images [len(ids),3,H,W] in [-1,1] for ``prompts[i]`` of each id, each seeded by (seed, id).
         Empty prompts give unconditional images (the null condition). ``on_canvas(step, images)``
         gets the canvas after each unmasking step (:meth:`canvas`); the images are the same either way."""
@@ -69,21 +84,29 @@ class ImageGenerator:
         orders, noise = [], []
         for i in ids:
             g = torch.Generator(device=self.device).manual_seed(image_seed(seed, i))
-            orders.append(torch.rand(L, device=self.device, generator=g).argsort())             # [L]
-            noise.append(torch.randn(L, d, device=self.device, generator=g))                     # [L,d]
+            orders.append(torch.rand(L, device=self.device, generator=g).argsort())  # [L]
+            noise.append(torch.randn(L, d, device=self.device, generator=g))  # [L,d]
         chunk = [prompts[i] for i in ids]
         text = self.captions.lookup(chunk)
         null = torch.tensor([not p.strip() for p in chunk], device=self.device)
-        hook: Optional[StepHook] = None if on_canvas is None else (
-            lambda step, tokens, known: on_canvas(step, self.canvas(tokens, known)))
+        hook: StepHook | None = (
+            None if on_canvas is None else (lambda step, tokens, known: on_canvas(step, self.canvas(tokens, known)))
+        )
         with autocast_context(self.device, self.precision):
-            tokens = sample_tokens(self.model, text, null, self.sampling, orders=torch.stack(orders),
-                                   noise=torch.stack(noise), on_step=hook)                       # [B,L,d]
+            tokens = sample_tokens(
+                self.model,
+                text,
+                null,
+                self.sampling,
+                orders=torch.stack(orders),
+                noise=torch.stack(noise),
+                on_step=hook,
+            )  # [B,L,d]
         return self.decode(tokens)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [B,L,d] -> images [B,3,H,W] in [-1,1] (float32, on the CPU)."""
-        latents = unpatchify(tokens.float(), self.tokenizer.channels, self.patch, self.grid)     # [B,c,h,w]
+        latents = unpatchify(tokens.float(), self.tokenizer.channels, self.patch, self.grid)  # [B,c,h,w]
         return self.tokenizer.decode(latents).float().cpu()
 
     def canvas(self, tokens: torch.Tensor, known: torch.Tensor, hidden_value: float = 0.0) -> torch.Tensor:
@@ -92,27 +115,33 @@ class ImageGenerator:
 
         Hidden tokens are zeros in token space, which a VAE decodes to a blur that looks like content;
         painting their patches grey shows exactly which tokens are decided and which are not."""
-        images = self.decode(tokens)                                                             # [B,3,H,W]
-        cell = images.shape[-1] // self.grid                                                     # patch * stride
-        mask = known.view(-1, 1, self.grid, self.grid).float().cpu()                             # [B,1,g,g]
-        mask = mask.repeat_interleave(cell, 2).repeat_interleave(cell, 3)                        # [B,1,H,W]
+        images = self.decode(tokens)  # [B,3,H,W]
+        cell = images.shape[-1] // self.grid  # patch * stride
+        mask = known.view(-1, 1, self.grid, self.grid).float().cpu()  # [B,1,g,g]
+        mask = mask.repeat_interleave(cell, 2).repeat_interleave(cell, 3)  # [B,1,H,W]
         return images * mask + hidden_value * (1 - mask)
 
     def generate(self, prompts: Sequence[str], seed: int, batch_size: int = 64) -> torch.Tensor:
         """Images [N,3,H,W] in [-1,1], one per prompt (ids 0..N-1), in batches on this process."""
         empty = [i for i, p in enumerate(prompts) if not p.strip()]
         if empty:
-            log.warning("%d empty prompt(s) (positions %s): sampling them with the null condition (unconditional)",
-                        len(empty), empty[:10])
-        return torch.cat([self.generate_ids(prompts, ids, seed) for ids in batches_of_rank(len(prompts), batch_size, 0, 1)])
+            log.warning(
+                "%d empty prompt(s) (positions %s): sampling them with the null condition (unconditional)",
+                len(empty),
+                empty[:10],
+            )
+        return torch.cat(
+            [self.generate_ids(prompts, ids, seed) for ids in batches_of_rank(len(prompts), batch_size, 0, 1)]
+        )
 
-    def generate_to_folder(self, prompts: Sequence[str], seed: int, folder: Path, env: DistEnv,
-                           batch_size: int = 64) -> List[int]:
+    def generate_to_folder(
+        self, prompts: Sequence[str], seed: int, folder: Path, env: DistEnv, batch_size: int = 64
+    ) -> list[int]:
         """This rank's share of the ids, written as ``folder/<id>.png``; returns the ids written.
         All ranks must call it (it ends with a barrier)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        mine: List[int] = []
+        mine: list[int] = []
         for ids in batches_of_rank(len(prompts), batch_size, env.rank, env.world_size):
             for i, img in zip(ids, self.generate_ids(prompts, list(ids), seed)):
                 save_image((img + 1) / 2, folder / image_name(i))
@@ -121,7 +150,7 @@ class ImageGenerator:
         return mine
 
 
-def save_images(images: torch.Tensor, folder: Path, first_id: int = 0) -> List[str]:
+def save_images(images: torch.Tensor, folder: Path, first_id: int = 0) -> list[str]:
     """images [N,3,H,W] in [-1,1] -> ``folder/<id>.png``; returns the file names."""
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -139,7 +168,9 @@ class SampleFolder(torch.utils.data.Dataset):
         self.files = [Path(folder) / image_name(i) for i in range(num_images)]
         missing = [f for f in self.files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"{len(missing)} samples missing, e.g. {missing[0]}: a rank did not finish its share")
+            raise FileNotFoundError(
+                f"{len(missing)} samples missing, e.g. {missing[0]}: a rank did not finish its share"
+            )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -147,12 +178,12 @@ class SampleFolder(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.from_numpy(np.array(Image.open(self.files[i]).convert("RGB"))).permute(2, 0, 1)
 
-    def stack(self, count: Optional[int] = None) -> torch.Tensor:
+    def stack(self, count: int | None = None) -> torch.Tensor:
         """uint8 [n,3,H,W] of the first ``count`` images (all by default)."""
         return torch.stack([self[i] for i in range(len(self) if count is None else min(count, len(self)))])
 
 
-def save_adm_npz(path: Path, images: torch.Tensor, labels: Optional[Sequence[int]] = None) -> None:
+def save_adm_npz(path: Path, images: torch.Tensor, labels: Sequence[int] | None = None) -> None:
     """The ADM evaluation suite's sample batch: ``arr_0`` uint8 [N,H,W,3] (+ ``arr_1`` labels)."""
     arrays = [images.permute(0, 2, 3, 1).contiguous().numpy()]
     if labels is not None:

@@ -3,9 +3,10 @@ with simple, fully deterministic image analysis (foreground by distance from the
 background, the dominant colour of its interior, the best-fitting ideal template by soft IoU), so
 generated samples are scored without any learned classifier. docs/judge.md gives its design and
 its accuracy on rendered images."""
+
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ MAX_COLOR_DIST: float = 70.0
 TEMPLATE_MIN_IOU: float = 0.76
 TEMPLATE_MIN_MARGIN: float = 0.02
 
-ImageLike = Union[np.ndarray, torch.Tensor]
+ImageLike = np.ndarray | torch.Tensor
 
 
 def _as_hwc_float(image: ImageLike) -> np.ndarray:
@@ -119,8 +120,9 @@ def shape_scores(alpha: np.ndarray) -> dict[str, float]:
     for shape in SHAPES:
         _, s, dx, dy = best(shape, side * np.linspace(0.8, 1.2, 5), np.linspace(-1, 1, 3), np.linspace(-1, 1, 3))
         step = 0.05 * side
-        scores[shape] = best(shape, s + np.array([-step, 0.0, step]),
-                             dx + np.array([-0.5, 0.0, 0.5]), dy + np.array([-0.5, 0.0, 0.5]))[0]
+        scores[shape] = best(
+            shape, s + np.array([-step, 0.0, step]), dx + np.array([-0.5, 0.0, 0.5]), dy + np.array([-0.5, 0.0, 0.5])
+        )[0]
     return scores
 
 
@@ -176,7 +178,7 @@ def judge(image: ImageLike) -> tuple[str | None, str | None]:
     return color, _classify_shape(shape_scores(alpha))
 
 
-def judge_batch(images: Union[ImageLike, Sequence[ImageLike]]) -> list[tuple[str | None, str | None]]:
+def judge_batch(images: ImageLike | Sequence[ImageLike]) -> list[tuple[str | None, str | None]]:
     """Judge a batch: float tensor [B, 3, H, W], uint8 array [B, H, W, 3], or a sequence."""
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         images = list(images.unbind(0))
@@ -194,9 +196,7 @@ def score(
     Returns ``dict(color_acc, shape_acc, joint_acc, n)``.
     """
     if len(judgements) != len(targets):
-        raise ValueError(
-            f"got {len(judgements)} judgements but {len(targets)} targets"
-        )
+        raise ValueError(f"got {len(judgements)} judgements but {len(targets)} targets")
     n = len(targets)
     if n == 0:
         raise ValueError("score needs at least one judgement")

@@ -1,24 +1,25 @@
 """Evaluation on the built-in ``shapes`` set: generate for seen and held-out color-shape
 combinations, judge every image, and write grids, per-image PNGs and a manifest."""
+
 from __future__ import annotations
 
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
 
 from torchvision.utils import save_image
 
 from util.data import shapes
 from util.evaluation import judge
-from util.evaluation.shapes_fidelity import fidelity
 from util.evaluation.generate import ImageGenerator, save_images
+from util.evaluation.shapes_fidelity import fidelity
 
 log = logging.getLogger(__name__)
 
 
-def shapes_prompts(combos: Sequence[Tuple[str, str]], per_combo: int) -> Tuple[List[str], List[Tuple[str, str]]]:
+def shapes_prompts(combos: Sequence[tuple[str, str]], per_combo: int) -> tuple[list[str], list[tuple[str, str]]]:
     """``per_combo`` prompts per combination, cycling through the caption templates."""
     prompts, targets = [], []
     for color, shape in combos:
@@ -28,13 +29,13 @@ def shapes_prompts(combos: Sequence[Tuple[str, str]], per_combo: int) -> Tuple[L
     return prompts, targets
 
 
-def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: int) -> Dict:
+def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: int) -> dict:
     """Judged color / shape / joint accuracy and fidelity to the data's variety (shapes_fidelity.py)
     for seen and held-out prompts, with ``grid_seen.png``,
     ``grid_heldout.png`` (one row per combination) and ``samples/<split>/*.png`` listed with their
     prompts and judgements in ``manifest.jsonl``. Returns the metrics."""
     out_dir = Path(out_dir)
-    metrics: Dict = {"images_per_combo": per_combo}
+    metrics: dict = {"images_per_combo": per_combo}
     manifest = []
     for split, combos, offset in (("seen", shapes.SEEN_COMBOS, 0), ("heldout", shapes.HELDOUT_COMBOS, 1)):
         prompts, targets = shapes_prompts(combos, per_combo)
@@ -49,12 +50,29 @@ def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: in
         save_image((images + 1) / 2, out_dir / f"grid_{split}.png", nrow=per_combo, padding=1, pad_value=0.5)
         names = save_images(images, out_dir / "samples" / split)
         for name, p, t, j in zip(names, prompts, targets, judged):
-            manifest.append({"file": f"samples/{split}/{name}", "split": split, "prompt": p,
-                             "target": list(t), "judged": list(j), "correct": tuple(j) == tuple(t)})
-        log.info("%s: joint %.3f color %.3f shape %.3f over %d images (%.2f s/image); fidelity FD %.1f "
-                 "(rendered vs rendered %.1f), spread %.2f of the data's", split, result["joint_acc"],
-                 result["color_acc"], result["shape_acc"], result["n"], result["seconds_per_image"],
-                 result["fd"], result["fd_floor"], result["spread"])
+            manifest.append(
+                {
+                    "file": f"samples/{split}/{name}",
+                    "split": split,
+                    "prompt": p,
+                    "target": list(t),
+                    "judged": list(j),
+                    "correct": tuple(j) == tuple(t),
+                }
+            )
+        log.info(
+            "%s: joint %.3f color %.3f shape %.3f over %d images (%.2f s/image); fidelity FD %.1f "
+            "(rendered vs rendered %.1f), spread %.2f of the data's",
+            split,
+            result["joint_acc"],
+            result["color_acc"],
+            result["shape_acc"],
+            result["n"],
+            result["seconds_per_image"],
+            result["fd"],
+            result["fd_floor"],
+            result["spread"],
+        )
     with open(out_dir / "manifest.jsonl", "w") as f:
         for row in manifest:
             f.write(json.dumps(row) + "\n")

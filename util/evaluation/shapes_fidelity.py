@@ -21,9 +21,10 @@ compares variety within each prompt: the square root of the summed variances of 
 over generated images, divided by the same over rendered ones, averaged over the combinations
 (1.0 varies as the data does; 0 always draws the same picture).
 """
+
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -33,12 +34,11 @@ from util.data.shapes import BACKGROUND, render_fresh
 from util.evaluation.fid import frechet_distance
 from util.evaluation.judge import FG_THRESHOLD
 
-FEATURES: Tuple[str, ...] = ("cx", "cy", "size", "width", "height", "r", "g", "b", "color_spread",
-                             "largest_piece")
-GEOMETRY: Tuple[int, ...] = (0, 1, 2)   # cx, cy, size: what varies within a prompt in the data
-REFERENCE_REPEATS = 8                   # rendered reference: this many images per generated one
-FLOOR_DRAWS = 4                         # the floor is the mean over this many rendered sets
-EMPTY: Tuple[float, ...] = (50.0, 50.0, 0.0, 0.0, 0.0, 100.0, 100.0, 100.0, 0.0, 0.0)
+FEATURES: tuple[str, ...] = ("cx", "cy", "size", "width", "height", "r", "g", "b", "color_spread", "largest_piece")
+GEOMETRY: tuple[int, ...] = (0, 1, 2)  # cx, cy, size: what varies within a prompt in the data
+REFERENCE_REPEATS = 8  # rendered reference: this many images per generated one
+FLOOR_DRAWS = 4  # the floor is the mean over this many rendered sets
+EMPTY: tuple[float, ...] = (50.0, 50.0, 0.0, 0.0, 0.0, 100.0, 100.0, 100.0, 0.0, 0.0)
 
 
 def _as_uint8(images) -> np.ndarray:
@@ -64,16 +64,23 @@ def features_of(image: np.ndarray) -> np.ndarray:
     if n == 0:
         return np.array(EMPTY)
     rows, cols = np.nonzero(fg)
-    pix = img[fg]                                                       # [n,3]
+    pix = img[fg]  # [n,3]
     mean = pix.mean(axis=0)
     labels, count = ndimage.label(fg, structure=np.ones((3, 3), dtype=bool))
     largest = np.bincount(labels.ravel())[1:].max() if count else 0
     side = float(max(h, w))
-    return np.array([
-        100 * (cols.mean() + 0.5) / w, 100 * (rows.mean() + 0.5) / h, 100 * np.sqrt(n / (h * w)),
-        100 * (cols.max() - cols.min() + 1) / side, 100 * (rows.max() - rows.min() + 1) / side,
-        *(100 * mean / 255), 100 * np.linalg.norm(pix - mean, axis=1).mean() / 255, 100 * largest / n,
-    ])
+    return np.array(
+        [
+            100 * (cols.mean() + 0.5) / w,
+            100 * (rows.mean() + 0.5) / h,
+            100 * np.sqrt(n / (h * w)),
+            100 * (cols.max() - cols.min() + 1) / side,
+            100 * (rows.max() - rows.min() + 1) / side,
+            *(100 * mean / 255),
+            100 * np.linalg.norm(pix - mean, axis=1).mean() / 255,
+            100 * largest / n,
+        ]
+    )
 
 
 def shape_features(images) -> np.ndarray:
@@ -81,12 +88,16 @@ def shape_features(images) -> np.ndarray:
     return np.stack([features_of(im) for im in _as_uint8(images)])
 
 
-def _stats(f: np.ndarray) -> Dict[str, np.ndarray]:
+def _stats(f: np.ndarray) -> dict[str, np.ndarray]:
     return {"mu": f.mean(axis=0), "sigma": np.cov(f, rowvar=False)}
 
 
-def spread(generated: np.ndarray, targets: Sequence[Tuple[str, str]], reference: np.ndarray,
-           reference_targets: Sequence[Tuple[str, str]]) -> float:
+def spread(
+    generated: np.ndarray,
+    targets: Sequence[tuple[str, str]],
+    reference: np.ndarray,
+    reference_targets: Sequence[tuple[str, str]],
+) -> float:
     """Within-prompt variety of position and size, generated over rendered (module docstring)."""
     gen_keys = np.array([f"{c}/{s}" for c, s in targets])
     ref_keys = np.array([f"{c}/{s}" for c, s in reference_targets])
@@ -101,7 +112,7 @@ def spread(generated: np.ndarray, targets: Sequence[Tuple[str, str]], reference:
     return float(np.mean(ratios)) if ratios else float("nan")
 
 
-def fidelity(images, targets: Sequence[Tuple[str, str]], seed: int) -> Dict[str, float]:
+def fidelity(images, targets: Sequence[tuple[str, str]], seed: int) -> dict[str, float]:
     """``fd``, ``fd_floor`` and ``spread`` of generated ``images`` for their ``(color, shape)``
     ``targets`` (one per image), against rendered sets drawn from ``seed``."""
     gen = shape_features(images)
@@ -112,7 +123,12 @@ def fidelity(images, targets: Sequence[Tuple[str, str]], seed: int) -> Dict[str,
     resolution = _as_uint8(images[:1]).shape[1]
     reference = shape_features(render_fresh(list(targets) * REFERENCE_REPEATS, resolution, 2 * seed + 1))
     ref = _stats(reference)
-    floor = [frechet_distance(_stats(shape_features(render_fresh(targets, resolution, 2 * seed + 2 + 1000 * k))), ref)
-             for k in range(FLOOR_DRAWS)]
-    return {"fd": frechet_distance(_stats(gen), ref), "fd_floor": float(np.mean(floor)),
-            "spread": spread(gen, targets, reference, list(targets) * REFERENCE_REPEATS)}
+    floor = [
+        frechet_distance(_stats(shape_features(render_fresh(targets, resolution, 2 * seed + 2 + 1000 * k))), ref)
+        for k in range(FLOOR_DRAWS)
+    ]
+    return {
+        "fd": frechet_distance(_stats(gen), ref),
+        "fd_floor": float(np.mean(floor)),
+        "spread": spread(gen, targets, reference, list(targets) * REFERENCE_REPEATS),
+    }

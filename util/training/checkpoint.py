@@ -7,6 +7,7 @@ the model config (so a checkpoint rebuilds its own model), the run's resolved co
 the run measured of its captions (``captions_info``: encoder widths, how the captions were made) and,
 for training, the optimizer, scaler, step counters, generator and RNG states.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,35 +29,42 @@ from util.training.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 4   # 4: the configuration tree (3: RNG states as tensors and numbers)
+FORMAT_VERSION = 4  # 4: the configuration tree (3: RNG states as tensors and numbers)
 
 
-def clean_state_dict(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the ``_orig_mod.`` (torch.compile) and ``module.`` (DDP) prefixes."""
     out = {}
     for k, v in state.items():
         for prefix in ("_orig_mod.", "module."):
             while k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k.replace("._orig_mod.", ".")] = v
     return out
 
 
-def rng_state() -> Dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     """Python's, numpy's, torch's (and CUDA's) global RNG states as tensors and plain numbers, so a
     checkpoint loads with ``weights_only=True``."""
     version, mt, gauss_next = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
-             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():   # this process's device only: a resume may see another number of GPUs
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():  # this process's device only: a resume may see another number of GPUs
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def set_rng_state(state: Dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     """Restore :func:`rng_state`; also reads the tuples of format 2 checkpoints."""
     py, npy = state["python"], state["numpy"]
     if isinstance(py, dict):
@@ -72,7 +80,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state(cuda[0] if isinstance(cuda, (list, tuple)) else cuda)
 
 
-def save_checkpoint(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write ``state`` to ``path`` atomically: readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,23 +99,29 @@ def save_checkpoint(path: str | os.PathLike, state: Dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-                    expect_preset: Optional[str] = None) -> Dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", expect_preset: str | None = None
+) -> dict[str, Any]:
     """Read a checkpoint with ``weights_only=True``: tensors and plain data only, nothing in the file
     can run code (format 2 files also need numpy's array type for their RNG state, allowed here).
     ``expect_preset`` raises a clear error for a checkpoint of another preset."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}; pass the path of a checkpoint-*.pth file written by "
-                                "main_jepat.py")
+        raise FileNotFoundError(
+            f"no checkpoint at {path}; pass the path of a checkpoint-*.pth file written by main_jepat.py"
+        )
     state = load_torch_file(path, "JEPA-T checkpoint", map_location, allowed=numpy_array_globals())
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
-        raise CheckpointFileError(f"{path} is not a JEPA-T checkpoint: expected a dictionary with 'model' and "
-                                  "'model_config' entries, as main_jepat.py writes")
+        raise CheckpointFileError(
+            f"{path} is not a JEPA-T checkpoint: expected a dictionary with 'model' and "
+            "'model_config' entries, as main_jepat.py writes"
+        )
     preset = state["model_config"].get("preset", "")
     if expect_preset is not None and preset != expect_preset:
-        raise ValueError(f"checkpoint {path} holds a '{preset}' model but '{expect_preset}' was asked for; "
-                         f"pass --model {preset} or another checkpoint")
+        raise ValueError(
+            f"checkpoint {path} holds a '{preset}' model but '{expect_preset}' was asked for; "
+            f"pass --model {preset} or another checkpoint"
+        )
     for key in ("model", "ema"):
         if key in state:
             state[key] = clean_state_dict(state[key])
@@ -117,23 +131,28 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 SAMPLING_RENAMED = {"cfg": "guidance_scale", "cfg_schedule": "guidance_schedule", "sampler": "ode_solver"}
 
 
-def upgrade_sampling(sampling: Dict[str, Any]) -> Dict[str, Any]:
+def upgrade_sampling(sampling: dict[str, Any]) -> dict[str, Any]:
     """Sampling settings under their current names (format 1-3 files say cfg, cfg_schedule, sampler)."""
     return {SAMPLING_RENAMED.get(k, k): v for k, v in sampling.items()}
 
 
-def recipe_of_config(config: Dict[str, Any], captions_info: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+def recipe_of_config(config: dict[str, Any], captions_info: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The ``sampling``, ``captions`` and ``image`` views of a stored configuration tree (plus what
     the run measured of its captions: encoder widths, length and how the captions were made)."""
     model, data = config["model"], config["data"]
-    data_path = (data["data_path"] or config.get("cache", {}).get("cache_dir", "")) if data["dataset"] == "cached" \
+    data_path = (
+        (data["data_path"] or config.get("cache", {}).get("cache_dir", ""))
+        if data["dataset"] == "cached"
         else data["data_path"]
-    return {"sampling": dict(config["sampling"]),
-            "captions": {"dataset": data["dataset"], "data_path": data_path, **config["captions"], **captions_info},
-            "image": {k: model[k] for k in ("tokenizer", "vae_path", "patch_size", "img_size")}}
+    )
+    return {
+        "sampling": dict(config["sampling"]),
+        "captions": {"dataset": data["dataset"], "data_path": data_path, **config["captions"], **captions_info},
+        "image": {k: model[k] for k in ("tokenizer", "vae_path", "patch_size", "img_size")},
+    }
 
 
-def checkpoint_recipe(ckpt: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+def checkpoint_recipe(ckpt: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The checkpoint's own recipe: ``sampling``, ``captions`` and ``image`` dictionaries, from its
     configuration tree (format 4). Reads formats 1 to 3 too: 2 and 3 kept the three dictionaries,
     1 kept them among the launch arguments; their sampling keys are renamed to today's."""
@@ -144,52 +163,78 @@ def checkpoint_recipe(ckpt: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
         recipe["sampling"] = upgrade_sampling(recipe["sampling"])
         return recipe
     args, te = ckpt.get("args", {}), ckpt.get("text_encoder", {})
-    sampling = upgrade_sampling({k: args[k] for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "ode_steps",
-                                                      "sampler") if k in args})
-    captions = {"dataset": args.get("dataset"), "data_path": args.get("data_path"),
-                "text_encoder": te.get("name", args.get("text_encoder")), "clip_model": args.get("clip_model"),
-                "text_encoder_path": args.get("text_encoder_path"), "text_max_length": args.get("text_max_length"),
-                "token_dim": te.get("token_dim"), "pooled_dim": te.get("pooled_dim")}
-    image = {"tokenizer": ckpt.get("tokenizer"), "vae_path": args.get("vae_path"),
-             "patch_size": ckpt.get("patch_size"), "img_size": ckpt.get("img_size")}
+    sampling = upgrade_sampling(
+        {k: args[k] for k in ("num_iter", "cfg", "cfg_schedule", "temperature", "ode_steps", "sampler") if k in args}
+    )
+    captions = {
+        "dataset": args.get("dataset"),
+        "data_path": args.get("data_path"),
+        "text_encoder": te.get("name", args.get("text_encoder")),
+        "clip_model": args.get("clip_model"),
+        "text_encoder_path": args.get("text_encoder_path"),
+        "text_max_length": args.get("text_max_length"),
+        "token_dim": te.get("token_dim"),
+        "pooled_dim": te.get("pooled_dim"),
+    }
+    image = {
+        "tokenizer": ckpt.get("tokenizer"),
+        "vae_path": args.get("vae_path"),
+        "patch_size": ckpt.get("patch_size"),
+        "img_size": ckpt.get("img_size"),
+    }
     return {"sampling": sampling, "captions": captions, "image": image}
 
 
-def training_summary(ckpt: Dict[str, Any]) -> Dict[str, Any]:
+def training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
     """Recipe, data, epochs, batch, lr and seed of the run that wrote ``ckpt`` (for model cards)."""
     if "config" in ckpt:
         c = ckpt["config"]
-        summary = {"recipe": c.get("recipe"), "dataset": c["data"]["dataset"], "epochs": c["optim"]["epochs"],
-                   "batch_size": c["optim"]["batch_size"], "accum_iter": c["optim"]["accum_iter"],
-                   "lr": c["optim"]["lr"], "blr": c["optim"]["blr"], "seed": c["runtime"]["seed"]}
+        summary = {
+            "recipe": c.get("recipe"),
+            "dataset": c["data"]["dataset"],
+            "epochs": c["optim"]["epochs"],
+            "batch_size": c["optim"]["batch_size"],
+            "accum_iter": c["optim"]["accum_iter"],
+            "lr": c["optim"]["lr"],
+            "blr": c["optim"]["blr"],
+            "seed": c["runtime"]["seed"],
+        }
     else:
         args = ckpt.get("args", {})
-        summary = {k: args[k] for k in ("recipe", "dataset", "epochs", "batch_size", "accum_iter", "lr", "blr", "seed")
-                   if k in args}
+        summary = {
+            k: args[k]
+            for k in ("recipe", "dataset", "epochs", "batch_size", "accum_iter", "lr", "blr", "seed")
+            if k in args
+        }
     summary["train_seconds"] = ckpt.get("state", {}).get("train_seconds")
     return summary
 
 
-def check_compatible(ckpt: Dict, model: JEPAT, path: str) -> None:
+def check_compatible(ckpt: dict, model: JEPAT, path: str) -> None:
     """A checkpoint must match the model built from the arguments (preset, tokens, text dims)."""
     saved, now = ckpt["model_config"], config_dict(model)
     if saved.get("preset") != now["preset"]:
-        raise ValueError(f"checkpoint {path} holds a '{saved.get('preset')}' model but --model is "
-                         f"'{now['preset']}'; pass --model {saved.get('preset')}")
+        raise ValueError(
+            f"checkpoint {path} holds a '{saved.get('preset')}' model but --model is "
+            f"'{now['preset']}'; pass --model {saved.get('preset')}"
+        )
     diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
     if diff:
-        raise ValueError(f"checkpoint {path} does not match the arguments: "
-                         + ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items()))
+        raise ValueError(
+            f"checkpoint {path} does not match the arguments: "
+            + ", ".join(f"{k}: checkpoint {a} vs now {b}" for k, (a, b) in diff.items())
+        )
 
 
 @dataclass
 class TrainState:
     """Counters that make a resume exact; saved in the checkpoint."""
-    step: int = 0                   # optimizer steps done
-    epoch: int = 0                  # current epoch
-    batch_in_epoch: int = 0         # batches of the current epoch already consumed
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed
     host_generator: torch.Generator = field(default_factory=torch.Generator)
-    prior_seconds: float = 0.0      # training time of the runs this one resumes
+    prior_seconds: float = 0.0  # training time of the runs this one resumes
     started: float = field(default_factory=time.time)
 
     def train_seconds(self) -> float:
@@ -201,6 +246,7 @@ class CheckpointPolicy:
     """Which checkpoints a run keeps: ``checkpoint-last.pth`` always; ``checkpoint-<epoch>.pth``
     every ``save_freq`` epochs, of which the ``keep_last`` newest stay (0: all) and those at
     multiples of ``milestone_every`` epochs are never removed (0: none)."""
+
     save_freq: int = 0
     keep_last: int = 0
     milestone_every: int = 0
@@ -211,12 +257,12 @@ class CheckpointPolicy:
     def milestone(self, epoch: int) -> bool:
         return self.milestone_every > 0 and epoch % self.milestone_every == 0
 
-    def removable(self, epochs: List[int]) -> List[int]:
+    def removable(self, epochs: list[int]) -> list[int]:
         """Of the epoch checkpoints on disk, those the policy no longer keeps."""
         ordinary = sorted(e for e in epochs if not self.milestone(e))
-        return ordinary[:-self.keep_last] if self.keep_last else []
+        return ordinary[: -self.keep_last] if self.keep_last else []
 
-    def peak_files(self, epochs: int) -> Dict[str, int]:
+    def peak_files(self, epochs: int) -> dict[str, int]:
         """The most full checkpoints on disk at once over ``epochs`` epochs, by kind."""
         saved = [e for e in range(1, epochs + 1) if self.saves(e)]
         milestones = sum(self.milestone(e) for e in saved)
@@ -232,9 +278,22 @@ class TrainingCheckpoint:
     configuration tree and the captions' info.
     """
 
-    def __init__(self, out_dir: Path, parallel: Parallel, optimizer: torch.optim.Optimizer, state: TrainState,
-                 record: Dict[str, Any], policy: Optional[CheckpointPolicy] = None) -> None:
-        self.out_dir, self.parallel, self.optimizer, self.state, self.record = out_dir, parallel, optimizer, state, record
+    def __init__(
+        self,
+        out_dir: Path,
+        parallel: Parallel,
+        optimizer: torch.optim.Optimizer,
+        state: TrainState,
+        record: dict[str, Any],
+        policy: CheckpointPolicy | None = None,
+    ) -> None:
+        self.out_dir, self.parallel, self.optimizer, self.state, self.record = (
+            out_dir,
+            parallel,
+            optimizer,
+            state,
+            record,
+        )
         self.policy = policy or CheckpointPolicy()
 
     def save_epoch(self, epoch: int) -> None:
@@ -245,7 +304,7 @@ class TrainingCheckpoint:
             self.save("last")
             return
         path = self.save(str(epoch))
-        if path is None:   # not rank 0
+        if path is None:  # not rank 0
             return
         last, tmp = self.out_dir / "checkpoint-last.pth", self.out_dir / ".checkpoint-last.pth.link"
         tmp.unlink(missing_ok=True)
@@ -254,15 +313,20 @@ class TrainingCheckpoint:
         except OSError:
             shutil.copyfile(path, tmp)
         os.replace(tmp, last)
-        on_disk = [int(p.stem.split("-")[1]) for p in self.out_dir.glob("checkpoint-*.pth")
-                   if p.stem.split("-")[1].isdigit()]
+        on_disk = [
+            int(p.stem.split("-")[1]) for p in self.out_dir.glob("checkpoint-*.pth") if p.stem.split("-")[1].isdigit()
+        ]
         for e in self.policy.removable(on_disk):
             (self.out_dir / f"checkpoint-{e}.pth").unlink(missing_ok=True)
-            log.info("removed checkpoint-%d.pth (the policy keeps the %d newest and every %d-th epoch)", e,
-                     self.policy.keep_last, self.policy.milestone_every)
+            log.info(
+                "removed checkpoint-%d.pth (the policy keeps the %d newest and every %d-th epoch)",
+                e,
+                self.policy.keep_last,
+                self.policy.milestone_every,
+            )
 
     @staticmethod
-    def load_weights(path: str, model: JEPAT, ema: JEPAT) -> Dict[str, Any]:
+    def load_weights(path: str, model: JEPAT, ema: JEPAT) -> dict[str, Any]:
         """Read ``path``, check it against ``model`` and load the model and EMA weights (before any
         wrapping shards them). Returns the checkpoint for :meth:`restore`."""
         ckpt = load_checkpoint(path, expect_preset=model.cfg.preset)
@@ -271,7 +335,7 @@ class TrainingCheckpoint:
         ema.load_state_dict(ckpt["ema"])
         return ckpt
 
-    def restore(self, ckpt: Dict[str, Any]) -> None:
+    def restore(self, ckpt: dict[str, Any]) -> None:
         """Optimizer, scaler, counters, generators: what makes the resumed run continue exactly."""
         self.parallel.load_optimizer_state(self.optimizer, ckpt["optimizer"])
         if self.parallel.scaler is not None and ckpt.get("scaler"):
@@ -282,23 +346,36 @@ class TrainingCheckpoint:
         st.prior_seconds = s.get("train_seconds", 0.0)
         set_rng_state(ckpt["rng"])
 
-    def save(self, tag: str) -> Optional[Path]:
+    def save(self, tag: str) -> Path | None:
         """``checkpoint-<tag>.pth`` in the run folder; a collective (every rank calls it). Returns
         the path on rank 0, None elsewhere."""
         p = self.parallel
         if not p.all_finite():
-            raise FloatingPointError(f"non-finite weights at step {self.state.step}; not overwriting the last good "
-                                     f"checkpoint in {self.out_dir}. Lower --lr or use --precision fp32 to investigate")
+            raise FloatingPointError(
+                f"non-finite weights at step {self.state.step}; not overwriting the last good "
+                f"checkpoint in {self.out_dir}. Lower --lr or use --precision fp32 to investigate"
+            )
         p.check_replicas()
         # full state dicts on rank 0 (FSDP gathers shards: every rank takes part); plain for any strategy
         model_sd, ema_sd, optim_sd = p.model_state(), p.ema_state(), p.optimizer_state(self.optimizer)
         if not p.env.is_main:
             return None
         st = self.state
-        return save_checkpoint(self.out_dir / f"checkpoint-{tag}.pth", {
-            **self.record, "model": model_sd, "ema": ema_sd, "optimizer": optim_sd,
-            "scaler": p.scaler.state_dict() if p.scaler else None,
-            "state": {"step": st.step, "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch,
-                      "host_generator": st.host_generator.get_state(), "train_seconds": st.train_seconds()},
-            "rng": rng_state(),
-        })
+        return save_checkpoint(
+            self.out_dir / f"checkpoint-{tag}.pth",
+            {
+                **self.record,
+                "model": model_sd,
+                "ema": ema_sd,
+                "optimizer": optim_sd,
+                "scaler": p.scaler.state_dict() if p.scaler else None,
+                "state": {
+                    "step": st.step,
+                    "epoch": st.epoch,
+                    "batch_in_epoch": st.batch_in_epoch,
+                    "host_generator": st.host_generator.get_state(),
+                    "train_seconds": st.train_seconds(),
+                },
+                "rng": rng_state(),
+            },
+        )

@@ -4,13 +4,13 @@ the losses and the learning rate of ``train_log.json`` and the evaluation figure
 
 Drawn with matplotlib's object API on the Agg canvas: no pyplot, no global backend, no window.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -20,7 +20,7 @@ from util.evaluation.evaluate import metric_scalars
 log = logging.getLogger(__name__)
 
 LOSSES = ("loss", "flow_loss", "jepa_loss")
-Series = Dict[str, List[Tuple[int, float]]]
+Series = dict[str, list[tuple[int, float]]]
 
 
 def evaluation_series(run_dir: Path) -> Series:
@@ -36,11 +36,13 @@ def evaluation_series(run_dir: Path) -> Series:
     return {k: sorted(set(v)) for k, v in sorted(series.items())}
 
 
-def _panels(history: List[Dict], evals: Series) -> List[Tuple[str, Series, bool]]:
+def _panels(history: list[dict], evals: Series) -> list[tuple[str, Series, bool]]:
     """(title, {label: points}, log y) of each panel: losses, learning rate, the figures in [0,1]
     together, then one panel for each other figure (FID, IS, CLIP score)."""
-    panels = [("losses", {k: [(r["step"], r[k]) for r in history if k in r] for k in LOSSES}, True),
-              ("learning rate", {"lr": [(r["step"], r["lr"]) for r in history if "lr" in r]}, False)]
+    panels = [
+        ("losses", {k: [(r["step"], r[k]) for r in history if k in r] for k in LOSSES}, True),
+        ("learning rate", {"lr": [(r["step"], r["lr"]) for r in history if "lr" in r]}, False),
+    ]
     unit = {k: v for k, v in evals.items() if all(0.0 <= y <= 1.0 for _, y in v)}
     if unit:
         panels.append(("evaluation", unit, False))
@@ -48,7 +50,7 @@ def _panels(history: List[Dict], evals: Series) -> List[Tuple[str, Series, bool]
     return [p for p in panels if any(p[1].values())]
 
 
-def plot_curves(history: List[Dict], evals: Series, path: Path, title: str = "") -> Path:
+def plot_curves(history: list[dict], evals: Series, path: Path, title: str = "") -> Path:
     """Draw the panels of ``history`` (train_log.json rows) and ``evals`` into the PNG ``path``."""
     panels = _panels(history, evals)
     if not panels:
@@ -63,14 +65,21 @@ def plot_curves(history: List[Dict], evals: Series, path: Path, title: str = "")
         for j, (label, points) in enumerate(series.items()):
             if points:
                 xs, ys = zip(*points)
-                few = len(xs) < 8          # evaluations: markers, and the last value in the legend
-                ax.plot(xs, ys, marker="osD^v<>p"[j % 8] if few else None, markersize=5, linewidth=1.2,
-                        label=f"{label} ({ys[-1]:.3g})" if few else label, alpha=0.85)
+                few = len(xs) < 8  # evaluations: markers, and the last value in the legend
+                ax.plot(
+                    xs,
+                    ys,
+                    marker="osD^v<>p"[j % 8] if few else None,
+                    markersize=5,
+                    linewidth=1.2,
+                    label=f"{label} ({ys[-1]:.3g})" if few else label,
+                    alpha=0.85,
+                )
         if log_y and all(y > 0 for pts in series.values() for _, y in pts):
             ax.set_yscale("log")
         if name == "evaluation":
             ax.set_ylim(-0.03, 1.03)
-        ax.set_xlim(0, last_step * 1.04 + 1)   # every panel spans the whole run
+        ax.set_xlim(0, last_step * 1.04 + 1)  # every panel spans the whole run
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=9)
         ax.grid(alpha=0.3)
@@ -84,7 +93,7 @@ def plot_curves(history: List[Dict], evals: Series, path: Path, title: str = "")
     return path
 
 
-def write_curves(run_dir: Path, title: str = "") -> Optional[Path]:
+def write_curves(run_dir: Path, title: str = "") -> Path | None:
     """``run_dir/curves.png`` from its train_log.json and metrics.json files (None: nothing logged)."""
     run_dir = Path(run_dir)
     log_file = run_dir / "train_log.json"

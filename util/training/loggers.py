@@ -8,6 +8,7 @@ tries ``import wandb`` on its own whenever the package is installed, and copes w
 entity and folder follow the usual ``WANDB_*`` variables (``WANDB_MODE=offline`` keeps the run on
 disk under ``$WANDB_DIR/wandb``, by default ``<output_dir>/wandb``, for a later ``wandb sync``).
 """
+
 from __future__ import annotations
 
 import html
@@ -15,8 +16,9 @@ import importlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,15 +30,16 @@ LOGGERS = ("tensorboard", "wandb")
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
-def parse_log_with(text: str) -> Tuple[str, ...]:
+def parse_log_with(text: str) -> tuple[str, ...]:
     """``runtime.log_with``: a comma list of LOGGERS, or 'none'."""
     names = tuple(dict.fromkeys(n.strip().lower() for n in text.split(",") if n.strip()))
     if names == ("none",):
         return ()
     unknown = [n for n in names if n not in LOGGERS]
     if unknown:
-        raise ValueError(f"runtime.log_with: unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)} "
-                         "(comma-separated) or none")
+        raise ValueError(
+            f"runtime.log_with: unknown logger(s) {unknown}; choose from {', '.join(LOGGERS)} (comma-separated) or none"
+        )
     return names
 
 
@@ -58,13 +61,13 @@ def _hwc_uint8(image: Any, dataformats: str) -> np.ndarray:
 class RunLogger:
     """Scalars, images and text to TensorBoard and/or a W&B run (either may be None)."""
 
-    def __init__(self, tensorboard: Optional[SummaryWriter] = None, wandb_run: Optional[Any] = None,
-                 wandb_module: Optional[Any] = None) -> None:
+    def __init__(
+        self, tensorboard: SummaryWriter | None = None, wandb_run: Any | None = None, wandb_module: Any | None = None
+    ) -> None:
         self.tensorboard, self.wandb_run, self.wandb = tensorboard, wandb_run, wandb_module
 
     @classmethod
-    def open(cls, backends: Sequence[str], out_dir: Path, config: Dict[str, Any], project: str = "jepat"
-             ) -> "RunLogger":
+    def open(cls, backends: Sequence[str], out_dir: Path, config: dict[str, Any], project: str = "jepat") -> RunLogger:
         """The backends named (``tensorboard`` writes ``out_dir/tb``). A W&B run resumed from the
         same folder continues the same W&B run (its id is kept in ``out_dir/wandb_run_id.txt``)."""
         out_dir = Path(out_dir)
@@ -74,11 +77,19 @@ class RunLogger:
         try:
             wandb = importlib.import_module("wandb")
         except ImportError:
-            raise RuntimeError("runtime.log_with wandb needs the wandb package: pip install -r requirements.txt") from None
+            raise RuntimeError(
+                "runtime.log_with wandb needs the wandb package: pip install -r requirements.txt"
+            ) from None
         id_file = out_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else None
-        run = wandb.init(project=project, name=out_dir.name, id=run_id, resume="allow" if run_id else None,
-                         dir=os.environ.get("WANDB_DIR", str(out_dir)), config=_plain(config))
+        run = wandb.init(
+            project=project,
+            name=out_dir.name,
+            id=run_id,
+            resume="allow" if run_id else None,
+            dir=os.environ.get("WANDB_DIR", str(out_dir)),
+            config=_plain(config),
+        )
         id_file.write_text(run.id + "\n")
         log.info("logging to W&B run %s (project %s, mode %s)", run.id, project, run.settings.mode)
         return cls(writer, run, wandb)

@@ -7,19 +7,25 @@ micro_step``) come from generators seeded with a pure function of (seed, s, k). 
 differently, a resumed run draws what the uninterrupted one drew, and N ranks x A accumulation
 steps draw exactly what N*A ranks (or one process with N*A accumulation steps) would.
 """
+
 from __future__ import annotations
 
 import contextlib
 import copy
 import logging
-from typing import Any, ContextManager, Dict, List, Optional
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -32,13 +38,14 @@ from util.runtime import DistEnv
 
 log = logging.getLogger(__name__)
 
+
 # -------------------------------------------------------------------- randomness
 def step_seed(seed: int, step: int, shard: int) -> int:
     """The seed of the random draws of optimizer step ``step`` on shard ``shard`` (a 63-bit mix)."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + shard * 0x94D049BB133111EB) & (2 ** 64 - 1)
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + shard * 0x94D049BB133111EB) & (2**64 - 1)
     x ^= x >> 31
-    x = (x * 0xD6E8FEB86659FD93) & (2 ** 64 - 1)
-    return (x ^ (x >> 32)) & (2 ** 63 - 1)
+    x = (x * 0xD6E8FEB86659FD93) & (2**64 - 1)
+    return (x ^ (x >> 32)) & (2**63 - 1)
 
 
 def seed_step(seed: int, step: int, shard: int, host_generator: torch.Generator) -> None:
@@ -54,13 +61,15 @@ class TrainingStep(nn.Module):
     """``forward(x, text, host_generator)`` = ``loss(model, target, ...)``. The EMA target is held
     outside the module tree: DDP must not broadcast it and FSDP must not shard it with the model."""
 
-    def __init__(self, model: JEPAT, loss: JEPATLoss, target: Optional[EMATarget]) -> None:
+    def __init__(self, model: JEPAT, loss: JEPATLoss, target: EMATarget | None) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
         self._target = (target,)
 
-    def forward(self, x: torch.Tensor, text: TextEmbeddings, host_generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, text: TextEmbeddings, host_generator: torch.Generator
+    ) -> dict[str, torch.Tensor]:
         return self.loss(self.model, self._target[0], x, text, host_generator)
 
 
@@ -97,9 +106,17 @@ class Parallel:
         scaler: a GradScaler for fp16, else None.
     """
 
-    def __init__(self, env: DistEnv, model: JEPAT, ema: JEPAT, loss: JEPATLoss, strategy: str = "ddp",
-                 precision: str = "fp32", grad_checkpointing: bool = False, compile_backend: Optional[str] = None
-                 ) -> None:
+    def __init__(
+        self,
+        env: DistEnv,
+        model: JEPAT,
+        ema: JEPAT,
+        loss: JEPATLoss,
+        strategy: str = "ddp",
+        precision: str = "fp32",
+        grad_checkpointing: bool = False,
+        compile_backend: str | None = None,
+    ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
         self.env, self.model, self.ema = env, model, ema
@@ -109,8 +126,8 @@ class Parallel:
         if grad_checkpointing:
             log.info("activation checkpointing on %d blocks", apply_activation_checkpointing(model))
         self.scaler = torch.amp.GradScaler(env.device.type) if precision == "fp16" else None
-        self._ddp: Optional[DistributedDataParallel] = None
-        self._fsdp_root: Optional[TrainingStep] = None
+        self._ddp: DistributedDataParallel | None = None
+        self._fsdp_root: TrainingStep | None = None
         if self.strategy == "fsdp":
             module: nn.Module = self._fsdp(loss, precision)
         else:
@@ -120,8 +137,9 @@ class Parallel:
                 # a loss weight of 0 leaves a head unused, which needs the slower search (the parts a
                 # fusion mode leaves unused are frozen by the model itself)
                 unused = loss.flow_weight == 0 or loss.jepa_weight == 0
-                module = self._ddp = DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused,
-                                                             gradient_as_bucket_view=True)
+                module = self._ddp = DistributedDataParallel(
+                    module, device_ids=ids, find_unused_parameters=unused, gradient_as_bucket_view=True
+                )
         self.train_module = torch.compile(module, backend=compile_backend) if compile_backend else module
 
     def _fsdp(self, loss: JEPATLoss, precision: str) -> TrainingStep:
@@ -141,7 +159,7 @@ class Parallel:
         return root
 
     # ------------------------------------------------------------ the step
-    def grad_sync(self, sync: bool) -> ContextManager:
+    def grad_sync(self, sync: bool) -> AbstractContextManager:
         """No gradient all-reduce / reduce-scatter on the inner micro-steps of an accumulation."""
         if self._ddp is not None and not sync:
             return self._ddp.no_sync()
@@ -160,25 +178,25 @@ class Parallel:
     def _options() -> StateDictOptions:
         return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
-    def _full_state(self, module: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    def _full_state(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
         if self.strategy != "fsdp":
             return module.state_dict()
-        sd = get_model_state_dict(module, options=self._options())      # a collective: every rank calls it
+        sd = get_model_state_dict(module, options=self._options())  # a collective: every rank calls it
         return {_clean_fqn(k): v for k, v in sd.items()} if self.env.is_main else None
 
-    def model_state(self) -> Optional[Dict[str, torch.Tensor]]:
+    def model_state(self) -> dict[str, torch.Tensor] | None:
         """The full model state dict on rank 0 (None on the others under FSDP, which gathers shards)."""
         return self._full_state(self.model)
 
-    def ema_state(self) -> Optional[Dict[str, torch.Tensor]]:
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
         return self._full_state(self.ema)
 
-    def _param_names(self, optimizer: torch.optim.Optimizer) -> List[str]:
+    def _param_names(self, optimizer: torch.optim.Optimizer) -> list[str]:
         """Clean FQNs in the optimizer's own order (the ids of a plain optimizer state dict)."""
         names = {id(p): _clean_fqn(n) for n, p in self.model.named_parameters()}
         return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> Optional[Dict[str, Any]]:
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
         """The optimizer state in the plain (integer-id) format on rank 0, whatever the strategy,
         so that DDP and FSDP checkpoints resume each other."""
         if self.strategy != "fsdp":
@@ -191,17 +209,19 @@ class Parallel:
         groups = [{**g, "params": [index[_clean_fqn(k)] for k in g["params"]]} for g in osd["param_groups"]]
         return {"state": state, "param_groups": groups}
 
-    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
         """Load a plain optimizer state dict (every rank passes the full one)."""
         if self.strategy != "fsdp":
             optimizer.load_state_dict(state)
             return
         names = self._param_names(optimizer)
-        fqn = {"state": {names[i]: v for i, v in state["state"].items()},
-               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        fqn = {
+            "state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
         set_optimizer_state_dict(self.model, optimizer, fqn, options=self._options())
 
-    def sampling_ema(self) -> Optional[JEPAT]:
+    def sampling_ema(self) -> JEPAT | None:
         """The EMA to sample from on this rank: the EMA itself (one process, DDP), or under FSDP a
         consolidated copy on rank 0 (a collective; None on the other ranks)."""
         if self.strategy != "fsdp":
@@ -226,8 +246,10 @@ class Parallel:
         gathered = [torch.empty_like(sums) for _ in range(self.env.world_size)]
         dist.all_gather(gathered, sums)
         if not all(torch.equal(g, gathered[0]) for g in gathered):
-            raise RuntimeError("model or EMA replicas differ between ranks; every rank must run the same "
-                               "arguments and code (a rank-dependent branch would cause this)")
+            raise RuntimeError(
+                "model or EMA replicas differ between ranks; every rank must run the same "
+                "arguments and code (a rank-dependent branch would cause this)"
+            )
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:

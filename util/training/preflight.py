@@ -1,17 +1,17 @@
 """Preflight: everything a run needs later, checked at start-up on every rank, before the first
 step, so that a run never fails after training for something it could have checked."""
+
 from __future__ import annotations
 
 import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, Optional
 
 import torch
 
-from util.evaluation.evaluate import EvalOptions, check_options
 from util.errors import UserError
+from util.evaluation.evaluate import EvalOptions, check_options
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +21,14 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
     return 4 * 4 * sum(p.numel() for p in model.parameters())
 
 
-def disk_plan(checkpoint: int, files: Dict[str, int]) -> str:
+def disk_plan(checkpoint: int, files: dict[str, int]) -> str:
     """'5 checkpoints of 3.46 GiB (last 1, recent 2, milestones 1, being written 1) = 17.30 GiB'."""
     n = sum(files.values())
     parts = ", ".join(f"{k} {v}" for k, v in files.items())
     return f"{n} checkpoints of {checkpoint / 2**30:.2f} GiB ({parts}) = {n * checkpoint / 2**30:.2f} GiB"
 
 
-def preflight(out_dir: Path, checkpoint: int, options: Optional[EvalOptions],
-              files: Optional[Dict[str, int]] = None) -> None:
+def preflight(out_dir: Path, checkpoint: int, options: EvalOptions | None, files: dict[str, int] | None = None) -> None:
     """The evaluation's weights and references (``options``: the evaluation that will run, if it
     generates from prompts), a writable output folder, and free disk for every checkpoint the run's
     policy will hold at once (``files``: by kind, from ``CheckpointPolicy.peak_files``; checkpoints
@@ -37,7 +36,7 @@ def preflight(out_dir: Path, checkpoint: int, options: Optional[EvalOptions],
     if options is not None and options.prompts is not None:
         try:
             check_options(options)
-        except (FileNotFoundError, ValueError) as e:   # a message, not a traceback: nothing has run yet
+        except (FileNotFoundError, ValueError) as e:  # a message, not a traceback: nothing has run yet
             raise UserError(f"preflight: {e}") from None
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -48,11 +47,14 @@ def preflight(out_dir: Path, checkpoint: int, options: Optional[EvalOptions],
     files = files or {"checkpoint": 1 if checkpoint else 0}
     needed = checkpoint * sum(files.values())
     present = sum(p.stat().st_size for p in out_dir.glob("checkpoint-*.pth") if p.stat().st_nlink == 1)
-    present += sum({p.stat().st_ino: p.stat().st_size for p in out_dir.glob("checkpoint-*.pth")
-                    if p.stat().st_nlink > 1}.values())
+    present += sum(
+        {p.stat().st_ino: p.stat().st_size for p in out_dir.glob("checkpoint-*.pth") if p.stat().st_nlink > 1}.values()
+    )
     free = shutil.disk_usage(out_dir).free
     if free + present < needed:
-        raise UserError(f"{out_dir} has {free / 2**30:.2f} GiB free (+{present / 2**30:.2f} GiB of checkpoints the run "
-                        f"will replace) but the checkpoint policy needs {disk_plan(checkpoint, files)}; free some "
-                        "space, pass another --output_dir, or lower runtime.keep_last / raise runtime.milestone_every")
+        raise UserError(
+            f"{out_dir} has {free / 2**30:.2f} GiB free (+{present / 2**30:.2f} GiB of checkpoints the run "
+            f"will replace) but the checkpoint policy needs {disk_plan(checkpoint, files)}; free some "
+            "space, pass another --output_dir, or lower runtime.keep_last / raise runtime.milestone_every"
+        )
     log.info("preflight passed: %s writable, %.1f GiB free for %s", out_dir, free / 2**30, disk_plan(checkpoint, files))

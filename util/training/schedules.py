@@ -1,11 +1,11 @@
 """Schedules as small classes whose value at step s is a pure function of s, so an exact resume
 only needs the step counter. Each ``apply`` writes the value it returns, so what gets logged is
 what was applied."""
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict
 
 import torch
 
@@ -15,8 +15,9 @@ from util.config import OptimConfig
 class LRSchedule:
     """Linear warmup from 0 to ``peak``, then ``constant`` or ``cosine`` decay to ``final``."""
 
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int, kind: str = "constant",
-                 final: float = 0.0) -> None:
+    def __init__(
+        self, peak: float, warmup_steps: int, total_steps: int, kind: str = "constant", final: float = 0.0
+    ) -> None:
         if kind not in ("constant", "cosine"):
             raise ValueError(f"unknown lr schedule {kind!r}; choose constant or cosine")
         self.peak, self.warmup, self.total, self.kind, self.final = peak, warmup_steps, total_steps, kind, final
@@ -62,22 +63,27 @@ class WeightDecaySchedule(CosineValue):
 @dataclass
 class Schedules:
     """The three values that move with the step: learning rate, weight decay, EMA momentum."""
+
     lr: LRSchedule
     weight_decay: WeightDecaySchedule
     ema: CosineValue
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> Dict[str, float]:
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> dict[str, float]:
         """Set the lr and weight decay of ``step`` on the optimizer; the values applied, with the EMA momentum."""
-        return {"lr": self.lr.apply(optimizer, step), "weight_decay": self.weight_decay.apply(optimizer, step),
-                "ema_momentum": self.ema(step)}
+        return {
+            "lr": self.lr.apply(optimizer, step),
+            "weight_decay": self.weight_decay.apply(optimizer, step),
+            "ema_momentum": self.ema(step),
+        }
 
     @classmethod
-    def build(cls, optim: OptimConfig, lr: float, steps_per_epoch: int, total_steps: int) -> "Schedules":
+    def build(cls, optim: OptimConfig, lr: float, steps_per_epoch: int, total_steps: int) -> Schedules:
         """The schedules of the ``optim`` section at peak lr ``lr`` (resolved from blr and the global
         batch). ``weight_decay_end`` / ``ema_rate_start`` None: constant weight decay / EMA momentum."""
         wd_end = optim.weight_decay if optim.weight_decay_end is None else optim.weight_decay_end
         ema_start = optim.ema_rate if optim.ema_rate_start is None else optim.ema_rate_start
-        return cls(lr=LRSchedule(lr, int(optim.warmup_epochs * steps_per_epoch), total_steps, optim.lr_schedule,
-                                 optim.min_lr),
-                   weight_decay=WeightDecaySchedule(optim.weight_decay, wd_end, total_steps),
-                   ema=CosineValue(ema_start, optim.ema_rate, total_steps))
+        return cls(
+            lr=LRSchedule(lr, int(optim.warmup_epochs * steps_per_epoch), total_steps, optim.lr_schedule, optim.min_lr),
+            weight_decay=WeightDecaySchedule(optim.weight_decay, wd_end, total_steps),
+            ema=CosineValue(ema_start, optim.ema_rate, total_steps),
+        )
