@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -313,7 +314,7 @@ def settings(sections: Iterable[str] | None = None) -> dict[str, Setting]:
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     args = typing.get_args(tp)
-    if typing.get_origin(tp) is typing.Union and type(None) in args:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
         return next(a for a in args if a is not type(None)), True
     return tp, False
 
