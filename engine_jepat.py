@@ -130,24 +130,16 @@ def train(run: Run) -> dict:
     ``log_freq`` steps; a non-finite loss raises FloatingPointError there, before any checkpoint.
     """
     c, st, env, parallel, optimizer = run.config, run.state, run.env, run.parallel, run.optimizer
-    accum, device = c.optim.accum_iter, env.device
-    max_steps = c.runtime.max_steps if c.runtime.max_steps is not None else math.inf
-    logger = (
-        RunLogger.open(parse_log_with(c.runtime.log_with), run.out_dir, config_record(c), c.runtime.wandb_project)
-        if env.is_main
-        else None
-    )
-    sums = torch.zeros(5, device=device)  # loss, flow, jepa, micro-batches, non-finite ones since the last log
-    stop = False
+    accum, max_steps = c.optim.accum_iter, math.inf if c.runtime.max_steps is None else c.runtime.max_steps
+    logger = _open_logger(run)  # rank 0 only
+    meter, stop = StepMeter(env.device, c.optim.batch_size * env.world_size), False
     try:
         with StopSignals(env) as signals:
             st.started = time.time()
             while st.epoch < c.optim.epochs and st.step < max_steps and not stop:
-                run.parallel.model.train()
+                parallel.model.train()
                 run.order.set_position(st.epoch, st.batch_in_epoch)
-                epoch_end = run.steps_per_epoch * accum  # micro-batches that make whole steps
-                bar = _progress(run)
-                micro = 0
+                epoch_end, micro, bar = run.steps_per_epoch * accum, 0, _progress(run)
                 for images, captions in run.loader:  # 1. fetch
                     if st.batch_in_epoch >= epoch_end:
                         break
@@ -156,65 +148,92 @@ def train(run: Run) -> dict:
                         optimizer.zero_grad(set_to_none=True)
                     seed_step(c.runtime.seed, st.step, env.rank * accum + micro, st.host_generator)
                     x, text = run.inputs(images, captions)  # 2. inputs
-                    last_micro = micro == accum - 1
-                    with parallel.grad_sync(last_micro):  # 3. forward/backward
-                        with autocast_context(device, c.runtime.precision):
+                    with parallel.grad_sync(micro == accum - 1):  # 3. forward/backward
+                        with autocast_context(env.device, c.runtime.precision):
                             out = parallel.train_module(x, text, st.host_generator)
-                        loss = out["loss"] / accum if accum > 1 else out["loss"]
-                        (parallel.scaler.scale(loss) if parallel.scaler is not None else loss).backward()
-                    st.batch_in_epoch += 1
-                    detached = out["loss"].detach().float()
-                    sums += torch.stack(
-                        [
-                            detached,
-                            out["flow"].float(),
-                            out["jepa"].float(),
-                            torch.ones((), device=device),
-                            (~torch.isfinite(detached)).float(),
-                        ]
-                    )
-                    if not last_micro:
-                        micro += 1
+                        parallel.backward(out["loss"] / accum)
+                    st.batch_in_epoch, micro = st.batch_in_epoch + 1, (micro + 1) % accum
+                    meter.add(out)
+                    if micro:
                         continue
-                    micro = 0
-                    grad_norm = _optimizer_step(parallel, optimizer, c.optim.grad_clip)  # 4. optimizer step
+                    applied["grad_norm"] = _optimizer_step(parallel, optimizer, c.optim.grad_clip)  # 4. step
                     update_ema(parallel.ema, parallel.model, applied["ema_momentum"])  # 5. EMA
                     st.step += 1
                     bar.update(accum)
                     if st.step % c.runtime.log_freq == 0:  # 6. log
-                        _log(
-                            run, logger, sums, {**applied, "grad_norm": grad_norm, "mask_ratio": out["mask_ratio"]}, bar
-                        )
+                        _log(run, logger, meter, {**applied, "mask_ratio": out["mask_ratio"]}, bar)
                     if c.runtime.save_every_steps and st.step % c.runtime.save_every_steps == 0:
                         run.checkpoint.save("last")  # 7. save
                     stop = signals.requested() or st.step >= max_steps  # 9. stop
                     if stop:
                         break
-                if sums[3] > 0:  # the same count on every rank
-                    _log(run, logger, sums, {**applied, "grad_norm": grad_norm, "mask_ratio": out["mask_ratio"]}, bar)
+                if meter.count:  # the same count on every rank
+                    _log(run, logger, meter, {**applied, "mask_ratio": out["mask_ratio"]}, bar)
                 bar.close()
-                if st.batch_in_epoch >= epoch_end:  # a whole epoch
-                    st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-                    run.checkpoint.save_epoch(st.epoch)  # 7. save (last, and kept)
-                    _epoch_grid_and_evaluation(run, logger)  # 8. evaluate
-                else:
-                    run.checkpoint.save("last")
-                _log_epoch(run)
+                _end_epoch(run, logger, epoch_end)  # 7. save, 8. evaluate
                 stop = stop or signals.requested()  # 9. stop
-        if env.is_main:
-            (run.out_dir / "train_log.json").write_text(json.dumps(run.history, indent=1))
-        if signals.signal:
-            log.info("stopped by signal %d at step %d; checkpoint-last.pth written", signals.signal, st.step)
-            return {"stopped_by_signal": signals.signal, "step": st.step}
-        result = {"train_seconds": st.train_seconds() - st.prior_seconds, "step": st.step}
-        if not c.eval.skip:
-            result.update(run_evaluation(run, run.out_dir, logger))
-        if env.is_main:
-            write_curves(run.out_dir, f"{c.recipe}: {c.model.preset}, {st.step} steps")
-        return result
+        return _finish(run, logger, signals.signal)
     finally:
         if logger is not None:
             logger.close()
+
+
+class StepMeter:
+    """The losses of the micro-batches since the last log line, summed on the device (no host
+    sync), with how many there were and how long they took."""
+
+    def __init__(self, device: torch.device, images_per_micro_batch: int) -> None:
+        self.sums = torch.zeros(5, device=device)  # loss, flow, jepa, micro-batches, non-finite losses
+        self.count, self.images_per_micro_batch, self.since = 0, images_per_micro_batch, time.perf_counter()
+
+    def add(self, out: dict[str, torch.Tensor]) -> None:
+        loss = out["loss"].detach().float()
+        parts = [loss, out["flow"].float(), out["jepa"].float(), torch.ones_like(loss), (~torch.isfinite(loss)).float()]
+        self.sums += torch.stack(parts)
+        self.count += 1
+
+    def reset(self) -> float:
+        """Zero the sums; returns the images per second (all ranks) since the last reset."""
+        seconds, self.since = time.perf_counter() - self.since, time.perf_counter()
+        images, self.count = self.count * self.images_per_micro_batch, 0
+        self.sums.zero_()
+        return images / max(seconds, 1e-9)
+
+
+def _end_epoch(run: Run, logger: RunLogger | None, epoch_end: int) -> None:
+    """After the loader stopped: a whole epoch advances the counters, saves the epoch checkpoint
+    and runs the grid and evaluation that are due; a part of one (a stop) saves checkpoint-last."""
+    st = run.state
+    if st.batch_in_epoch >= epoch_end:
+        st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        run.checkpoint.save_epoch(st.epoch)
+        _epoch_grid_and_evaluation(run, logger)
+    else:
+        run.checkpoint.save("last")
+    _log_epoch(run)
+
+
+def _finish(run: Run, logger: RunLogger | None, stopped_by: int) -> dict:
+    """train_log.json, then (unless a signal stopped the run) the evaluation and curves.png."""
+    c, st = run.config, run.state
+    if run.env.is_main:
+        (run.out_dir / "train_log.json").write_text(json.dumps(run.history, indent=1))
+    if stopped_by:
+        log.info("stopped by signal %d at step %d; checkpoint-last.pth written", stopped_by, st.step)
+        return {"stopped_by_signal": stopped_by, "step": st.step}
+    result = {"train_seconds": st.train_seconds() - st.prior_seconds, "step": st.step}
+    if not c.eval.skip:
+        result.update(run_evaluation(run, run.out_dir, logger))
+    if run.env.is_main:
+        write_curves(run.out_dir, f"{c.recipe}: {c.model.preset}, {st.step} steps")
+    return result
+
+
+def _open_logger(run: Run) -> RunLogger | None:
+    c = run.config
+    if not run.env.is_main:
+        return None
+    return RunLogger.open(parse_log_with(c.runtime.log_with), run.out_dir, config_record(c), c.runtime.wandb_project)
 
 
 def _progress(run: Run) -> tqdm:
@@ -241,42 +260,29 @@ def _optimizer_step(parallel: Parallel, optimizer: torch.optim.Optimizer, grad_c
     return grad_norm
 
 
-def _log(run: Run, logger: RunLogger | None, sums: torch.Tensor, applied: dict, bar: tqdm) -> None:
+def _log(run: Run, logger: RunLogger | None, meter: StepMeter, applied: dict, bar: tqdm) -> None:
     """Read the accumulated losses back (the only host sync), summed over ranks; check finiteness;
     log. ``applied``: the schedule values of the last step, its grad norm and mask ratio."""
     st = run.state
-    run.parallel.reduce_sum_(sums)
-    count, bad = int(sums[3].item()), int(sums[4].item())
-    loss, flow, jepa = (sums[:3] / max(count, 1)).tolist()
+    run.parallel.reduce_sum_(meter.sums)
+    count, bad = int(meter.sums[3].item()), int(meter.sums[4].item())
+    loss, flow, jepa = (meter.sums[:3] / max(count, 1)).tolist()
     if bad or not math.isfinite(loss):
         raise FloatingPointError(
             f"non-finite loss within the {count} steps ending at step {st.step}; the last checkpoint "
             "was written before it and is kept. Lower optim.lr or use --precision fp32 to investigate"
         )
-    sums.zero_()
-    values = {
-        "loss": loss,
-        "flow_loss": flow,
-        "jepa_loss": jepa,
-        "lr": applied["lr"],
-        "weight_decay": applied["weight_decay"],
-        "ema_momentum": applied["ema_momentum"],
-        "grad_norm": grad_norm_value(applied["grad_norm"]),
-        "mask_ratio": float(applied["mask_ratio"]),
-    }
+    images_per_s = meter.reset()
+    values = {"loss": loss, "flow_loss": flow, "jepa_loss": jepa, "images_per_s": images_per_s}
+    values.update({k: applied[k] for k in ("lr", "weight_decay", "ema_momentum")})
+    values.update(grad_norm=grad_norm_value(applied["grad_norm"]), mask_ratio=float(applied["mask_ratio"]))
     if bar.disable:
         log.info(
-            "epoch %d step %d: loss %.4f (flow %.4f, jepa %.4f) lr %.2e grad norm %.3g",
-            st.epoch,
-            st.step,
-            loss,
-            flow,
-            jepa,
-            values["lr"],
-            values["grad_norm"],
-        )
+            "epoch %d step %d: loss %.4f (flow %.4f, jepa %.4f) lr %.2e grad norm %.3g, %.1f images/s",
+            st.epoch, st.step, loss, flow, jepa, values["lr"], values["grad_norm"], images_per_s,
+        )  # fmt: skip
     else:
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{images_per_s:.1f}")
     if logger is not None:
         for k, v in values.items():
             logger.add_scalar(f"train/{k}", v, st.step)

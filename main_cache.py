@@ -149,25 +149,12 @@ def cache(c: TrainConfig, rank: int, world: int, device: torch.device, barrier) 
     if rank == 0:
         source = build_source(c, cache_dir, listed=False)
         flipped = k.dataset == "imagenet" if k.random_flip is None else k.random_flip
-        meta = prepare_cache(
-            cache_dir,
-            source,
-            tmeta,
-            k.shard_size,
-            k.dtype,
-            vae_source=str(getattr(tokenizer, "source", "")),
-            flipped=flipped,
-        )
+        vae = str(getattr(tokenizer, "source", ""))
+        meta = prepare_cache(cache_dir, source, tmeta, k.shard_size, k.dtype, vae_source=vae, flipped=flipped)
         log.info(
             "%d entries to cache in %d shards of %d on %d rank(s), %s at %d px -> %s",
-            len(source),
-            num_shards(meta),
-            k.shard_size,
-            world,
-            m.tokenizer,
-            m.img_size,
-            cache_dir,
-        )
+            len(source), num_shards(meta), k.shard_size, world, m.tokenizer, m.img_size, cache_dir,
+        )  # fmt: skip
     barrier()
     if rank != 0:
         source, meta = build_source(c, cache_dir, listed=True), read_meta(cache_dir)
@@ -177,9 +164,8 @@ def cache(c: TrainConfig, rank: int, world: int, device: torch.device, barrier) 
     encode = tokenizer.moments if tmeta["stochastic"] else tokenizer.encode
     mine = [s for s in range(num_shards(meta)) if s % world == rank]
     todo = sum(_pending(cache_dir, meta, s) for s in mine)
-    bar = tqdm(
-        total=todo, desc=f"caching (rank {rank}/{world})", dynamic_ncols=True, disable=rank != 0 or not interactive()
-    )
+    quiet = rank != 0 or not interactive()
+    bar = tqdm(total=todo, desc=f"caching (rank {rank}/{world})", dynamic_ncols=True, disable=quiet)
     skipped_here, done_here = [0], [0]
 
     def progress(n: int, bad: int) -> None:
@@ -195,19 +181,8 @@ def cache(c: TrainConfig, rank: int, world: int, device: torch.device, barrier) 
             if budget is not None and budget <= 0:
                 finished = False
                 break
-            ran, done = cache_shard(
-                cache_dir,
-                meta,
-                shard,
-                source,
-                encode,
-                k.batch_size,
-                k.num_workers,
-                device,
-                sample_shape,
-                budget,
-                progress,
-            )
+            work = (k.batch_size, k.num_workers, device, sample_shape, budget, progress)
+            ran, done = cache_shard(cache_dir, meta, shard, source, encode, *work)
             batches += ran
             finished &= done
             if bar.disable and rank == 0:  # a log file gets one line per shard instead of a bar
@@ -221,15 +196,12 @@ def cache(c: TrainConfig, rank: int, world: int, device: torch.device, barrier) 
     counts: dict = {}
     if rank == 0:
         counts = finalize_cache(cache_dir, meta)
+        n = counts
+        reasons = "" if n["pending"] else f"; reasons in {cache_dir / 'skipped.jsonl'}"
         log.info(
             "images seen %d = cached %d + skipped %d (%d converted and cached; %d pending)%s",
-            counts["seen"],
-            counts["cached"],
-            counts["skipped"],
-            counts["converted"],
-            counts["pending"],
-            "" if counts["pending"] else f"; reasons in {cache_dir / 'skipped.jsonl'}",
-        )
+            n["seen"], n["cached"], n["skipped"], n["converted"], n["pending"], reasons,
+        )  # fmt: skip
         if counts["pending"] == 0 and not k.skip_text:
             cache_text(c, cache_dir, source.vocabulary, device)
     barrier()

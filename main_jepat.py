@@ -170,6 +170,7 @@ def build_data(c: TrainConfig, env: DistEnv, captions: CaptionStore, tokenizer: 
         batch_size=c.optim.batch_size,
         sampler=order,
         num_workers=c.data.num_workers,
+        persistent_workers=c.data.num_workers > 0,  # not re-forked every epoch (400+ times)
         drop_last=True,
         pin_memory=env.device.type == "cuda",
         generator=torch.Generator().manual_seed(c.runtime.seed),
@@ -215,8 +216,8 @@ def checkpoint_policy(c: TrainConfig) -> CheckpointPolicy:
 def build_run(c: TrainConfig, env: DistEnv) -> Run:
     """Tokenizer, caption store, model, EMA, data, parallel wrapper, optimizer, schedules and the
     checkpoint, with the state of ``runtime.resume`` restored and the later evaluation preflighted."""
-    device, out_dir, o = env.device, Path(c.runtime.output_dir), c.optim
-    torch.manual_seed(c.runtime.seed)  # the same initial weights on every rank
+    device, out_dir, o, rt = env.device, Path(c.runtime.output_dir), c.optim, c.runtime
+    torch.manual_seed(rt.seed)  # the same initial weights on every rank
     tokenizer = build_tokenizer(c.model.tokenizer, c.model.vae_path).to(device)  # a missing VAE file stops here
     captions = build_caption_store(caption_recipe_of(c), device)
     model = make_model(c.model, tokenizer, captions.info).to(device)
@@ -224,92 +225,40 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     log.info("model %s: %s", c.model.preset, json.dumps(model.num_params()))
     order, loader, inputs, origin = build_data(c, env, captions, tokenizer)
     options = plan_evaluation(c, env, origin, captions, model)
-    ckpt = TrainingCheckpoint.load_weights(c.runtime.resume, model, ema) if c.runtime.resume else None
+    ckpt = TrainingCheckpoint.load_weights(rt.resume, model, ema) if rt.resume else None
     steps_per_epoch = order.num_batches // o.accum_iter  # optimizer steps
     if steps_per_epoch < 1:
         raise UserError(f"optim.accum_iter {o.accum_iter} exceeds the {order.num_batches} batches of an epoch")
     total_steps = steps_per_epoch * o.epochs  # the schedules' length; runtime.max_steps only stops early
     global_batch = o.batch_size * env.world_size * o.accum_iter
     lr = o.lr if o.lr is not None else o.blr * global_batch / 256
-    parallel = Parallel(
-        env,
-        model,
-        ema,
-        c.loss,
-        c.runtime.strategy,
-        c.runtime.precision,
-        c.runtime.grad_checkpointing,
-        c.runtime.compile_backend if c.runtime.compile else None,
-    )
+    compile_backend = rt.compile_backend if rt.compile else None
+    parallel = Parallel(env, model, ema, c.loss, rt.strategy, rt.precision, rt.grad_checkpointing, compile_backend)
+    fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(
-        param_groups(model),
-        lr=lr,
-        betas=tuple(o.adamw_betas),
-        eps=o.adamw_eps,
-        weight_decay=o.weight_decay,
-        fused=device.type == "cuda",
+        param_groups(model), lr, tuple(o.adamw_betas), o.adamw_eps, o.weight_decay, fused=fused
     )
-    schedules = Schedules.build(o, lr, steps_per_epoch, total_steps)
     state = TrainState()
-    state.host_generator.manual_seed(c.runtime.seed)
-    record = {
-        "model_config": config_dict(model),
-        "config": to_dict(c),
-        "captions_info": {**captions.info, "source": origin.to_dict()},
-    }
-    checkpoint = TrainingCheckpoint(out_dir, parallel, optimizer, state, record, checkpoint_policy(c))
+    state.host_generator.manual_seed(rt.seed)
+    record = {"model_config": config_dict(model), "config": to_dict(c)}
+    record["captions_info"] = {**captions.info, "source": origin.to_dict()}
+    checkpoint = TrainingCheckpoint(out_dir, parallel, optimizer, state, record, checkpoint_policy(c), o.batch_size)
     if ckpt is not None:
         checkpoint.restore(ckpt)
-        log.info(
-            "resumed %s at epoch %d, batch %d, step %d", c.runtime.resume, state.epoch, state.batch_in_epoch, state.step
-        )
+        log.info("resumed %s at epoch %d, batch %d, step %d", rt.resume, state.epoch, state.batch_in_epoch, state.step)
+    backend = torch.distributed.get_backend() if env.initialized else "none"
     log.info(
         "%d process(es) x batch %d x accum %d = global batch %d, lr %.3g, strategy %s (backend %s), AdamW fused=%s",
-        env.world_size,
-        o.batch_size,
-        o.accum_iter,
-        global_batch,
-        lr,
-        parallel.strategy,
-        torch.distributed.get_backend() if env.initialized else "none",
-        optimizer.defaults.get("fused"),
-    )
+        env.world_size, o.batch_size, o.accum_iter, global_batch, lr, parallel.strategy, backend, fused,
+    )  # fmt: skip
     if env.is_main:
         (out_dir / "config.yaml").write_text(to_yaml(c))
-        (out_dir / "run.json").write_text(
-            json.dumps(
-                {
-                    "recipe": c.recipe,
-                    "resolved_lr": lr,
-                    "total_steps": total_steps,
-                    "steps_per_epoch": steps_per_epoch,
-                    "world_size": env.world_size,
-                    "global_batch": global_batch,
-                    "model_config": config_dict(model),
-                },
-                indent=2,
-            )
-        )
-    run = Run(
-        c,
-        env,
-        out_dir,
-        tokenizer,
-        captions,
-        model,
-        ema,
-        parallel,
-        optimizer,
-        schedules,
-        loader,
-        order,
-        inputs,
-        state,
-        checkpoint,
-        options,
-        origin.kind == "shapes",
-        steps_per_epoch,
-    )
+        derived = {"recipe": c.recipe, "resolved_lr": lr, "total_steps": total_steps, "world_size": env.world_size}
+        derived.update(steps_per_epoch=steps_per_epoch, global_batch=global_batch, model_config=config_dict(model))
+        (out_dir / "run.json").write_text(json.dumps(derived, indent=2))
+    schedules = Schedules.build(o, lr, steps_per_epoch, total_steps)
+    parts = (tokenizer, captions, model, ema, parallel, optimizer, schedules, loader, order, inputs, state, checkpoint)
+    run = Run(c, env, out_dir, *parts, options, origin.kind == "shapes", steps_per_epoch)
     run.history = earlier_history(run)
     return run
 

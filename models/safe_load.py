@@ -87,8 +87,11 @@ def load_torch_file(
             f"found {size} bytes starting with {head!r}"
         )
     try:
+        # a zip-format file is memory-mapped: tensors are read from the page cache as they are used,
+        # so loading a 1.4B-parameter checkpoint does not first copy all of it into process memory
+        mmap = zipfile.is_zipfile(path)
         with torch.serialization.safe_globals(list(allowed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):
             raise _refusal(path, what, str(e)) from None

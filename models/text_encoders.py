@@ -247,6 +247,26 @@ def _has_path_syntax(value: str) -> bool:
     return any(s in value for s in seps) or value.startswith(("~", ".")) or value.lower().endswith(_CHECKPOINT_SUFFIXES)
 
 
+def _clip_weights(open_clip, model_name: str, pretrained: str | os.PathLike | None) -> tuple[str | None, dict]:
+    """``pretrained`` as open_clip takes it (a known tag, or an existing file) and the tag's config
+    ({} for a file or random weights); an unknown tag or a missing file is an error naming the fix."""
+    if pretrained is None:
+        return None, {}
+    pretrained = str(pretrained)
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
+    if tag_cfg and not _has_path_syntax(pretrained):
+        return pretrained, tag_cfg
+    if not (_has_path_syntax(pretrained) or os.path.exists(pretrained)):
+        raise ValueError(
+            f"unknown pretrained tag {pretrained!r} for open_clip model {model_name!r}; known tags: "
+            f"{open_clip.list_pretrained_tags_by_model(model_name)}, or {_CLIP_ALTERNATIVES}"
+        )
+    pretrained = os.path.expanduser(pretrained)
+    if not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"no CLIP weights at {pretrained}; {_CLIP_ALTERNATIVES}")
+    return pretrained, {}
+
+
 class ClipTextEncoder(TextEncoder):
     """Text tower of an open_clip CLIP model; the visual tower is discarded after loading.
 
@@ -297,20 +317,7 @@ class ClipTextEncoder(TextEncoder):
             raise ValueError(
                 f"ClipTextEncoder max_length must be in [2, {context_length}] for {model_name}, got {max_length}"
             )
-        tag_cfg: dict = {}
-        if pretrained is not None:
-            pretrained = str(pretrained)
-            tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) or {}
-            if _has_path_syntax(pretrained) or not tag_cfg:
-                tag_cfg = {}
-                if not (_has_path_syntax(pretrained) or os.path.exists(pretrained)):
-                    raise ValueError(
-                        f"unknown pretrained tag {pretrained!r} for open_clip model {model_name!r}; known tags: "
-                        f"{open_clip.list_pretrained_tags_by_model(model_name)}, or {_CLIP_ALTERNATIVES}"
-                    )
-                pretrained = os.path.expanduser(pretrained)
-                if not os.path.isfile(pretrained):
-                    raise FileNotFoundError(f"no CLIP weights at {pretrained}; {_CLIP_ALTERNATIVES}")
+        pretrained, tag_cfg = _clip_weights(open_clip, model_name, pretrained)
         if force_quick_gelu is None:
             force_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
 

@@ -5,7 +5,9 @@ signal; FSDP2; accumulation against a larger batch; compile without ``_orig_mod.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -163,7 +165,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(ddp_run, tm
     assert not any(k.startswith(("module.", "_orig_mod.", "model.")) for k in a["model"])
 
 
-def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_identical(ddp_run, tmp_path):
+def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_identical(ddp_run, tmp_path, caplog):
     out = tmp_path / "pre"
     argv = COMMON + ["--batch_size", "4", "--output_dir", str(out), "--save_every_steps", "1"]
     procs = start_ranks(argv)
@@ -174,10 +176,42 @@ def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_iden
     assert join_ranks(procs) == [0, 0]
     stopped = load(out / "checkpoint-last.pth")
     assert 0 < stopped["state"]["step"] < STEPS
+    shutil.copy(out / "checkpoint-last.pth", tmp_path / "stopped.pth")
     run_ranks(argv + ["--resume", str(out / "checkpoint-last.pth")])
     resumed = load(out / "checkpoint-last.pth")
     assert resumed["state"]["step"] == STEPS
     assert_same(load(ddp_run / "checkpoint-last.pth"), resumed, exact=True)
+    # the same checkpoint of two ranks, resumed by one process with the same global batch (4 x 2 micro-batches)
+    with caplog.at_level(logging.INFO, logger="util.training.checkpoint"):
+        run_single(
+            tmp_path / "one", "--batch_size", "4", "--accum_iter", "2", "--resume", str(tmp_path / "stopped.pth")
+        )
+    assert "written by 2 process(es) x batch 4, this run is 1 x 4: continuing at sample" in caplog.text
+    one = load(tmp_path / "one" / "checkpoint-last.pth")
+    assert one["state"]["step"] == STEPS and one["state"]["world_size"] == 1
+    assert_same(load(ddp_run / "checkpoint-last.pth"), one, exact=False)
+
+
+def test_one_process_mid_epoch_resumes_on_two_ranks_from_the_same_sample(ddp_run, tmp_path):
+    one = tmp_path / "one"
+    run_single(one, "--batch_size", "4", "--accum_iter", "2", "--max_steps", "3")  # 24 of the epoch's 48 samples
+    assert load(one / "checkpoint-last.pth")["state"]["batch_in_epoch"] == 6
+    run_ranks(
+        COMMON
+        + [
+            "--batch_size",
+            "4",
+            "--output_dir",
+            str(one),
+            "--max_steps",
+            "6",
+            "--resume",
+            str(one / "checkpoint-last.pth"),
+        ]
+    )
+    a, b = load(ddp_run / "checkpoint-1.pth"), load(one / "checkpoint-last.pth")
+    assert b["state"]["step"] == 6 and b["state"]["epoch"] == 1 and b["state"]["world_size"] == 2
+    assert_same(a, b, exact=False)
 
 
 def test_fsdp_with_activation_checkpointing_resumes_matches_ddp_and_writes_a_plain_checkpoint(ddp_run, tmp_path):

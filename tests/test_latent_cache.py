@@ -14,8 +14,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from PIL import Image
+from torch.utils.data import DataLoader
 
 import main_cache
+from util.data.datasets import DataOrder
+from util.data.draws import ItemKey, draw_seed
 from util.data.latent_cache import CachedLatentDataset, read_meta
 
 GOOD = {"n01440764/good1.jpg", "n01440764/good2.png", "n01440764/good3.JPEG"}
@@ -230,21 +233,48 @@ def test_loader_samples_plain_or_flipped_latents_and_refuses_a_mismatch(single):
     m = torch.from_numpy(ds.moments(0).copy())  # [2,32,1,1]
     mean, std = m[:, :16], torch.exp(0.5 * m[:, 16:].clamp(-30, 20))
     sides = set()
-    for seed in range(24):
-        torch.manual_seed(seed)
-        z, caption = ds[0]
+    for epoch in range(24):  # item 0 in 24 epochs: its own draws each time
+        z, caption = ds[ItemKey(0, draw_seed(0, epoch, 0))]
         assert z.shape == (16, 1, 1) and caption == "a photo of a tench"
         noise = (z / 0.2325 - mean) / std  # [2,16,1,1]: one is N(0,1)
         side = int(noise[1].abs().max() < noise[0].abs().max())
         assert noise[side].abs().max() < 6
         sides.add(side)
     assert sides == {0, 1}
-    torch.manual_seed(0)
-    a, _ = ds[0]
-    torch.manual_seed(1)
-    assert not torch.equal(a, ds[0][0])  # sampled, not the mean
+    a, _ = ds[ItemKey(0, 1)]
+    assert torch.equal(a, ds[ItemKey(0, 1)][0]) and not torch.equal(a, ds[ItemKey(0, 2)][0])  # sampled by its key
     with pytest.raises(ValueError, match=r"made with tokenizer 'kl16' at 16 px.*--tokenizer sd-vae --img_size 16"):
         ds.check("sd-vae", 16)
     with pytest.raises(ValueError, match=r"--img_size 32.*pass --tokenizer kl16 --img_size 16"):
         ds.check("kl16", 32)
     ds.check("kl16", 16)
+
+
+def test_draws_are_a_function_of_seed_epoch_and_index_whatever_the_workers_and_ranks(single):
+    """Flips, posterior noise and caption choice come from each item's key: the same with 0 or 2
+    loader workers, restored by a resume mid-epoch, shared by any world size, new each epoch, and
+    different on two ranks (not the same worker seeds on every rank)."""
+    cache, _ = single
+    ds = CachedLatentDataset(cache)
+
+    def batches(order: DataOrder, workers: int):
+        loader = DataLoader(ds, batch_size=1, sampler=order, num_workers=workers)
+        return [z.clone() for z, _ in loader]
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+    whole = batches(DataOrder(7, 1, seed=5), 0)
+    assert same(whole, batches(DataOrder(7, 1, seed=5), 2))
+    resumed = DataOrder(7, 1, seed=5)
+    resumed.set_position(0, 3)
+    assert same(whole[3:], batches(resumed, 2))
+    ranks = [DataOrder(7, 1, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    r0, r1 = batches(ranks[0], 2), batches(ranks[1], 0)
+    assert same(r0, whole[0:6:2]) and same(r1, whole[1:6:2])  # two ranks = one process, item for item
+    assert {k.seed for k in ranks[0]}.isdisjoint(k.seed for k in ranks[1])
+    later = DataOrder(7, 1, seed=5)
+    later.set_epoch(1)
+    index_of = {k.index: j for j, k in enumerate(DataOrder(7, 1, seed=5))}
+    anew = batches(later, 0)
+    assert all(not torch.equal(z, whole[index_of[k.index]]) for z, k in zip(anew, later))

@@ -82,6 +82,7 @@ def _device(name: str, local_rank: int, distributed: bool) -> torch.device:
         )
     device = torch.device("cuda", int(name.split(":")[1]) if ":" in name else local_rank)
     torch.cuda.set_device(device)
+    torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls left outside autocast
     return device
 
 

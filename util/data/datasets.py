@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from util.data.draws import ItemKey, draw_seed
 from util.data.image_folders import RawImageDataset, list_class_folders, list_manifest
 from util.data.latent_cache import CachedLatentDataset, read_meta
 from util.data.shapes import ShapesDataset
@@ -76,10 +77,12 @@ def is_shapes_data(dataset: str, data_path: str) -> bool:
     return dataset == "cached" and str(read_meta(data_path).get("root", "")).startswith("shapes(")
 
 
-class DataOrder(Sampler[int]):
+class DataOrder(Sampler[ItemKey]):
     """Shuffled indices, one permutation per (seed, epoch), split across ranks, that can start
     part-way through an epoch (``set_position``) so a resumed run sees exactly the data an
-    uninterrupted one would have seen. Drops the tail so every rank gets the same count.
+    uninterrupted one would have seen. Drops the tail so every rank gets the same count. Yields
+    ``ItemKey(index, draw seed)``: the item's random draws are a function of (seed, epoch, index)
+    (util/data/draws.py), whatever the rank or loader worker that reads it.
     """
 
     def __init__(
@@ -101,7 +104,7 @@ class DataOrder(Sampler[int]):
     def set_position(self, epoch: int, batch_in_epoch: int) -> None:
         self.epoch, self.start_batch = epoch, batch_in_epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[ItemKey]:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
             perm = torch.randperm(self.n, generator=g)
@@ -110,7 +113,7 @@ class DataOrder(Sampler[int]):
         per_rank = self.num_batches * self.batch_size
         mine = perm[: per_rank * self.world_size].view(self.num_batches, self.world_size, self.batch_size)
         mine = mine[self.start_batch :, self.rank].reshape(-1)
-        return iter(mine.tolist())
+        return iter([ItemKey(i, draw_seed(self.seed, self.epoch, i)) for i in mine.tolist()])
 
     def __len__(self) -> int:
         return (self.num_batches - self.start_batch) * self.batch_size

@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from util.data.draws import ItemKey, item_generator, item_key
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -315,7 +317,9 @@ class RawImageDataset(Dataset):
     def caption_origin(self) -> CaptionOrigin:
         return self.listing.caption_origin()
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, str]:
+        key = item_key(key)
+        i, g = key.index, item_generator(key)
         for k in range(min(len(self), 64)):
             j = (i + k) % len(self)
             if j in self.bad:
@@ -329,10 +333,11 @@ class RawImageDataset(Dataset):
         else:
             raise RuntimeError(f"64 consecutive unreadable images from entry {i} of {self.listing.root}")
         x = to_tensor(img)
-        if self.flip and torch.rand(()) < 0.5:
+        flip, pick = torch.rand(2, generator=g).tolist()
+        if self.flip and flip < 0.5:
             x = x.flip(-1)
         group = self.listing.captions[self.listing.groups[j]]
-        caption = group[int(torch.randint(len(group), ()))] if len(group) > 1 else group[0]
+        caption = group[min(int(pick * len(group)), len(group) - 1)]
         return x, caption
 
 

@@ -36,6 +36,7 @@ from torch.utils.data import Dataset
 
 from models.tokenizers import Tokenizer, latents_from_moments
 from util.data.caption_table import group_rows
+from util.data.draws import ItemKey, item_generator, item_key
 from util.data.image_folders import BadImage, CaptionOrigin, Listing, load_image, to_tensor
 from util.data.shapes import ShapesDataset
 
@@ -447,33 +448,38 @@ class CachedLatentDataset(Dataset):
         """[s, m, h, w] moments of item i (plain, and flipped when the cache holds flips)."""
         return self._shard(int(self._where[i, 0]))[int(self._where[i, 1])]
 
-    def _latents(self, m: torch.Tensor) -> torch.Tensor:
-        """moments [B,m,h,w] -> latents [B,c,h,w]: sampled for a VAE, as stored for pixels."""
+    def _latents(self, m: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """moments [B,m,h,w] -> latents [B,c,h,w]: sampled for a VAE (item b's noise from
+        ``gens[b]``), as stored for pixels."""
         if self.meta["stochastic"]:  # mean ++ log-variance
-            return latents_from_moments(m, torch.randn_like(m[:, : self.channels]), self.scaling, self.shift)
+            shape = (self.channels, *m.shape[2:])
+            noise = torch.stack([torch.randn(shape, generator=g) for g in gens])  # [B,c,h,w]
+            return latents_from_moments(m, noise, self.scaling, self.shift)
         return (m - self.shift) * self.scaling
 
-    def _caption(self, i: int) -> str | int:
-        """One caption of item i's group, drawn at random: its table row, or the string."""
+    def _caption(self, i: int, pick: float) -> str | int:
+        """One caption of item i's group, drawn by ``pick`` in [0, 1): its table row, or the string."""
         g = int(self._where[i, 2])
         lo, hi = int(self._group_offsets[g]), int(self._group_offsets[g + 1])
-        row = int(self._group_rows[lo + int(torch.randint(hi - lo, ())) if hi - lo > 1 else lo])
+        row = int(self._group_rows[lo + min(int(pick * (hi - lo)), hi - lo - 1)])
         if self.row_ids:
             return row
         if self._vocabulary is None:
             self.caption_vocabulary()
         return self._vocabulary[row]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, str]:
-        side = int(torch.rand(()) < 0.5) if self.flip else 0
-        m = torch.from_numpy(np.array(self.moments(i)[side], dtype=np.float32))[None]  # [1,m,h,w]
-        return self._latents(m)[0], self._caption(i)
+    def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, str]:
+        return self.__getitems__([key])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, str]]:
+    def __getitems__(self, keys: Sequence[ItemKey | int]) -> list[tuple[torch.Tensor, str]]:
         """A whole batch at once (the DataLoader calls this when batching): rows are gathered
-        shard by shard in sorted order and the latents sampled in one call."""
-        idx = np.asarray(indices, dtype=np.int64)
-        sides = (torch.rand(len(idx)) < 0.5).long().numpy() if self.flip else np.zeros(len(idx), np.int64)
+        shard by shard in sorted order and the latents sampled in one call; each item's flip,
+        noise and caption are drawn from its own key."""
+        keys = [item_key(k) for k in keys]
+        gens = [item_generator(k) for k in keys]
+        flip, pick = torch.stack([torch.rand(2, generator=g) for g in gens]).unbind(1)  # [B], [B]
+        idx = np.asarray([k.index for k in keys], dtype=np.int64)
+        sides = (flip < 0.5).long().numpy() if self.flip else np.zeros(len(idx), np.int64)
         out = np.empty((len(idx),) + self._shard(int(self._where[idx[0], 0])).shape[2:], dtype=np.float32)
         shard = self._where[idx, 0]
         for k in np.unique(shard).tolist():
@@ -481,8 +487,8 @@ class CachedLatentDataset(Dataset):
             rows = self._where[idx[sel], 1]
             order = np.argsort(rows, kind="stable")
             out[sel[order]] = self._shard(k)[rows[order], sides[sel[order]]]
-        z = self._latents(torch.from_numpy(out))  # [B,c,h,w]
-        return [(z[j], self._caption(int(i))) for j, i in enumerate(idx.tolist())]
+        z = self._latents(torch.from_numpy(out), gens)  # [B,c,h,w]
+        return [(z[j], self._caption(int(i), float(pick[j]))) for j, i in enumerate(idx.tolist())]
 
 
 class CachedLatentInput(Tokenizer):

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from util.data.draws import ItemKey
 from util.data.image_folders import CaptionOrigin
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -185,7 +186,10 @@ class ShapesDataset(torch.utils.data.Dataset):
     def caption_origin(self) -> CaptionOrigin:
         return CaptionOrigin("shapes")
 
-    def _index(self, i: int) -> int:
+    def _index(self, i: ItemKey | int) -> int:
+        """The item of an index or an ``ItemKey`` (its draws are fixed by the set's own seed)."""
+        if isinstance(i, ItemKey):
+            i = i.index
         if not isinstance(i, (int, np.integer)):
             raise TypeError(f"index must be an int, got {type(i).__name__}")
         j = int(i) + self.num_samples if i < 0 else int(i)

@@ -255,6 +255,37 @@ def sample_count_label(n: int) -> str:
 
 
 # -------------------------------------------------------------------- metrics
+def _reference_features(
+    reference: str | os.PathLike,
+    metrics: Sequence[str],
+    extractor: str,
+    layer: dict[str, str],
+    device: torch.device,
+    batch_size: int,
+    weights: str | None,
+    out: dict,
+) -> tuple[dict | None, dict | None]:
+    """(features, statistics) of the reference for ``metrics``: features of an image folder, or
+    a statistics file (with features of its images when it holds them and a metric needs them).
+    Records the reference's sample count, and the metrics skipped for want of images, in ``out``."""
+    if Path(reference).is_dir():
+        ref_feats = extract_features(reference, extractor, [layer[m] for m in metrics], device, batch_size, weights)
+        out["reference_num_samples"] = next(iter(ref_feats.values())).shape[0]
+        return ref_feats, None
+    ref_stats = load_statistics(reference)
+    out["reference_num_samples"] = ref_stats["num_samples"]
+    if ref_stats["feature_extractor"] not in (None, extractor):
+        raise ValueError(f"{reference} was computed with {ref_stats['feature_extractor']}, not {extractor}")
+    need_images = [m for m in metrics if m != "fid"]
+    if need_images and "images" in ref_stats:
+        layers = [layer[m] for m in need_images]
+        return extract_features(ref_stats["images"], extractor, layers, device, batch_size, weights), ref_stats
+    if need_images:
+        log.info("%s: skipped, the statistics file %s holds no reference images", ", ".join(need_images), reference)
+        out["skipped"] = {m: "the reference is a statistics file without images" for m in need_images}
+    return None, ref_stats
+
+
 def compute_metrics(
     samples: ImageSource,
     reference: str | os.PathLike | None = None,
@@ -310,23 +341,7 @@ def compute_metrics(
         )
     if not binary:
         return out
-    ref_feats, ref_stats = None, None
-    if Path(reference).is_dir():
-        ref_feats = extract_features(reference, extractor, [layer[m] for m in binary], device, batch_size, weights)
-        out["reference_num_samples"] = next(iter(ref_feats.values())).shape[0]
-    else:
-        ref_stats = load_statistics(reference)
-        out["reference_num_samples"] = ref_stats["num_samples"]
-        if ref_stats["feature_extractor"] not in (None, extractor):
-            raise ValueError(f"{reference} was computed with {ref_stats['feature_extractor']}, not {extractor}")
-        need_images = [m for m in binary if m != "fid"]
-        if need_images and "images" in ref_stats:
-            ref_feats = extract_features(
-                ref_stats["images"], extractor, [layer[m] for m in need_images], device, batch_size, weights
-            )
-        elif need_images:
-            log.info("%s: skipped, the statistics file %s holds no reference images", ", ".join(need_images), reference)
-            out["skipped"] = {m: "the reference is a statistics file without images" for m in need_images}
+    ref_feats, ref_stats = _reference_features(reference, binary, extractor, layer, device, batch_size, weights, out)
     if "fid" in metrics:
         ref = ref_stats if ref_stats is not None else statistics(ref_feats[layer["fid"]])
         fid = frechet_distance(statistics(feats[layer["fid"]]), ref)

@@ -286,6 +286,7 @@ class TrainingCheckpoint:
         state: TrainState,
         record: dict[str, Any],
         policy: CheckpointPolicy | None = None,
+        batch_size: int = 1,
     ) -> None:
         self.out_dir, self.parallel, self.optimizer, self.state, self.record = (
             out_dir,
@@ -295,6 +296,7 @@ class TrainingCheckpoint:
             record,
         )
         self.policy = policy or CheckpointPolicy()
+        self.batch_size = batch_size  # per process: with the world size, where in the epoch a batch count is
 
     def save_epoch(self, epoch: int) -> None:
         """At the end of ``epoch``: ``checkpoint-last.pth``, and ``checkpoint-<epoch>.pth`` when the
@@ -342,6 +344,22 @@ class TrainingCheckpoint:
             self.parallel.scaler.load_state_dict(ckpt["scaler"])
         s, st = ckpt["state"], self.state
         st.step, st.epoch, st.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
+        world, batch = self.parallel.env.world_size, self.batch_size
+        saved = (s.get("world_size", world), s.get("batch_size", batch))
+        if saved != (world, batch):  # another node shape: continue from the same sample of the epoch
+            samples = s["batch_in_epoch"] * saved[0] * saved[1]
+            st.batch_in_epoch, again = divmod(samples, world * batch)
+            log.info(
+                "the checkpoint was written by %d process(es) x batch %d, this run is %d x %d: continuing at "
+                "sample %d of epoch %d (batch %d of this run)%s",
+                *saved,
+                world,
+                batch,
+                samples,
+                st.epoch,
+                st.batch_in_epoch,
+                f"; the last {again} samples before it are read again" if again else "",
+            )
         st.host_generator.set_state(s["host_generator"])
         st.prior_seconds = s.get("train_seconds", 0.0)
         set_rng_state(ckpt["rng"])
@@ -372,7 +390,9 @@ class TrainingCheckpoint:
                 "state": {
                     "step": st.step,
                     "epoch": st.epoch,
-                    "batch_in_epoch": st.batch_in_epoch,
+                    "batch_in_epoch": st.batch_in_epoch,  # of this run's world_size x batch_size
+                    "world_size": p.env.world_size,
+                    "batch_size": self.batch_size,
                     "host_generator": st.host_generator.get_state(),
                     "train_seconds": st.train_seconds(),
                 },

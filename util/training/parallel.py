@@ -159,6 +159,10 @@ class Parallel:
         return root
 
     # ------------------------------------------------------------ the step
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the GradScaler under fp16."""
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
     def grad_sync(self, sync: bool) -> AbstractContextManager:
         """No gradient all-reduce / reduce-scatter on the inner micro-steps of an accumulation."""
         if self._ddp is not None and not sync:
