@@ -2,8 +2,13 @@
 architecture, the same weights written as an LDM-layout kl16.ckpt (as MAR ships it), and a
 one-thread torch for tests of tiny matmuls."""
 
+import os
+
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two pytest workers share the machine's two cores
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

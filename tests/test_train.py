@@ -1,7 +1,6 @@
 import importlib
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -149,13 +148,6 @@ def test_help_works(script, capsys):
     with pytest.raises(SystemExit) as exit_:
         parser.parse_args(["--help"])
     assert exit_.value.code == 0 and "usage" in capsys.readouterr().out
-
-
-def test_help_works_from_the_command_line():
-    out = subprocess.run(
-        [sys.executable, "main_jepat.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0 and "usage" in out.stdout
 
 
 @pytest.mark.parametrize("flag", ["--model", "--text_encoder", "--dataset", "--tokenizer"])
