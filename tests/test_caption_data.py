@@ -16,6 +16,7 @@ from util.data import captions as captions_module
 from util.data.caption_table import CaptionTable, write_caption_table
 from util.data.captions import CaptionStore, text_cache_key
 from util.data.datasets import build_dataset
+from util.data.draws import ItemKey, draw_seed
 from util.data.image_folders import imagenet_class_names
 from util.data.latent_cache import CachedLatentDataset
 from util.errors import UserError
@@ -49,9 +50,8 @@ def test_manifest_raw_and_cached(tmp_path):
     assert len(raw) == 3 and sorted(raw.caption_vocabulary()) == sorted(
         ["a red kite over a beach", "two dogs", "a pair of dogs", "a print"]
     )
-    torch.manual_seed(0)
-    seen = {raw[1][1] for _ in range(30)}
-    assert seen == {"two dogs", "a pair of dogs"}
+    seen = {raw[ItemKey(1, draw_seed(0, epoch, 1))][1] for epoch in range(30)}  # one of its captions per epoch
+    assert seen == {"two dogs", "a pair of dogs"} and raw[1][1] == raw[1][1]
     assert raw[0][0].shape == (3, 16, 16) and -1 <= raw[0][0].min() and raw[0][0].max() <= 1
     # captions may say "left" or hold text: no flips unless asked for
     assert raw.flip is False and build_dataset("captions", str(manifest), img_size=16, flip=True).flip is True
@@ -100,8 +100,7 @@ def test_manifest_raw_and_cached(tmp_path):
     i = [p.decode() for p in ds.index["path"]].index("img/a.png")
     plain = torch.from_numpy(np.array(ds.moments(i)[0]))
     assert torch.equal(torch.from_numpy(np.array(ds.moments(i)[1])), plain.flip(-1))
-    torch.manual_seed(0)
-    got = [ds[i][0] for _ in range(20)]
+    got = [ds[ItemKey(i, draw_seed(0, epoch, i))][0] for epoch in range(20)]  # the item in 20 epochs
     assert all(g.shape == (3, 16, 16) for g in got)
     flips = [bool(torch.equal(g, plain.flip(-1))) for g in got]
     assert all(torch.equal(g, plain) or f for g, f in zip(got, flips)) and 0 < sum(flips) < 20

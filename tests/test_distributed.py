@@ -192,36 +192,17 @@ def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_iden
     assert_same(load(ddp_run / "checkpoint-last.pth"), one, exact=False)
 
 
-def test_one_process_mid_epoch_resumes_on_two_ranks_from_the_same_sample(ddp_run, tmp_path):
-    one = tmp_path / "one"
-    run_single(one, "--batch_size", "4", "--accum_iter", "2", "--max_steps", "3")  # 24 of the epoch's 48 samples
-    assert load(one / "checkpoint-last.pth")["state"]["batch_in_epoch"] == 6
-    run_ranks(
-        COMMON
-        + [
-            "--batch_size",
-            "4",
-            "--output_dir",
-            str(one),
-            "--max_steps",
-            "6",
-            "--resume",
-            str(one / "checkpoint-last.pth"),
-        ]
-    )
-    a, b = load(ddp_run / "checkpoint-1.pth"), load(one / "checkpoint-last.pth")
-    assert b["state"]["step"] == 6 and b["state"]["epoch"] == 1 and b["state"]["world_size"] == 2
-    assert_same(a, b, exact=False)
-
-
-def test_fsdp_with_activation_checkpointing_resumes_matches_ddp_and_writes_a_plain_checkpoint(ddp_run, tmp_path):
+def test_one_process_resumes_on_two_fsdp_ranks_from_the_same_sample_and_matches_ddp(ddp_run, tmp_path):
+    """Another world size (1 -> 2) and another strategy (one process -> FSDP2 with activation
+    checkpointing) in one resume, from the middle of an epoch; the result is a plain checkpoint."""
     out = tmp_path / "fsdp"
+    run_single(out, "--batch_size", "4", "--accum_iter", "2", "--max_steps", "3")  # 24 of the epoch's 48 samples
+    assert load(out / "checkpoint-last.pth")["state"]["batch_in_epoch"] == 6
     argv = COMMON + ["--batch_size", "4", "--output_dir", str(out), "--strategy", "fsdp", "--grad_checkpointing"]
-    run_ranks(argv + ["--max_steps", "3"])
-    # resumed (the full optimizer state is re-sharded) up to the DDP run's first checkpoint
+    # resumed (the full optimizer state is sharded) up to the DDP run's first checkpoint
     run_ranks(argv + ["--max_steps", "6", "--resume", str(out / "checkpoint-last.pth")])
     a, b = load(ddp_run / "checkpoint-1.pth"), load(out / "checkpoint-last.pth")
-    assert b["state"]["step"] == 6
+    assert b["state"]["step"] == 6 and b["state"]["epoch"] == 1 and b["state"]["world_size"] == 2
     assert all(type(v) is torch.Tensor for v in b["model"].values())  # full tensors, not shards
     assert_same(a, b, exact=False)
     # the consolidated checkpoint samples without any distributed setup
