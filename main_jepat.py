@@ -53,7 +53,7 @@ from util.runtime import DistEnv, init_runtime, resolve_precision, setup_logging
 from util.training.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainState
 from util.training.loggers import RunLogger, parse_log_with
 from util.training.parallel import Parallel
-from util.training.preflight import checkpoint_bytes, preflight
+from util.training.preflight import check_shared_folder, checkpoint_bytes, preflight, resume_auto
 from util.training.schedules import Schedules
 
 log = logging.getLogger("jepat")
@@ -344,6 +344,9 @@ def main(args: argparse.Namespace | Launch) -> dict:
         log.info("device %s, precision %s, recipe %s", env.device, c.runtime.precision, c.recipe)
         if c.runtime.evaluate:
             return evaluate_checkpoint(launch, env)
+        check_shared_folder(Path(c.runtime.output_dir), env)
+        if c.runtime.resume == "auto":  # decided once, by rank 0, for every node
+            c.runtime.resume = resume_auto(Path(c.runtime.output_dir), env)
         return train(build_run(c, env))
     finally:
         shutdown_runtime(env)

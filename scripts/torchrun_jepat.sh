@@ -16,11 +16,16 @@
 #   VAE_PATH       MAR's KL-16 checkpoint (decodes grids)     default pretrained_models/vae/kl16.ckpt
 #   CLIP_PATH      local open_clip ViT-L-14 weights (or the tag "openai" with a hub cache)
 #   OUTPUT_DIR     run folder (checkpoints, logs, grids)      default output/jepat_${MODEL}
+#   SOCKET_IFNAME  network interface between the nodes        default: unset (NCCL's and gloo's choice);
+#                  exported as NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (e.g. eth0, ib0)
 #   GLOBAL_BATCH   images per optimizer step                  default 2048 (the published recipe)
 #   ACCUM_ITER     micro-batches per step                     default: the fewest that keep the
 #                  per-GPU batch at or under MAX_BATCH_PER_GPU
-# A run that finds OUTPUT_DIR/checkpoint-last.pth resumes from it (exactly: data position, RNG,
-# optimizer, EMA), so the same command restarts a preempted job.
+# --resume auto: rank 0 looks for OUTPUT_DIR/checkpoint-last.pth and every rank of every node
+# follows its decision (exactly: data position, RNG, optimizer, EMA), so the same command restarts a
+# preempted job. OUTPUT_DIR must be on a file system every node mounts at the same path (checked at
+# start-up). Multi-node: NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME name the network interface the
+# nodes reach each other on (e.g. eth0, ib0); set them when the default route is not that one.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -35,6 +40,10 @@ CLIP_PATH="${CLIP_PATH:-openai}"
 VAE_PATH="${VAE_PATH:-pretrained_models/vae/kl16.ckpt}"
 OUTPUT_DIR="${OUTPUT_DIR:-output/jepat_${MODEL}}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-2048}"
+
+if [ -n "${SOCKET_IFNAME:-}" ]; then
+    export NCCL_SOCKET_IFNAME="$SOCKET_IFNAME" GLOO_SOCKET_IFNAME="$SOCKET_IFNAME"
+fi
 
 WORLD=$((GPUS_PER_NODE * NNODES))
 if [ -z "${ACCUM_ITER:-}" ]; then
@@ -53,14 +62,10 @@ fi
 BATCH_PER_GPU=$((GLOBAL_BATCH / (WORLD * ACCUM_ITER)))
 echo "[jepat_${MODEL}] ${NNODES} node(s) x ${GPUS_PER_NODE} GPUs x batch ${BATCH_PER_GPU} x accum ${ACCUM_ITER} = ${GLOBAL_BATCH}; node ${NODE_RANK}, master ${MASTER_ADDR}:${MASTER_PORT}"
 
-RESUME_ARGS=()
-if [ -f "$OUTPUT_DIR/checkpoint-last.pth" ]; then
-    RESUME_ARGS=(--resume "$OUTPUT_DIR/checkpoint-last.pth")
-fi
 
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" --node_rank "$NODE_RANK" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     main_jepat.py --config "imagenet-${MODEL}" --device cuda \
     --data_path "$CACHE_PATH" --vae_path "$VAE_PATH" --text_encoder_path "$CLIP_PATH" \
     --batch_size "$BATCH_PER_GPU" --accum_iter "$ACCUM_ITER" --output_dir "$OUTPUT_DIR" \
-    "${RESUME_ARGS[@]}" "$@"
+    --resume auto "$@"

@@ -177,7 +177,7 @@ def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_iden
     stopped = load(out / "checkpoint-last.pth")
     assert 0 < stopped["state"]["step"] < STEPS
     shutil.copy(out / "checkpoint-last.pth", tmp_path / "stopped.pth")
-    run_ranks(argv + ["--resume", str(out / "checkpoint-last.pth")])
+    run_ranks(argv + ["--resume", "auto"])  # rank 0 finds checkpoint-last.pth, every rank follows
     resumed = load(out / "checkpoint-last.pth")
     assert resumed["state"]["step"] == STEPS
     assert_same(load(ddp_run / "checkpoint-last.pth"), resumed, exact=True)
@@ -321,3 +321,23 @@ def test_recipe_scripts_launch_torchrun_with_flags_main_jepat_accepts(preset, tm
     # the published flow head: velocity output, uniform flow times (the CPU recipe differs)
     assert c.model.flow_prediction == "v" and c.model.t_logit_mean is None
     assert (c.runtime.strategy == "fsdp") == (preset == "huge") and c.runtime.grad_checkpointing and c.runtime.compile
+
+
+def test_a_run_folder_that_a_rank_cannot_see_stops_the_run_at_start_up(tmp_path):
+    from util.errors import UserError
+    from util.training.preflight import check_shared_folder
+
+    class OtherNode:  # rank 1 of 2, on a node where rank 0's folder is not mounted
+        rank, world_size, is_main = 1, 2, False
+
+        def from_rank0(self, value):
+            return "0123abcd"  # rank 0's token, written on its own disk
+
+        def barrier(self):
+            pass
+
+        def all_ranks(self, flag):
+            return flag
+
+    with pytest.raises(UserError, match="not shared by all ranks .*rank 1 does not see"):
+        check_shared_folder(tmp_path / "run", OtherNode())

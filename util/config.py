@@ -195,7 +195,11 @@ class RuntimeConfig:
     output_dir: str | None = setting(
         None, "run folder (default: output/<recipe>; with --evaluate: eval-<checkpoint name> beside the checkpoint)"
     )
-    resume: str = setting("", "checkpoint to resume from (model, EMA, optimizer, position)")
+    resume: str = setting(
+        "",
+        "checkpoint to resume from (model, EMA, optimizer, position); auto: the run folder's "
+        "checkpoint-last.pth if rank 0 sees one, else a fresh start",
+    )
     evaluate: bool = setting(False, "only evaluate the --resume checkpoint or model folder")
     strategy: str = setting(
         "ddp", "under torchrun: ddp (replicated weights) or fsdp (FSDP2 fully_shard)", choices=STRATEGIES

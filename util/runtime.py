@@ -55,6 +55,14 @@ class DistEnv:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return int(t.item())
 
+    def from_rank0(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a small picklable object, over the gloo control group)."""
+        if not self.initialized:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
     def all_ranks(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on all of them."""
         return not self.max_over_ranks(int(not flag))

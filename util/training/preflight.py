@@ -4,6 +4,7 @@ step, so that a run never fails after training for something it could have check
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from util.errors import UserError
 from util.evaluation.evaluate import EvalOptions, check_options
+from util.runtime import DistEnv
 
 log = logging.getLogger(__name__)
 
@@ -58,3 +60,35 @@ def preflight(out_dir: Path, checkpoint: int, options: EvalOptions | None, files
             "space, pass another --output_dir, or lower runtime.keep_last / raise runtime.milestone_every"
         )
     log.info("preflight passed: %s writable, %.1f GiB free for %s", out_dir, free / 2**30, disk_plan(checkpoint, files))
+
+
+def check_shared_folder(out_dir: Path, env: DistEnv) -> None:
+    """Every rank must see the run folder rank 0 writes (checkpoints, evaluation samples, logs): rank 0
+    writes a token there and every rank reads it back. Nodes that do not share the folder (no network
+    file system mounted at the same path) fail here, at start-up, not at the first resume."""
+    if env.world_size == 1:
+        return
+    token = env.from_rank0(secrets.token_hex(8))
+    probe = out_dir / f".shared-{token}"
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text(token)
+    env.barrier()
+    seen = probe.is_file() and probe.read_text() == token
+    everyone = env.all_ranks(seen)
+    env.barrier()
+    if env.is_main:
+        probe.unlink(missing_ok=True)
+    if not everyone:
+        raise UserError(
+            f"the output folder {out_dir} is not shared by all ranks (rank {env.rank} "
+            f"{'sees' if seen else 'does not see'} what rank 0 wrote there): put --output_dir on a file system "
+            "every node mounts at the same path"
+        )
+
+
+def resume_auto(out_dir: Path, env: DistEnv) -> str:
+    """``--resume auto``: rank 0 decides, from its view of the run folder, and every rank follows
+    (``checkpoint-last.pth`` when it is there, else a fresh start)."""
+    last = out_dir / "checkpoint-last.pth"
+    return env.from_rank0(str(last) if env.is_main and last.is_file() else "")
