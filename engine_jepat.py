@@ -31,6 +31,7 @@ from util.training.curves import write_curves
 from util.training.loggers import RunLogger, parse_log_with
 from util.training.parallel import Parallel, grad_norm_value, seed_step
 from util.training.schedules import Schedules
+from util.training.throughput import count_flops, peak_flops
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ def train(run: Run) -> dict:
                         optimizer.zero_grad(set_to_none=True)
                     seed_step(c.runtime.seed, st.step, env.rank * accum + micro, st.host_generator)
                     x, text = run.inputs(images, captions)  # 2. inputs
+                    if meter.flops is None:  # once per run, before the first update: FLOPs of a micro-batch
+                        meter.count_flops(run, x, text, micro)
                     with parallel.grad_sync(micro == accum - 1):  # 3. forward/backward
                         with autocast_context(env.device, c.runtime.precision):
                             out = parallel.train_module(x, text, st.host_generator)
@@ -162,10 +165,11 @@ def train(run: Run) -> dict:
                     bar.update(accum)
                     if st.step % c.runtime.log_freq == 0:  # 6. log
                         _log(run, logger, meter, {**applied, "mask_ratio": out["mask_ratio"]}, bar)
-                    if c.runtime.save_every_steps and st.step % c.runtime.save_every_steps == 0:
+                    stop = signals.requested() or st.step >= max_steps
+                    ends = stop or st.batch_in_epoch >= epoch_end  # then _end_epoch saves
+                    if c.runtime.save_every_steps and st.step % c.runtime.save_every_steps == 0 and not ends:
                         run.checkpoint.save("last")  # 7. save
-                    stop = signals.requested() or st.step >= max_steps  # 9. stop
-                    if stop:
+                    if stop:  # 9. stop
                         break
                 if meter.count:  # the same count on every rank
                     _log(run, logger, meter, {**applied, "mask_ratio": out["mask_ratio"]}, bar)
@@ -180,11 +184,32 @@ def train(run: Run) -> dict:
 
 class StepMeter:
     """The losses of the micro-batches since the last log line, summed on the device (no host
-    sync), with how many there were and how long they took."""
+    sync), with how many there were, how long they took and the FLOPs they ran."""
 
     def __init__(self, device: torch.device, images_per_micro_batch: int) -> None:
         self.sums = torch.zeros(5, device=device)  # loss, flow, jepa, micro-batches, non-finite losses
         self.count, self.images_per_micro_batch, self.since = 0, images_per_micro_batch, time.perf_counter()
+        self.flops: int | None = None  # of one micro-batch on one rank, forward and backward
+        self.peak, self.peak_source = math.nan, ""  # FLOP/s of one device
+
+    def count_flops(self, run: Run, x: torch.Tensor, text: TextEmbeddings, micro: int) -> None:
+        """Count one micro-batch's FLOPs in an eager forward and backward (every rank, so that DDP
+        and FSDP collectives match), then undo its effects: gradients zeroed, the step's draws
+        reseeded, so the run trains exactly as it would have."""
+        c, st, p = run.config, run.state, run.parallel
+
+        def step() -> None:
+            with autocast_context(run.env.device, c.runtime.precision):
+                out = p.eager_module(x, text, st.host_generator)
+            p.backward(out["loss"])
+
+        self.flops = count_flops(step)
+        run.optimizer.zero_grad(set_to_none=True)
+        seed_step(c.runtime.seed, st.step, run.env.rank * c.optim.accum_iter + micro, st.host_generator)
+        self.peak, self.peak_source = peak_flops(run.env.device, c.runtime.precision)
+        log.info("%.3g GFLOP per micro-batch of %d per rank (forward and backward, recomputation included); "
+                 "device peak %.3g TFLOP/s (%s)", self.flops / 1e9, c.optim.batch_size, self.peak / 1e12,
+                 self.peak_source)  # fmt: skip
 
     def add(self, out: dict[str, torch.Tensor]) -> None:
         loss = out["loss"].detach().float()
@@ -192,12 +217,14 @@ class StepMeter:
         self.sums += torch.stack(parts)
         self.count += 1
 
-    def reset(self) -> float:
-        """Zero the sums; returns the images per second (all ranks) since the last reset."""
-        seconds, self.since = time.perf_counter() - self.since, time.perf_counter()
-        images, self.count = self.count * self.images_per_micro_batch, 0
+    def reset(self, world_size: int) -> dict[str, float]:
+        """Zero the sums; returns images/s and achieved TFLOP/s (all ranks) since the last reset,
+        and the share of the devices' peak."""
+        seconds, self.since = max(time.perf_counter() - self.since, 1e-9), time.perf_counter()
+        images, micro_batches, self.count = self.count * self.images_per_micro_batch, self.count, 0
         self.sums.zero_()
-        return images / max(seconds, 1e-9)
+        flops = (self.flops or 0) * micro_batches * world_size / seconds
+        return {"images_per_s": images / seconds, "tflops": flops / 1e12, "mfu": flops / (self.peak * world_size)}
 
 
 def _end_epoch(run: Run, logger: RunLogger | None, epoch_end: int) -> None:
@@ -272,17 +299,18 @@ def _log(run: Run, logger: RunLogger | None, meter: StepMeter, applied: dict, ba
             f"non-finite loss within the {count} steps ending at step {st.step}; the last checkpoint "
             "was written before it and is kept. Lower optim.lr or use --precision fp32 to investigate"
         )
-    images_per_s = meter.reset()
-    values = {"loss": loss, "flow_loss": flow, "jepa_loss": jepa, "images_per_s": images_per_s}
+    speed = meter.reset(run.env.world_size)
+    values = {"loss": loss, "flow_loss": flow, "jepa_loss": jepa, **speed}
     values.update({k: applied[k] for k in ("lr", "weight_decay", "ema_momentum")})
     values.update(grad_norm=grad_norm_value(applied["grad_norm"]), mask_ratio=float(applied["mask_ratio"]))
     if bar.disable:
         log.info(
-            "epoch %d step %d: loss %.4f (flow %.4f, jepa %.4f) lr %.2e grad norm %.3g, %.1f images/s",
-            st.epoch, st.step, loss, flow, jepa, values["lr"], values["grad_norm"], images_per_s,
+            "epoch %d step %d: loss %.4f (flow %.4f, jepa %.4f) lr %.2e grad norm %.3g, %.1f images/s, "
+            "%.3g TFLOP/s = %.1f%% of peak", st.epoch, st.step, loss, flow, jepa, values["lr"], values["grad_norm"],
+            speed["images_per_s"], speed["tflops"], 100 * speed["mfu"],
         )  # fmt: skip
     else:
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{images_per_s:.1f}")
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}", img_s=f"{speed['images_per_s']:.1f}")
     if logger is not None:
         for k, v in values.items():
             logger.add_scalar(f"train/{k}", v, st.step)

@@ -4,7 +4,8 @@ running the VAE and the text encoder.
 
     python main_cache.py --config imagenet-base --dataset imagenet --data_path /data/imagenet \
         --cache_dir cache/in256-kl16 --vae_path kl16.ckpt --text_encoder_path clip.bin
-    python main_cache.py --dataset webdataset --data_path '/data/cc3m/{00000..00331}.tar' --cache_dir cache/cc3m
+    python main_cache.py --config imagenet-base --dataset webdataset --data_path '/data/cc3m/{00000..00331}.tar' \
+        --cache_dir cache/cc3m
     torchrun --nproc_per_node 8 main_cache.py ...           # any number of ranks (NCCL on GPUs, gloo on CPUs)
     bash scripts/cache_vae.sh ...                            # the same through the venv, all visible GPUs
 
@@ -82,6 +83,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def resolve_args(ns: argparse.Namespace) -> TrainConfig:
     config = resolve(ns.config or [DEFAULT_RECIPE], flag_overrides(ns), ns.overrides)
+    if not ns.config and config.cache.dataset != "shapes":
+        log.warning(
+            "no --config: the cache gets the %s recipe's tokenizer (%s at %d px) and text encoder (%s) unless flags "
+            "say otherwise; pass the training run's --config (e.g. imagenet-base) so that the two agree",
+            DEFAULT_RECIPE, config.model.tokenizer, config.model.img_size, config.captions.text_encoder,
+        )  # fmt: skip
     if not config.cache.cache_dir:
         raise UserError("no cache folder: pass --cache_dir (or set cache.cache_dir in the configuration)")
     return config

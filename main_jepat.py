@@ -37,6 +37,7 @@ from util.config import (
     add_config_args,
     add_setting_flags,
     flag_overrides,
+    recipe_layers,
     resolve,
     settings,
     to_dict,
@@ -88,10 +89,14 @@ def resolve_args(ns: argparse.Namespace) -> Launch:
     recipes = ns.config or [DEFAULT_RECIPE]
     given = flag_overrides(ns)
     config = resolve(recipes, given, ns.overrides)
-    for item in ns.overrides:
-        path = item.split("=", 1)[0]
+    # what the command asked for beyond the defaults: the sampling settings of the --config files
+    # it names (--evaluate samples with the checkpoint's own unless asked) and the dotted overrides
+    asked = [
+        f"sampling.{k}" for r in ns.config or [] for _, layer in recipe_layers(r) for k in layer.get("sampling", {})
+    ]
+    for path in asked + [item.split("=", 1)[0] for item in ns.overrides]:
         section, name = path.split(".", 1)
-        given[path] = getattr(getattr(config, section), name)
+        given.setdefault(path, getattr(getattr(config, section), name))
     try:
         parse_log_with(config.runtime.log_with)  # an unknown logger is an error now, not after training
     except ValueError as e:
@@ -242,7 +247,8 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     state.host_generator.manual_seed(rt.seed)
     record = {"model_config": config_dict(model), "config": to_dict(c)}
     record["captions_info"] = {**captions.info, "source": origin.to_dict()}
-    checkpoint = TrainingCheckpoint(out_dir, parallel, optimizer, state, record, checkpoint_policy(c), o.batch_size)
+    policy = checkpoint_policy(c)
+    checkpoint = TrainingCheckpoint(out_dir, parallel, optimizer, state, record, policy, o.batch_size, o.accum_iter)
     if ckpt is not None:
         checkpoint.restore(ckpt)
         log.info("resumed %s at epoch %d, batch %d, step %d", rt.resume, state.epoch, state.batch_in_epoch, state.step)
@@ -316,7 +322,9 @@ def evaluate_checkpoint(launch: Launch, env: DistEnv) -> dict:
         gen.captions.require(options.prompts.prompts)
     out_dir = Path(c.runtime.output_dir)
     preflight(out_dir, 0, options)
-    logger = RunLogger.open(parse_log_with(c.runtime.log_with), out_dir, config_record(c)) if env.is_main else None
+    logger = None
+    if env.is_main:
+        logger = RunLogger.open(parse_log_with(c.runtime.log_with), out_dir, config_record(c), c.runtime.wandb_project)
     try:
         return evaluate(
             gen,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -37,6 +36,7 @@ from models.loss import EMATarget, JEPATLoss  # noqa: E402
 from models.text_encoders import TextEmbeddings  # noqa: E402
 from util.runtime import autocast_context, init_runtime, resolve_precision  # noqa: E402
 from util.training.parallel import TrainingStep, seed_step  # noqa: E402
+from util.training.throughput import matmul_rate  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,20 +55,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # preset,precision,compile: run in this process
     return p
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 3) -> float:
-    """Best FLOP/s of an n x n matmul in ``dtype``."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = math.inf
-    for _ in range(repeats + 1):
-        sync(device)
-        t = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def sync(device: torch.device) -> None:

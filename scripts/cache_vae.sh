@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Cache VAE latents (image + horizontal flip) and caption embeddings for training, on every GPU of
 # this machine (or one CPU process without GPUs). Extra arguments go to main_cache.py, e.g.
-#   bash scripts/cache_vae.sh --dataset imagenet --data_path /data/imagenet --img_size 256 \
-#        --tokenizer kl16 --vae_path pretrained_models/vae/kl16.ckpt --cache_dir cache/in256-kl16 \
-#        --text_encoder clip --text_max_length 0 --text_encoder_path /models/clip-vit-l-14.bin
-# (the text-encoder flags must be those of the training recipe: imagenet-* use CLIP ViT-L-14 at 77 tokens)
+#   bash scripts/cache_vae.sh --config imagenet-base --dataset imagenet --data_path /data/imagenet \
+#        --vae_path pretrained_models/vae/kl16.ckpt --cache_dir cache/in256-kl16 \
+#        --text_encoder_path /models/clip-vit-b-32.bin
+# (--config: the training recipe, which gives the tokenizer, resolution and text encoder of the cache)
 #   NPROC=4 bash scripts/cache_vae.sh ...          # a given number of ranks
 #   TORCHRUN_ARGS="--nnodes 2 --node_rank 0 --rdzv_endpoint host:29500" bash scripts/cache_vae.sh ...
 # Rerun the same command after an interruption: it finishes what is missing.

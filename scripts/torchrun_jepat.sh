@@ -14,7 +14,7 @@
 #   CACHE_PATH     cached VAE latents + caption embeddings    default cache/imagenet256
 #                  (written by scripts/cache_vae.sh; see the README)
 #   VAE_PATH       MAR's KL-16 checkpoint (decodes grids)     default pretrained_models/vae/kl16.ckpt
-#   CLIP_PATH      local open_clip ViT-L-14 weights (or the tag "openai" with a hub cache)
+#   CLIP_PATH      local open_clip ViT-B-32 weights (or the tag "openai" with a hub cache)
 #   OUTPUT_DIR     run folder (checkpoints, logs, grids)      default output/jepat_${MODEL}
 #   SOCKET_IFNAME  network interface between the nodes        default: unset (NCCL's and gloo's choice);
 #                  exported as NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (e.g. eth0, ib0)

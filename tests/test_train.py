@@ -10,6 +10,7 @@ import engine_jepat
 import main_jepat
 from tests.helpers import tiny_model
 from util.data.datasets import DataOrder
+from util.errors import UserError
 from util.training.checkpoint import load_checkpoint, save_checkpoint
 from util.training.schedules import CosineValue, LRSchedule, WeightDecaySchedule
 
@@ -91,6 +92,8 @@ def test_resumed_run_continues_exactly(tmp_path):
     opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
     assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
     log = json.loads((full / "train_log.json").read_text())
+    # throughput in every row: images/s, FLOP/s counted once by torch.utils.flop_counter, share of the peak
+    assert all(r["images_per_s"] > 0 and r["tflops"] > 0 and 0 < r["mfu"] < 1 for r in log), log[0]
     # the logged schedule values are the applied ones and they move
     assert log[0]["weight_decay"] != log[-1]["weight_decay"] and log[0]["ema_momentum"] != log[-1]["ema_momentum"]
     run = json.loads((full / "run.json").read_text())
@@ -110,6 +113,9 @@ def test_checkpoint_of_another_preset_is_refused(tmp_path):
     run_main(tmp_path, "--epochs", "1", "--max_steps", "1")
     with pytest.raises(ValueError, match="tiny.*base|base.*tiny"):
         run_main(tmp_path, "--model", "base", "--resume", str(tmp_path / "checkpoint-last.pth"))
+    # another global batch would change what a step is (lr, schedules): refused, naming the fix
+    with pytest.raises(UserError, match=r"global batch of 1 x 8 x 1 = 8 .* this run has 1 x 4 x 1.*--accum_iter"):
+        run_main(tmp_path, "--batch_size", "4", "--resume", str(tmp_path / "checkpoint-last.pth"))
 
 
 def test_schedules_apply_what_they_log():

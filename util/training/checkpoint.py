@@ -25,6 +25,7 @@ import torch
 
 from models.jepat import JEPAT, config_dict
 from models.safe_load import CheckpointFileError, load_torch_file, numpy_array_globals
+from util.errors import UserError
 from util.training.parallel import Parallel
 
 log = logging.getLogger(__name__)
@@ -287,6 +288,7 @@ class TrainingCheckpoint:
         record: dict[str, Any],
         policy: CheckpointPolicy | None = None,
         batch_size: int = 1,
+        accum_iter: int = 1,
     ) -> None:
         self.out_dir, self.parallel, self.optimizer, self.state, self.record = (
             out_dir,
@@ -297,6 +299,7 @@ class TrainingCheckpoint:
         )
         self.policy = policy or CheckpointPolicy()
         self.batch_size = batch_size  # per process: with the world size, where in the epoch a batch count is
+        self.accum_iter = accum_iter
 
     def save_epoch(self, epoch: int) -> None:
         """At the end of ``epoch``: ``checkpoint-last.pth``, and ``checkpoint-<epoch>.pth`` when the
@@ -318,7 +321,8 @@ class TrainingCheckpoint:
         on_disk = [
             int(p.stem.split("-")[1]) for p in self.out_dir.glob("checkpoint-*.pth") if p.stem.split("-")[1].isdigit()
         ]
-        for e in self.policy.removable(on_disk):
+        # files of later epochs (a run restarted from an earlier checkpoint) are left alone
+        for e in self.policy.removable([e for e in on_disk if e <= epoch]):
             (self.out_dir / f"checkpoint-{e}.pth").unlink(missing_ok=True)
             log.info(
                 "removed checkpoint-%d.pth (the policy keeps the %d newest and every %d-th epoch)",
@@ -344,22 +348,21 @@ class TrainingCheckpoint:
             self.parallel.scaler.load_state_dict(ckpt["scaler"])
         s, st = ckpt["state"], self.state
         st.step, st.epoch, st.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
-        world, batch = self.parallel.env.world_size, self.batch_size
-        saved = (s.get("world_size", world), s.get("batch_size", batch))
-        if saved != (world, batch):  # another node shape: continue from the same sample of the epoch
-            samples = s["batch_in_epoch"] * saved[0] * saved[1]
-            st.batch_in_epoch, again = divmod(samples, world * batch)
+        world, batch, accum = self.parallel.env.world_size, self.batch_size, self.accum_iter
+        saved = (s.get("world_size", world), s.get("batch_size", batch), s.get("accum_iter", accum))
+        if saved != (world, batch, accum):  # another node shape: continue from the same sample of the epoch
+            if saved[0] * saved[1] * saved[2] != world * batch * accum:
+                raise UserError(
+                    f"the checkpoint was trained with a global batch of {saved[0]} x {saved[1]} x {saved[2]} = "
+                    f"{saved[0] * saved[1] * saved[2]} images per step, this run has {world} x {batch} x {accum}: "
+                    "keep the global batch (set --accum_iter or --batch_size) so that steps, lr and schedules agree"
+                )
+            samples = s["batch_in_epoch"] * saved[0] * saved[1]  # whole steps: a multiple of this run's batches
+            st.batch_in_epoch = samples // (world * batch)
             log.info(
-                "the checkpoint was written by %d process(es) x batch %d, this run is %d x %d: continuing at "
-                "sample %d of epoch %d (batch %d of this run)%s",
-                *saved,
-                world,
-                batch,
-                samples,
-                st.epoch,
-                st.batch_in_epoch,
-                f"; the last {again} samples before it are read again" if again else "",
-            )
+                "the checkpoint was written by %d process(es) x batch %d x accum %d, this run is %d x %d x %d: "
+                "continuing at sample %d of epoch %d", *saved, world, batch, accum, samples, st.epoch,
+            )  # fmt: skip
         st.host_generator.set_state(s["host_generator"])
         st.prior_seconds = s.get("train_seconds", 0.0)
         set_rng_state(ckpt["rng"])
@@ -393,6 +396,7 @@ class TrainingCheckpoint:
                     "batch_in_epoch": st.batch_in_epoch,  # of this run's world_size x batch_size
                     "world_size": p.env.world_size,
                     "batch_size": self.batch_size,
+                    "accum_iter": self.accum_iter,
                     "host_generator": st.host_generator.get_state(),
                     "train_seconds": st.train_seconds(),
                 },

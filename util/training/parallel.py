@@ -140,6 +140,7 @@ class Parallel:
                 module = self._ddp = DistributedDataParallel(
                     module, device_ids=ids, find_unused_parameters=unused, gradient_as_bucket_view=True
                 )
+        self.eager_module = module  # the same step uncompiled (FLOP counting)
         self.train_module = torch.compile(module, backend=compile_backend) if compile_backend else module
 
     def _fsdp(self, loss: JEPATLoss, precision: str) -> TrainingStep:
