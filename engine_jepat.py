@@ -204,9 +204,9 @@ class StepMeter:
             p.backward(out["loss"])
 
         self.flops = count_flops(step)
+        self.peak, self.peak_source = peak_flops(run.env.device, c.runtime.precision)
         run.optimizer.zero_grad(set_to_none=True)
         seed_step(c.runtime.seed, st.step, run.env.rank * c.optim.accum_iter + micro, st.host_generator)
-        self.peak, self.peak_source = peak_flops(run.env.device, c.runtime.precision)
         log.info("%.3g GFLOP per micro-batch of %d per rank (forward and backward, recomputation included); "
                  "device peak %.3g TFLOP/s (%s)", self.flops / 1e9, c.optim.batch_size, self.peak / 1e12,
                  self.peak_source)  # fmt: skip
