@@ -21,6 +21,7 @@ from models.jepat import JEPAT
 from models.text_encoders import TextEmbeddings
 from models.tokenizers import Tokenizer, patchify
 from util.config import TrainConfig, to_dict
+from util.data.caption_table import CaptionRows
 from util.data.captions import CaptionStore
 from util.data.datasets import DataOrder
 from util.evaluation.evaluate import EvalOptions, evaluate, training_grid
@@ -63,9 +64,14 @@ class ModelInputs:
         self.tokenizer, self.captions, self.patch_size, self.device = tokenizer, captions, patch_size, device
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, captions: Sequence[str]) -> tuple[torch.Tensor, TextEmbeddings]:
+    def __call__(
+        self, images: torch.Tensor, captions: Sequence[str] | CaptionRows
+    ) -> tuple[torch.Tensor, TextEmbeddings]:
         images = images.to(self.device, non_blocking=True)
         x = patchify(self.tokenizer.encode(images), self.patch_size).float()  # [B,L,d]
+        if isinstance(captions, CaptionRows):  # gathered by the loader: moved without a host sync
+            t, m, u = (v.to(self.device, non_blocking=True) for v in captions)
+            return x, TextEmbeddings(t.float(), m, u.float())
         return x, self.captions.lookup(captions)
 
 

@@ -154,7 +154,7 @@ def build_data(c: TrainConfig, env: DistEnv, captions: CaptionStore, tokenizer: 
         dataset.check(c.model.tokenizer, c.model.img_size)  # refuses a cache of another tokenizer / resolution
         train_tokenizer = CachedLatentInput(tokenizer)
     if isinstance(dataset, CachedLatentDataset) and captions.table is not None:
-        dataset.use_row_ids()  # batches carry caption-table rows: nothing per caption in memory
+        dataset.use_caption_table(captions.table.dir)  # the loader gathers caption embeddings
     else:
         vocabulary = dataset.caption_vocabulary()
         if len(vocabulary) <= captions.capacity:

@@ -13,7 +13,7 @@ import main_cache
 import main_jepat
 from models.text_encoders import TextEmbeddings, TextEncoder
 from util.data import captions as captions_module
-from util.data.caption_table import CaptionTable, write_caption_table
+from util.data.caption_table import CaptionRows, CaptionTable, write_caption_table
 from util.data.captions import CaptionStore, text_cache_key
 from util.data.datasets import build_dataset
 from util.data.draws import ItemKey, draw_seed
@@ -218,6 +218,11 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
     assert torch.equal(store.lookup(vocab[:3]).pooled, store.lookup(torch.tensor([0, 1, 2])).pooled)
     with pytest.raises(KeyError, match="not in the cached text embeddings"):
         store.lookup(["a caption nobody cached"])
+    # training reads the table through the loader: each item carries its caption's stored rows
+    ds.use_caption_table(folder)
+    _, rows = ds[ItemKey(7, draw_seed(0, 0, 7))]
+    assert isinstance(rows, CaptionRows) and rows.tokens.dtype == torch.float16 and rows.tokens.shape == (16, 10)
+    assert any(torch.equal(rows.pooled, table.gather(np.array([r])).pooled[0]) for r in range(144))
 
     def no_encoder(*a, **k):
         raise AssertionError("the text encoder was built although its embeddings are cached")

@@ -186,7 +186,7 @@ def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_iden
         run_single(
             tmp_path / "one", "--batch_size", "4", "--accum_iter", "2", "--resume", str(tmp_path / "stopped.pth")
         )
-    assert "written by 2 process(es) x batch 4, this run is 1 x 4: continuing at sample" in caplog.text
+    assert "written by 2 process(es) x batch 4 x accum 1, this run is 1 x 4 x 2: continuing at sample" in caplog.text
     one = load(tmp_path / "one" / "checkpoint-last.pth")
     assert one["state"]["step"] == STEPS and one["state"]["world_size"] == 1
     assert_same(load(ddp_run / "checkpoint-last.pth"), one, exact=False)

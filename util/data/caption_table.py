@@ -22,6 +22,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +37,15 @@ TABLE_VERSION = 1
 def caption_hash(caption: str) -> int:
     """A 64-bit hash of a caption (blake2b), the same in every process."""
     return int.from_bytes(hashlib.blake2b(caption.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+class CaptionRows(NamedTuple):
+    """Caption embeddings as the table stores them, for a batch (or one item): the loader gathers
+    them in its workers and torch's default collate stacks them; ``ModelInputs`` moves them."""
+
+    tokens: torch.Tensor  # [B,S,Dt] float16
+    mask: torch.Tensor  # [B,S] bool
+    pooled: torch.Tensor  # [B,Du] float16
 
 
 class CaptionTable:
@@ -66,8 +76,13 @@ class CaptionTable:
 
     def rows(self, ids: torch.Tensor, device: torch.device) -> TextEmbeddings:
         """Embeddings of rows ``ids`` [B]: tokens [B,S,Dt] and pooled [B,Du] as float32, mask [B,S]."""
-        idx = ids.cpu().numpy()
-        order = np.argsort(idx, kind="stable")  # sorted reads touch the file in order
+        r = self.gather(ids.cpu().numpy())
+        return TextEmbeddings(r.tokens.float(), r.mask, r.pooled.float()).to(device)
+
+    def gather(self, idx: np.ndarray) -> CaptionRows:
+        """Rows ``idx`` [B] as stored (float16 tokens and pooled), read in sorted order (the reads
+        touch the file in order): what a loader worker hands over."""
+        order = np.argsort(idx, kind="stable")
         back = np.empty_like(order)
         back[order] = np.arange(len(order))
         sorted_idx = idx[order]
@@ -75,7 +90,7 @@ class CaptionTable:
         def take(a: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(np.ascontiguousarray(a[sorted_idx]))[back]
 
-        return TextEmbeddings(take(self.tokens).float(), take(self.mask), take(self.pooled).float()).to(device)
+        return CaptionRows(take(self.tokens), take(self.mask), take(self.pooled))
 
     def caption(self, row: int) -> str:
         with open(self.dir / "captions.bin", "rb") as f:

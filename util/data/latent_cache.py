@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from models.tokenizers import Tokenizer, latents_from_moments
-from util.data.caption_table import group_rows
+from util.data.caption_table import CaptionRows, CaptionTable, group_rows
 from util.data.draws import ItemKey, item_generator, item_key
 from util.data.image_folders import BadImage, CaptionOrigin, Listing, load_image, to_tensor
 from util.data.shapes import ShapesDataset
@@ -388,7 +388,8 @@ class CachedLatentDataset(Dataset):
         groups = np.load(self.dir / "caption_groups.npz")
         self._group_offsets, self._group_rows = groups["offsets"], groups["rows"]
         self._vocabulary: list[str] | None = None  # read from listing.json only when strings are asked for
-        self.row_ids = False  # items carry caption-table rows instead of strings
+        self.caption_table: CaptionTable | None = None  # items carry its rows instead of strings (opened per worker)
+        self._table_dir: Path | None = None
         self._origin = CaptionOrigin.from_dict(
             self.meta.get("caption_source")
             or (  # caches made before it
@@ -412,10 +413,11 @@ class CachedLatentDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def use_row_ids(self) -> None:
-        """Items carry the row of their caption in the cache's caption table (an int) instead of
-        the caption: training from a caption table holds nothing per caption in memory."""
-        self.row_ids = True
+    def use_caption_table(self, table_dir: str | Path) -> None:
+        """Items carry their caption's embeddings (``CaptionRows``, float16) from the cache's caption
+        table instead of the caption: gathered in the loader workers, so the training thread only
+        moves them to the device, and nothing per caption is held in memory."""
+        self._table_dir, self.caption_table = Path(table_dir), None
 
     def caption_vocabulary(self) -> list[str]:
         """Every caption, in caption-table row order (read from listing.json on first use)."""
@@ -457,16 +459,23 @@ class CachedLatentDataset(Dataset):
             return latents_from_moments(m, noise, self.scaling, self.shift)
         return (m - self.shift) * self.scaling
 
-    def _caption(self, i: int, pick: float) -> str | int:
-        """One caption of item i's group, drawn by ``pick`` in [0, 1): its table row, or the string."""
+    def _caption_row(self, i: int, pick: float) -> int:
+        """The table row of one caption of item i's group, drawn by ``pick`` in [0, 1)."""
         g = int(self._where[i, 2])
         lo, hi = int(self._group_offsets[g]), int(self._group_offsets[g + 1])
-        row = int(self._group_rows[lo + min(int(pick * (hi - lo)), hi - lo - 1)])
-        if self.row_ids:
-            return row
+        return int(self._group_rows[lo + min(int(pick * (hi - lo)), hi - lo - 1)])
+
+    def _captions(self, idx: np.ndarray, pick: torch.Tensor) -> list:
+        """The batch's captions: strings, or with a caption table their embeddings row by row."""
+        rows = np.asarray([self._caption_row(int(i), float(p)) for i, p in zip(idx.tolist(), pick)], dtype=np.int64)
+        if self._table_dir is not None:
+            if self.caption_table is None:  # opened in the process that reads (each loader worker)
+                self.caption_table = CaptionTable(self._table_dir)
+            r = self.caption_table.gather(rows)
+            return [CaptionRows(r.tokens[j], r.mask[j], r.pooled[j]) for j in range(len(rows))]
         if self._vocabulary is None:
             self.caption_vocabulary()
-        return self._vocabulary[row]
+        return [self._vocabulary[row] for row in rows.tolist()]
 
     def __getitem__(self, key: ItemKey | int) -> tuple[torch.Tensor, str]:
         return self.__getitems__([key])[0]
@@ -488,7 +497,7 @@ class CachedLatentDataset(Dataset):
             order = np.argsort(rows, kind="stable")
             out[sel[order]] = self._shard(k)[rows[order], sides[sel[order]]]
         z = self._latents(torch.from_numpy(out), gens)  # [B,c,h,w]
-        return [(z[j], self._caption(int(i), float(pick[j]))) for j, i in enumerate(idx.tolist())]
+        return list(zip(z, self._captions(idx, pick)))
 
 
 class CachedLatentInput(Tokenizer):
