@@ -55,20 +55,10 @@ def shapes_run(tmp_path_factory):
         args = [a for a in SMALL if a != "--no_eval"] + [
             "--output_dir",
             str(out),
-            "--epochs",
-            "1",
-            "--num_samples",
-            "16",
-            "--num_iter",
-            "4",
-            "--ode_steps",
-            "2",
-            "--eval_per_combo",
-            "1",
-            "--grid_freq",
-            "1",
-            "--log_with",
-            "tensorboard,wandb",
+            *(
+                "--epochs 1 --num_samples 16 --num_iter 4 --ode_steps 2 --eval_per_combo 1 --grid_freq 1 "
+                "--log_with tensorboard,wandb"
+            ).split(),
         ]
         main_jepat.main(main_jepat.get_args_parser().parse_args(args))
     finally:

@@ -26,18 +26,11 @@ from util.pretrained import build_generator, load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-dev-shm-usage",
-    "--disable-quic",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--window-size=1280,1500",
-]
+CHROMIUM_FLAGS = (
+    "--headless --no-sandbox --disable-gpu --disable-dev-shm-usage --disable-quic "
+    "--disable-background-networking --disable-component-update --disable-sync --no-first-run "
+    "--window-size=1280,1500"
+).split()
 
 
 @pytest.fixture
@@ -164,10 +157,7 @@ def test_page_generates_in_headless_chromium(tiny_checkpoint, tmp_path):
                 checkpoint,
                 "--port",
                 str(port),
-                "--device",
-                "cpu",
-                "--precision",
-                "fp32",
+                *"--device cpu --precision fp32".split(),
             ],
             cwd=ROOT,
             stdout=log,

@@ -64,20 +64,9 @@ def test_manifest_raw_and_cached(tmp_path):
                 "captions",
                 "--data_path",
                 str(manifest),
-                "--tokenizer",
-                "pixels",
-                "--img_size",
-                "16",
-                "--cache_dir",
+                *"--tokenizer pixels --img_size 16 --cache_dir".split(),
                 str(cache),
-                "--batch_size",
-                "2",
-                "--num_workers",
-                "0",
-                "--no_text_cache",
-                "--device",
-                "cpu",
-                "--random_flip",
+                *"--batch_size 2 --num_workers 0 --no_text_cache --device cpu --random_flip".split(),
             ]
         )
     )
@@ -114,19 +103,9 @@ def test_manifest_raw_and_cached(tmp_path):
                 "captions",
                 "--data_path",
                 str(manifest),
-                "--tokenizer",
-                "pixels",
-                "--img_size",
-                "16",
-                "--cache_dir",
+                *"--tokenizer pixels --img_size 16 --cache_dir".split(),
                 str(plain_only),
-                "--batch_size",
-                "2",
-                "--num_workers",
-                "0",
-                "--no_text_cache",
-                "--device",
-                "cpu",
+                *"--batch_size 2 --num_workers 0 --no_text_cache --device cpu".split(),
             ]
         )
     )
@@ -169,25 +148,9 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
     counts = main_cache.main(
         main_cache.get_args_parser().parse_args(
             [
-                "--dataset",
-                "shapes",
-                "--num_samples",
-                "40",
-                "--tokenizer",
-                "pixels",
-                "--img_size",
-                "16",
-                "--cache_dir",
+                *"--dataset shapes --num_samples 40 --tokenizer pixels --img_size 16 --cache_dir".split(),
                 str(cache),
-                "--shard_size",
-                "16",
-                "--batch_size",
-                "8",
-                "--num_workers",
-                "0",
-                "--no_text_cache",
-                "--device",
-                "cpu",
+                *"--shard_size 16 --batch_size 8 --num_workers 0 --no_text_cache --device cpu".split(),
             ]
         )
     )
@@ -233,25 +196,10 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
         "cached",
         "--data_path",
         str(cache),
-        "--patch_size",
-        "8",
-        "--batch_size",
-        "8",
-        "--epochs",
-        "1",
-        "--max_steps",
-        "2",
-        "--no_eval",
-        "--grid_freq",
-        "0",
-        "--num_workers",
-        "0",
-        "--precision",
-        "fp32",
-        "--device",
-        "cpu",
-        "--log_freq",
-        "1",
+        *(
+            "--patch_size 8 --batch_size 8 --epochs 1 --max_steps 2 --no_eval --grid_freq 0 "
+            "--num_workers 0 --precision fp32 --device cpu --log_freq 1"
+        ).split(),
     ]
     out = main_jepat.main(
         main_jepat.get_args_parser().parse_args(base + ["--img_size", "16", "--output_dir", str(tmp_path / "run")])
@@ -269,22 +217,11 @@ def test_training_from_a_shapes_cache_never_builds_the_text_encoder(tmp_path, mo
     # or, when its weights are missing, the run stops at start-up naming a prompt and the flag
     (tmp_path / "prompts.txt").write_text(f"{vocab[0]}\na violet hexagon\n")
     evaluate = base + [
-        "--img_size",
-        "16",
-        "--evaluate",
-        "--resume",
+        *"--img_size 16 --evaluate --resume".split(),
         str(tmp_path / "run" / "checkpoint-last.pth"),
         "--eval_prompts_file",
         str(tmp_path / "prompts.txt"),
-        "--eval_metrics",
-        "isc",
-        "--fid_feature_extractor",
-        "jepat-test-tiny",
-        "--num_iter",
-        "2",
-        "--ode_steps",
-        "2",
-        "--output_dir",
+        *"--eval_metrics isc --fid_feature_extractor jepat-test-tiny --num_iter 2 --ode_steps 2 --output_dir".split(),
         str(tmp_path / "eval"),
     ]
 

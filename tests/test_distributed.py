@@ -20,39 +20,11 @@ import torch.multiprocessing as mp
 import main_jepat
 
 # 16 px shapes, 8 px patches (4 tokens); 48 images = 6 steps of a global batch of 8 per epoch
-COMMON = [
-    "--img_size",
-    "16",
-    "--patch_size",
-    "8",
-    "--num_samples",
-    "48",
-    "--lr",
-    "1e-3",
-    "--warmup_epochs",
-    "0.5",
-    "--log_freq",
-    "3",
-    "--no_eval",
-    "--grid_freq",
-    "0",
-    "--num_workers",
-    "0",
-    "--precision",
-    "fp32",
-    "--device",
-    "cpu",
-    "--weight_decay_end",
-    "0.1",
-    "--ema_rate_start",
-    "0.9",
-    "--ema_rate",
-    "0.99",
-    "--epochs",
-    "4",
-    "--text_max_length",
-    "8",
-]
+COMMON = (
+    "--img_size 16 --patch_size 8 --num_samples 48 --lr 1e-3 --warmup_epochs 0.5 --log_freq 3 "
+    "--no_eval --grid_freq 0 --num_workers 0 --precision fp32 --device cpu --weight_decay_end "
+    "0.1 --ema_rate_start 0.9 --ema_rate 0.99 --epochs 4 --text_max_length 8"
+).split()
 STEPS = 4 * 6  # long enough that the preemption signal lands before the end on a busy machine
 
 
@@ -219,12 +191,7 @@ def test_one_process_resumes_on_two_fsdp_ranks_from_the_same_sample_and_matches_
                 "1",
                 "--out_dir",
                 str(tmp_path / "samples"),
-                "--num_iter",
-                "2",
-                "--ode_steps",
-                "2",
-                "--device",
-                "cpu",
+                *"--num_iter 2 --ode_steps 2 --device cpu".split(),
             ]
         )
     )

@@ -28,12 +28,7 @@ def test_online_and_offline_evaluation_write_labelled_metrics(tmp_path, one_thre
     fid_args = [
         "--fid_ref",
         str(ref),
-        "--fid_feature_extractor",
-        "jepat-test-tiny",
-        "--eval_metrics",
-        "fid,isc,prc,kid",
-        "--eval_batch_size",
-        "4",
+        *"--fid_feature_extractor jepat-test-tiny --eval_metrics fid,isc,prc,kid --eval_batch_size 4".split(),
     ]
     ns = main_jepat.get_args_parser().parse_args(
         NO_EVAL_SMALL
@@ -42,11 +37,7 @@ def test_online_and_offline_evaluation_write_labelled_metrics(tmp_path, one_thre
         + [
             "--output_dir",
             str(run),
-            "--epochs",
-            "1",
-            "--eval_freq",
-            "1",
-            "--eval_prompts_file",
+            *"--epochs 1 --eval_freq 1 --eval_prompts_file".split(),
             str(tmp_path / "prompts.txt"),
             "--num_images",
             "6",
@@ -89,13 +80,7 @@ def test_online_and_offline_evaluation_write_labelled_metrics(tmp_path, one_thre
             str(tmp_path / "classes.txt"),
             "--eval_class_template",
             "a {}",
-            "--num_images",
-            "6",
-            "--eval_metrics",
-            "isc",
-            "--fid_feature_extractor",
-            "jepat-test-tiny",
-            "--save_npz",
+            *"--num_images 6 --eval_metrics isc --fid_feature_extractor jepat-test-tiny --save_npz".split(),
         ]
     )
     m = main_jepat.main(ns)
@@ -117,13 +102,7 @@ def test_online_and_offline_evaluation_write_labelled_metrics(tmp_path, one_thre
             "--evaluate",
             "--resume",
             str(run / "checkpoint-last.pth"),
-            "--eval_per_combo",
-            "1",
-            "--probe",
-            "--probe_train",
-            "60",
-            "--probe_test",
-            "30",
+            *"--eval_per_combo 1 --probe --probe_train 60 --probe_test 30".split(),
         ]
     )
     m = main_jepat.main(ns)

@@ -15,40 +15,13 @@ from util.evaluation.prompts import read_class_names
 from util.training.checkpoint import checkpoint_recipe
 
 FOLDERS = {"n01440764": "tench", "n01443537": "goldfish", "my_class": "my class"}  # sorted: my_class first
-RUN = [
-    "--dataset",
-    "imagenet",
-    "--img_size",
-    "16",
-    "--patch_size",
-    "8",
-    "--batch_size",
-    "4",
-    "--epochs",
-    "1",
-    "--grid_freq",
-    "0",
-    "--num_workers",
-    "0",
-    "--precision",
-    "fp32",
-    "--device",
-    "cpu",
-    "--log_freq",
-    "1",
-]
-FAST_EVAL = [
-    "--eval_metrics",
-    "isc",
-    "--fid_feature_extractor",
-    "jepat-test-tiny",
-    "--num_iter",
-    "2",
-    "--ode_steps",
-    "2",
-    "--eval_batch_size",
-    "3",
-]
+RUN = (
+    "--dataset imagenet --img_size 16 --patch_size 8 --batch_size 4 --epochs 1 --grid_freq 0 "
+    "--num_workers 0 --precision fp32 --device cpu --log_freq 1"
+).split()
+FAST_EVAL = (
+    "--eval_metrics isc --fid_feature_extractor jepat-test-tiny --num_iter 2 --ode_steps 2 --eval_batch_size 3".split()
+)
 
 
 def class_folders(root):
@@ -134,19 +107,10 @@ def test_missing_inception_weights_stop_a_run_before_its_first_step(tmp_path, mo
         main_jepat.main(
             main_jepat.parse_args(
                 [
-                    "--img_size",
-                    "16",
-                    "--patch_size",
-                    "8",
-                    "--num_samples",
-                    "32",
-                    "--batch_size",
-                    "8",
-                    "--device",
-                    "cpu",
-                    "--precision",
-                    "fp32",
-                    "--eval_prompts_file",
+                    *(
+                        "--img_size 16 --patch_size 8 --num_samples 32 --batch_size 8 --device cpu --precision "
+                        "fp32 --eval_prompts_file"
+                    ).split(),
                     str(tmp_path / "prompts.txt"),
                     "--output_dir",
                     str(out),
@@ -162,15 +126,7 @@ def test_missing_inception_weights_stop_a_run_before_its_first_step(tmp_path, mo
         main_jepat.main(
             main_jepat.parse_args(
                 [
-                    "--img_size",
-                    "16",
-                    "--patch_size",
-                    "8",
-                    "--num_samples",
-                    "32",
-                    "--device",
-                    "cpu",
-                    "--output_dir",
+                    *"--img_size 16 --patch_size 8 --num_samples 32 --device cpu --output_dir".split(),
                     str(blocked / "run"),
                 ]
             )

@@ -125,16 +125,10 @@ def test_every_setting_is_a_flag_with_help_and_flags_override_the_recipe():
     dests = {a.dest for a in parser._actions}
     assert {f"set:{p}" for p in settings() if not p.startswith("cache.")} <= dests
     launch = main_jepat.parse_args(
-        [
-            "--config",
-            "imagenet-large",
-            "--mask_ratio_min",
-            "0.5",
-            "--no-grad_checkpointing",
-            "--optim.batch_size",
-            "4",
-            "sampling.guidance_scale=2.5",
-        ]
+        (
+            "--config imagenet-large --mask_ratio_min 0.5 --no-grad_checkpointing --optim.batch_size "
+            "4 sampling.guidance_scale=2.5"
+        ).split()
     )
     c = launch.config
     assert c.model.mask_ratio_min == 0.5 and c.runtime.grad_checkpointing is False and c.optim.batch_size == 4
@@ -173,18 +167,7 @@ def test_an_experiment_is_a_small_file_and_bad_settings_name_the_file_and_key(tm
 
 def test_caching_and_training_read_the_same_recipe():
     ns = main_cache.get_args_parser().parse_args(
-        [
-            "--config",
-            "imagenet-base",
-            "--dataset",
-            "imagenet",
-            "--data_path",
-            "/data",
-            "--cache_dir",
-            "/tmp/c",
-            "--batch_size",
-            "8",
-        ]
+        "--config imagenet-base --dataset imagenet --data_path /data --cache_dir /tmp/c --batch_size 8".split()
     )
     cache = main_cache.resolve_args(ns)
     train = resolve(["imagenet-base"])
@@ -219,11 +202,7 @@ def test_checkpoint_carries_its_tree_and_sampling_defaults_follow_it(tmp_path):
                 "--evaluate",
                 "--resume",
                 str(tmp_path / "run" / "checkpoint-last.pth"),
-                "--eval_per_combo",
-                "1",
-                "--ode_steps",
-                "2",
-                "--output_dir",
+                *"--eval_per_combo 1 --ode_steps 2 --output_dir".split(),
                 str(tmp_path / "ev"),
             ]
         )
@@ -288,13 +267,7 @@ def test_older_checkpoints_still_load_under_todays_names():
 def test_a_log_file_gets_one_line_per_interval_and_no_progress_frames(tmp_path):
     """stderr is a file here (not a terminal): no carriage-return frames, one line per log_freq steps."""
     argv = [a for a in SMALL if a not in ("--log_freq", "2")] + [
-        "--log_freq",
-        "3",
-        "--epochs",
-        "1",
-        "--max_steps",
-        "6",
-        "--output_dir",
+        *"--log_freq 3 --epochs 1 --max_steps 6 --output_dir".split(),
         str(tmp_path),
     ]
     out = subprocess.run(

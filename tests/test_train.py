@@ -17,37 +17,11 @@ from util.training.schedules import CosineValue, LRSchedule, WeightDecaySchedule
 ROOT = Path(__file__).resolve().parents[1]
 
 # a run small enough for the CPU: 16 px shapes, 8 px patches (4 tokens), tiny preset
-SMALL = [
-    "--img_size",
-    "16",
-    "--patch_size",
-    "8",
-    "--num_samples",
-    "96",
-    "--batch_size",
-    "8",
-    "--lr",
-    "1e-3",
-    "--warmup_epochs",
-    "0.5",
-    "--log_freq",
-    "2",
-    "--no_eval",
-    "--num_workers",
-    "0",
-    "--precision",
-    "fp32",
-    "--device",
-    "cpu",
-    "--weight_decay_end",
-    "0.1",
-    "--ema_rate_start",
-    "0.9",
-    "--ema_rate",
-    "0.99",
-    "--lr_schedule",
-    "cosine",
-]
+SMALL = (
+    "--img_size 16 --patch_size 8 --num_samples 96 --batch_size 8 --lr 1e-3 --warmup_epochs "
+    "0.5 --log_freq 2 --no_eval --num_workers 0 --precision fp32 --device cpu "
+    "--weight_decay_end 0.1 --ema_rate_start 0.9 --ema_rate 0.99 --lr_schedule cosine"
+).split()
 
 
 def run_main(tmp_path: Path, *extra: str) -> dict:
@@ -204,12 +178,7 @@ def test_main_sample_writes_images_grid_and_manifest(tmp_path, caplog):
             "2",
             "--out_dir",
             str(out),
-            "--num_iter",
-            "2",
-            "--ode_steps",
-            "2",
-            "--device",
-            "cpu",
+            *"--num_iter 2 --ode_steps 2 --device cpu".split(),
         ]
     )
     with caplog.at_level("WARNING"):
@@ -227,18 +196,7 @@ def test_shapes_evaluation_writes_grids_manifest_and_metrics(tmp_path):
         + [
             "--output_dir",
             str(tmp_path),
-            "--epochs",
-            "1",
-            "--max_steps",
-            "2",
-            "--eval_per_combo",
-            "2",
-            "--num_iter",
-            "2",
-            "--ode_steps",
-            "2",
-            "--grid_freq",
-            "1",
+            *"--epochs 1 --max_steps 2 --eval_per_combo 2 --num_iter 2 --ode_steps 2 --grid_freq 1".split(),
         ]
     )
     result = main_jepat.main(ns)

@@ -121,15 +121,7 @@ def cache_argv(data_path: str, cache: Path, *extra: str):
         str(SIZE),
         "--cache_dir",
         str(cache),
-        "--shard_size",
-        "3",
-        "--batch_size",
-        "2",
-        "--num_workers",
-        "0",
-        "--no_text_cache",
-        "--device",
-        "cpu",
+        *"--shard_size 3 --batch_size 2 --num_workers 0 --no_text_cache --device cpu".split(),
         *extra,
     ]
 
@@ -256,26 +248,10 @@ def train(tmp_path: Path, dataset: str, data_path: str) -> dict:
                 "pixels",
                 "--img_size",
                 str(SIZE),
-                "--patch_size",
-                "8",
-                "--batch_size",
-                "2",
-                "--epochs",
-                "1",
-                "--max_steps",
-                "2",
-                "--no_eval",
-                "--grid_freq",
-                "0",
-                "--num_workers",
-                "0",
-                "--precision",
-                "fp32",
-                "--device",
-                "cpu",
-                "--log_freq",
-                "1",
-                "--output_dir",
+                *(
+                    "--patch_size 8 --batch_size 2 --epochs 1 --max_steps 2 --no_eval --grid_freq 0 "
+                    "--num_workers 0 --precision fp32 --device cpu --log_freq 1 --output_dir"
+                ).split(),
                 str(tmp_path),
             ]
         )
