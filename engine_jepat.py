@@ -9,7 +9,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +107,7 @@ class StopSignals:
     def __init__(self, env: DistEnv) -> None:
         self.env, self.signal, self._saved = env, 0, {}
         self._received = 0  # written only by the handler, so an all-reduce in flight cannot overwrite it
+        self._pending: Callable[[], int] | None = None  # the agreement started at the previous call
 
     def __enter__(self) -> StopSignals:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -116,14 +117,23 @@ class StopSignals:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
+        if self._pending is not None and exc[0] is None:  # every rank completes the last agreement
+            self._pending()
 
     def _on_signal(self, signum, frame) -> None:
         self._received = signum
 
     def requested(self) -> bool:
-        """Whether any rank got a signal; all ranks agree (a host-side all-reduce, no GPU sync).
-        A signal that lands while the all-reduce waits is seen at the next call, never lost."""
-        self.signal = max(self.signal, self.env.max_over_ranks(self._received))
+        """Whether any rank got a signal; all ranks agree, at the same call. Across ranks the answer
+        is the host-side all-reduce started at the previous call (one step earlier), so its round
+        trip overlaps a step instead of stalling every step; a signal is acted on one or two steps
+        after it lands, never lost (one that lands while a reduce is in flight goes into the next)."""
+        if not self.env.initialized:
+            self.signal = max(self.signal, self._received)
+            return self.signal != 0
+        if self._pending is not None:
+            self.signal = max(self.signal, self._pending())
+        self._pending = self.env.max_over_ranks_async(self._received)
         return self.signal != 0
 
 

@@ -257,11 +257,16 @@ def test_auto_precision_on_the_cpu_follows_the_measured_bf16_speed(monkeypatch):
 def test_a_stop_signal_that_lands_during_the_rank_agreement_is_not_lost():
     import signal as sig
 
-    class Env:  # the signal arrives while the all-reduce waits
-        def max_over_ranks(self, value):
-            stops._on_signal(sig.SIGUSR1, None)
-            return value
+    class Env:  # two ranks; the signal arrives while the first agreement is in flight
+        initialized, started = True, []
+
+        def max_over_ranks_async(self, value):
+            self.started.append(value)
+            if len(self.started) == 1:
+                stops._on_signal(sig.SIGUSR1, None)
+            return lambda: value
 
     stops = engine_jepat.StopSignals(Env())
-    stops.requested()
-    assert stops.requested() and stops.signal == sig.SIGUSR1
+    assert not stops.requested() and not stops.requested()  # the first agreement carried no signal yet
+    assert stops.requested() and stops.signal == sig.SIGUSR1  # the next one did: one step later, not lost
+    assert Env.started == [0, sig.SIGUSR1, sig.SIGUSR1]

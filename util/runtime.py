@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,20 @@ class DistEnv:
         t = torch.tensor([int(value)], dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control)
         return int(t.item())
+
+    def max_over_ranks_async(self, value: int) -> Callable[[], int]:
+        """Start :meth:`max_over_ranks` and return a function that waits for its result, so that the
+        round trip (across nodes: a network latency) overlaps the work done in between."""
+        if not self.initialized:
+            return lambda: value
+        t = torch.tensor([int(value)], dtype=torch.int64)
+        work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.control, async_op=True)
+
+        def result() -> int:
+            work.wait()
+            return int(t.item())
+
+        return result
 
     def from_rank0(self, value: Any) -> Any:
         """Rank 0's ``value`` on every rank (a small picklable object, over the gloo control group)."""
