@@ -6,6 +6,9 @@ of the GPU's measured bf16 matmul rate where there is one. Run it through benchm
 
     checks                          what runs
     train base bf16 eager / compile benchmarks/bench_train.py: base preset, 256 tokens, batch 64, fused AdamW
+    cache shapes + caption table    main_cache.py: 512 shapes images as latents, their captions embedded
+    train from the cache            main_jepat.py on that cache: 2 loader workers, accumulation 2,
+                                    activation checkpointing + compile; images/s, TFLOP/s, share of peak
     DDP over NCCL, 1 process        torchrun main_jepat.py --strategy ddp on the shapes recipe, bf16
     FSDP2, 1 rank                   the same with --strategy fsdp, then a resume for 2 more steps
     sampling base bf16              benchmarks/bench_speed.py: the sampler variants at base, 64 iterations
@@ -62,6 +65,17 @@ def run_figure(run: Path) -> Callable[[Path, str], str]:
         steps = _json(run / "train_log.json")
         assert (run / "checkpoint-last.pth").is_file(), "no checkpoint-last.pth"
         return f"{steps[-1]['step']} steps, last loss {steps[-1]['loss']:.3f}, checkpoint written"
+
+    return figure
+
+
+def throughput_figure(run: Path) -> Callable[[Path, str], str]:
+    def figure(_: Path, __: str) -> str:
+        last = _json(run / "train_log.json")[-1]
+        return (
+            f"{last['step']} steps, {last['images_per_s']:.1f} img/s, {last['tflops']:.3g} TFLOP/s = "
+            f"{100 * last['mfu']:.1f}% of peak (flop_counter, once per run)"
+        )
 
     return figure
 
@@ -170,7 +184,52 @@ def checks(out: Path, device: str) -> list[Check]:
                 train_figure(out / "train_compile.json"),
             )
         )
+    cache, cached = out / "cache", out / "cached"
     result += [
+        Check(
+            "cache shapes + caption table",
+            [
+                PY,
+                "main_cache.py",
+                "--config",
+                "shapes",
+                "--dataset",
+                "shapes",
+                "--cache_dir",
+                str(cache),
+                "--num_samples",
+                "512",
+                "--device",
+                device,
+                "--num_workers",
+                "2",
+            ],
+            240,
+            lambda _, __: "latents and caption embeddings cached",
+            ("images seen 512 = cached 512",),
+        ),  # fmt: skip
+        Check(
+            "train from the cache: 2 workers, accum 2, checkpointing" + (" + compile" if gpu else ""),
+            [
+                *torchrun,
+                *run,
+                "--dataset",
+                "cached",
+                "--data_path",
+                str(cache),
+                "--num_workers",
+                "2",
+                "--accum_iter",
+                "2",
+                "--grad_checkpointing",
+                *(["--compile"] if gpu else []),
+                "--output_dir",
+                str(cached),
+            ],
+            420,
+            throughput_figure(cached),
+            ("caption embeddings of",),
+        ),  # fmt: skip
         Check(
             f"DDP over {backend.upper()}, 1 process",
             [*torchrun, *run, "--strategy", "ddp", "--output_dir", str(ddp)],
