@@ -91,6 +91,9 @@ def resolve_args(ns: argparse.Namespace) -> TrainConfig:
         )  # fmt: skip
     if not config.cache.cache_dir:
         raise UserError("no cache folder: pass --cache_dir (or set cache.cache_dir in the configuration)")
+    if config.cache.dataset != "shapes" and not config.cache.data_path:
+        raise UserError(f"--dataset {config.cache.dataset} needs --data_path (the images to cache); the built-in "
+                        "set is --dataset shapes")  # fmt: skip
     return config
 
 

@@ -19,13 +19,29 @@ import torch.multiprocessing as mp
 
 import main_jepat
 
-# 16 px shapes, 8 px patches (4 tokens); 48 images = 6 steps of a global batch of 8 per epoch
+# 16 px shapes, 8 px patches (4 tokens); 48 images = 6 steps of a global batch of 8 per epoch, read
+# from a latent cache that holds flipped images too, through 2 loader workers per process: every
+# run here draws a random flip per item, which must follow (seed, epoch, item) whatever the ranks,
+# workers and resumes (the cache's path is added by the module's fixture below)
 COMMON = (
     "--img_size 16 --patch_size 8 --num_samples 48 --lr 1e-3 --warmup_epochs 0.5 --log_freq 3 "
-    "--no_eval --grid_freq 0 --num_workers 0 --precision fp32 --device cpu --weight_decay_end "
-    "0.1 --ema_rate_start 0.9 --ema_rate 0.99 --epochs 4 --text_max_length 8"
+    "--no_eval --grid_freq 0 --num_workers 2 --precision fp32 --device cpu --weight_decay_end "
+    "0.1 --ema_rate_start 0.9 --ema_rate 0.99 --epochs 4 --text_max_length 8 --dataset cached --random_flip"
 ).split()
 STEPS = 4 * 6  # long enough that the preemption signal lands before the end on a busy machine
+
+
+@pytest.fixture(scope="module", autouse=True)
+def flipped_cache(tmp_path_factory) -> Path:
+    """48 shapes images cached with their flips; every run of this module trains from it."""
+    import main_cache
+
+    cache = tmp_path_factory.mktemp("flipped") / "cache"
+    argv = "--dataset shapes --img_size 16 --num_samples 48 --random_flip --no_text_cache --device cpu".split()
+    main_cache.main(main_cache.get_args_parser().parse_args(argv + ["--cache_dir", str(cache)]))
+    COMMON.extend(["--data_path", str(cache)])
+    yield cache
+    del COMMON[-2:]
 
 
 def _free_port() -> int:

@@ -20,6 +20,7 @@ from models.loss import PUBLISHED_JEPA_BETA
 from models.sampler import SamplingConfig
 from tests.test_train import SMALL, run_main
 from util.config import ConfigError, TrainConfig, from_dict, from_flat_args, recipe_names, resolve, settings, to_dict
+from util.errors import UserError
 from util.training.checkpoint import FORMAT_VERSION, checkpoint_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +178,8 @@ def test_caching_and_training_read_the_same_recipe():
         train.model.img_size,
     )
     assert cache.cache.batch_size == 8 and cache.optim.batch_size == 32 and cache.cache.dataset == "imagenet"
+    with pytest.raises(UserError, match="--dataset imagenet needs --data_path"):
+        main_cache.resolve_args(main_cache.get_args_parser().parse_args(["--cache_dir", "/tmp/c"]))
     # a training run on `cached` data reads the cache the same file names
     assert resolve(["imagenet-base"], dotlist=["cache.cache_dir=/tmp/c"]).cache_path == "/tmp/c"
 
