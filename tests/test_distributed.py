@@ -232,12 +232,25 @@ def test_accumulation_equals_a_larger_batch(tmp_path):
 
 
 def test_compiled_training_saves_plain_keys(tmp_path):
-    run_single(tmp_path, "--batch_size", "8", "--compile", "--compile_backend", "eager", "--max_steps", "2")
+    run_single(
+        tmp_path,
+        "--batch_size",
+        "8",
+        "--num_workers",
+        "0",
+        "--compile",
+        "--compile_backend",
+        "eager",
+        "--max_steps",
+        "2",
+    )
     ckpt = load(tmp_path / "checkpoint-last.pth")
     assert ckpt["state"]["step"] == 2
     assert not any("_orig_mod" in k for key in ("model", "ema") for k in ckpt[key])
     run_single(
         tmp_path,
+        "--num_workers",
+        "0",
         "--batch_size",
         "8",
         "--compile",
