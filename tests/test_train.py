@@ -270,3 +270,50 @@ def test_a_stop_signal_that_lands_during_the_rank_agreement_is_not_lost():
     assert not stops.requested() and not stops.requested()  # the first agreement carried no signal yet
     assert stops.requested() and stops.signal == sig.SIGUSR1  # the next one did: one step later, not lost
     assert Env.started == [0, sig.SIGUSR1, sig.SIGUSR1]
+
+
+def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
+    """Counted with a dispatch mode: ``.item()``, ``float(t)``, ``bool(t)`` and ``.tolist()`` all run
+    ``aten._local_scalar_dense``. Between log steps there is none, except host-side work that never
+    waits for a device: the mask ratio drawn from the CPU host generator, the optimizer's CPU step
+    counters (fused AdamW on GPUs keeps them on the device) and the loader's start of an epoch."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.data import DataLoader
+
+    import models.loss
+    from util.runtime import init_runtime
+
+    class Syncs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.where, self.allowed, self.in_log = [], 0, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                if self.allowed == 0:
+                    self.where.append("".join(__import__("traceback").format_stack(limit=6)[:-1]))
+                self.in_log += self.allowed > 0
+            return func(*args, **(kwargs or {}))
+
+    syncs = Syncs()
+
+    def allowed(fn):
+        def wrapped(*a, **k):
+            syncs.allowed += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                syncs.allowed -= 1
+
+        return wrapped
+
+    for module, name in ((engine_jepat, "_log"), (models.loss, "sample_mask_ratio"), (engine_jepat, "_end_epoch"),
+                         (engine_jepat, "_finish"), (DataLoader, "__iter__")):  # fmt: skip
+        monkeypatch.setattr(module, name, allowed(getattr(module, name)))
+    argv = SMALL + ["--output_dir", str(tmp_path), "--epochs", "1", "--max_steps", "6", "--log_freq", "3"]
+    run = main_jepat.build_run(main_jepat.parse_args(argv).config, init_runtime("cpu"))
+    monkeypatch.setattr(run.optimizer, "step", allowed(run.optimizer.step))
+    with syncs:
+        engine_jepat.train(run)
+    assert not syncs.where, syncs.where[0]
+    assert syncs.in_log > 0  # the counter sees the read-backs it allows
