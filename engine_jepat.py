@@ -118,7 +118,7 @@ class StopSignals:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
         if self._pending is not None and exc[0] is None:  # every rank completes the last agreement
-            self._pending()
+            self.signal = max(self.signal, self._pending())  # a signal of the last step is not lost
 
     def _on_signal(self, signum, frame) -> None:
         self._received = signum
@@ -166,7 +166,7 @@ def train(run: Run) -> dict:
                     seed_step(c.runtime.seed, st.step, env.rank * accum + micro, st.host_generator)
                     x, text = run.inputs(images, captions)  # 2. inputs
                     if meter.flops is None:  # once per run, before the first update: FLOPs of a micro-batch
-                        meter.count_flops(run, x, text, micro)
+                        meter.count_flops(run, x, text)
                     with parallel.grad_sync(micro == accum - 1):  # 3. forward/backward
                         with autocast_context(env.device, c.runtime.precision):
                             out = parallel.train_module(x, text, st.host_generator)
@@ -208,21 +208,25 @@ class StepMeter:
         self.flops: int | None = None  # of one micro-batch on one rank, forward and backward
         self.peak, self.peak_source = math.nan, ""  # FLOP/s of one device
 
-    def count_flops(self, run: Run, x: torch.Tensor, text: TextEmbeddings, micro: int) -> None:
+    def count_flops(self, run: Run, x: torch.Tensor, text: TextEmbeddings) -> None:
         """Count one micro-batch's FLOPs in an eager forward and backward (every rank, so that DDP
-        and FSDP collectives match), then undo its effects: gradients zeroed, the step's draws
-        reseeded, so the run trains exactly as it would have."""
-        c, st, p = run.config, run.state, run.parallel
+        and FSDP collectives match) and leave no trace: the random states (global, this device's,
+        the host generator) are put back as they were and the gradients zeroed, so the run trains
+        exactly as it would have."""
+        c, st, p, device = run.config, run.state, run.parallel, run.env.device
 
         def step() -> None:
-            with autocast_context(run.env.device, c.runtime.precision):
+            with autocast_context(device, c.runtime.precision):
                 out = p.eager_module(x, text, st.host_generator)
             p.backward(out["loss"])
 
-        self.flops = count_flops(step)
-        self.peak, self.peak_source = peak_flops(run.env.device, c.runtime.precision)
+        host = st.host_generator.get_state()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.flops = count_flops(step)
+        st.host_generator.set_state(host)
         run.optimizer.zero_grad(set_to_none=True)
-        seed_step(c.runtime.seed, st.step, run.env.rank * c.optim.accum_iter + micro, st.host_generator)
+        self.peak, self.peak_source = peak_flops(device, c.runtime.precision)
+        self.since = time.perf_counter()  # the first interval's rate leaves this pass out
         log.info("%.3g GFLOP per micro-batch of %d per rank (forward and backward, recomputation included); "
                  "device peak %.3g TFLOP/s (%s)", self.flops / 1e9, c.optim.batch_size, self.peak / 1e12,
                  self.peak_source)  # fmt: skip

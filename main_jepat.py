@@ -96,7 +96,7 @@ def resolve_args(ns: argparse.Namespace) -> Launch:
     ]
     for path in asked + [item.split("=", 1)[0] for item in ns.overrides]:
         section, name = path.split(".", 1)
-        given.setdefault(path, getattr(getattr(config, section), name))
+        given[path] = getattr(getattr(config, section), name)  # the resolved value: flags, then overrides
     try:
         parse_log_with(config.runtime.log_with)  # an unknown logger is an error now, not after training
     except ValueError as e:
@@ -169,7 +169,7 @@ def build_data(c: TrainConfig, env: DistEnv, captions: CaptionStore, tokenizer: 
             "keeps, so they are encoded as they come; cache them with main_cache.py to read them from disk",
         )
     order = DataOrder(len(dataset), c.optim.batch_size, seed=c.runtime.seed, rank=env.rank, world_size=env.world_size)
-    # torch's default collate: images stacked, captions as a list of strings (or a tensor of caption-table rows)
+    # torch's default collate: images stacked, captions as a list of strings (or CaptionRows from the table)
     loader = DataLoader(
         dataset,
         batch_size=c.optim.batch_size,

@@ -317,3 +317,23 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
         engine_jepat.train(run)
     assert not syncs.where, syncs.where[0]
     assert syncs.in_log > 0  # the counter sees the read-backs it allows
+
+
+def test_counting_flops_leaves_no_trace(tmp_path):
+    """The FLOP count runs one extra forward and backward at a run's first step: every random state
+    (global, and the host generator of the mask ratio) and the gradients are as before it, so the
+    run (also one whose tokenizer draws, such as a VAE's posterior) trains as it would have."""
+    from util.runtime import init_runtime
+
+    run = main_jepat.build_run(
+        main_jepat.parse_args(SMALL + ["--output_dir", str(tmp_path)]).config, init_runtime("cpu")
+    )
+    images, captions = next(iter(run.loader))
+    x, text = run.inputs(images, captions)
+    torch.manual_seed(5)
+    before, host = torch.get_rng_state(), run.state.host_generator.get_state()
+    meter = engine_jepat.StepMeter(torch.device("cpu"), 8)
+    meter.count_flops(run, x, text)
+    assert meter.flops > 0 and meter.peak > 0
+    assert torch.equal(torch.get_rng_state(), before) and torch.equal(run.state.host_generator.get_state(), host)
+    assert all(p.grad is None for p in run.model.parameters())

@@ -12,7 +12,7 @@ Folder ``<cache>/text/<encoder key>/``::
     hashes.npy        [U] uint64 caption hashes, sorted; order.npy [U] int64 their rows
 
 Row r holds caption r of the cache's vocabulary (``listing.json``), the order in which the cache's
-``caption_groups.npz`` names them, so a cached item carries row ids, not strings.
+``caption_groups.npz`` names them, so a cached item carries its caption's rows (``CaptionRows``), not strings.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ training step never runs the frozen text encoder for a caption it has seen.
 Two sources behind one ``lookup``: a bounded in-memory cache of encoded captions (least recently
 used first out; for ``shapes``, ImageNet's 1000 prompts, evaluation prompts and raw caption data),
 and, for training from a latent cache, the cache's caption table on disk (``caption_table.py``),
-read per batch by row id. Memory does not grow with the number of unique captions beyond
-``capacity`` rows.
+read per batch by row (the loader gathers them for training). Memory does not grow with the
+number of unique captions beyond ``capacity`` rows.
 
 How a run's captions are embedded is a small dictionary (``caption_recipe``) stored in every
 checkpoint, so sampling and evaluation rebuild the same store from the checkpoint alone.
