@@ -19,7 +19,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from engine_jepat import ModelInputs, Run, config_record, param_groups, train
-from models.jepat import JEPAT, build_model, config_dict
+from models.jepat import JEPAT, JEPATConfig, build_model, config_dict
 from models.tokenizers import Tokenizer, build_tokenizer
 from util.config import (
     DEFAULT_RECIPE,
@@ -111,25 +111,14 @@ def resolve_args(ns: argparse.Namespace) -> Launch:
 
 # ==================================================================== the run, built once
 def make_model(m: ModelConfig, tokenizer: Tokenizer, text_info: dict) -> JEPAT:
+    """The preset's network with the ``model`` settings that ``JEPATConfig`` shares (same names,
+    no hand mapping), and the token and caption widths the tokenizer and text encoder give."""
     grid = m.img_size // tokenizer.stride // m.patch_size
-    kw = dict(
-        token_dim=tokenizer.channels * m.patch_size**2,
-        seq_len=grid * grid,
-        text_token_dim=text_info["token_dim"],
-        text_pooled_dim=text_info["pooled_dim"],
-        mask_ratio_min=m.mask_ratio_min,
-        mask_ratio_std=m.mask_ratio_std,
-        cond_drop_prob=m.cond_drop_prob,
-        diffusion_batch_mul=m.diffusion_batch_mul,
-        qk_norm=m.qk_norm,
-        fusion=m.fusion,
-        flow_prediction=m.flow_prediction,
-        t_logit_mean=m.t_logit_mean,
-        t_logit_std=m.t_logit_std,
-    )
-    if m.buffer_size is not None:
-        kw["buffer_size"] = m.buffer_size
-    return build_model(m.preset, **kw)
+    shared = {f.name for f in fields(JEPATConfig)} & {f.name for f in fields(m)} - {"preset"}
+    kw = {name: getattr(m, name) for name in shared if getattr(m, name) is not None or name != "buffer_size"}
+    kw.update(token_dim=tokenizer.channels * m.patch_size**2, seq_len=grid * grid)
+    kw.update(text_token_dim=text_info["token_dim"], text_pooled_dim=text_info["pooled_dim"])
+    return build_model(m.preset, **kw)  # buffer_size None: the preset's
 
 
 def caption_recipe_of(c: TrainConfig) -> dict:
