@@ -24,6 +24,7 @@ from models.jepat import JEPAT, JEPATConfig
 from models.safe_load import CheckpointFileError
 from models.sampler import SamplingConfig
 from models.tokenizers import build_tokenizer
+from util.config import ConfigError, from_flat_args, to_dict
 from util.data.captions import build_caption_store, check_widths
 from util.evaluation.generate import ImageGenerator
 from util.training.checkpoint import checkpoint_recipe, load_checkpoint, training_summary
@@ -81,9 +82,21 @@ def load_pretrained(path: str | os.PathLike, raw: bool = False) -> Pretrained:
         path,
         training_summary(ckpt),
         _run_metrics(path.parent / METRICS, step),
-        ckpt.get("config"),
+        ckpt.get("config") or _tree_of_launch_arguments(ckpt, path),
         ckpt.get("captions_info", {}),
     )
+
+
+def _tree_of_launch_arguments(ckpt: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """A checkpoint written before the configuration tree (formats 1 to 3): its tree rebuilt from
+    the flat launch arguments it kept, or None (with the reason logged) when they do not convert."""
+    if not ckpt.get("args"):
+        return None
+    try:
+        return to_dict(from_flat_args(ckpt["args"]))
+    except ConfigError as e:
+        log.info("%s predates the configuration tree and its launch arguments do not convert (%s)", path, e)
+        return None
 
 
 def _run_metrics(path: Path, step: int) -> dict[str, Any] | None:
