@@ -30,7 +30,7 @@ from util.runtime import DistEnv, autocast_context, interactive
 from util.training.checkpoint import TrainingCheckpoint, TrainState
 from util.training.curves import write_curves
 from util.training.loggers import RunLogger, parse_log_with
-from util.training.parallel import Parallel, grad_norm_value, seed_step
+from util.training.parallel import Parallel, compile_report, grad_norm_value, seed_step
 from util.training.schedules import Schedules
 from util.training.throughput import count_flops, peak_flops
 
@@ -209,15 +209,15 @@ class StepMeter:
         self.peak, self.peak_source = math.nan, ""  # FLOP/s of one device
 
     def count_flops(self, run: Run, x: torch.Tensor, text: TextEmbeddings) -> None:
-        """Count one micro-batch's FLOPs in an eager forward and backward (every rank, so that DDP
-        and FSDP collectives match) and leave no trace: the random states (global, this device's,
-        the host generator) are put back as they were and the gradients zeroed, so the run trains
-        exactly as it would have."""
+        """Count one micro-batch's FLOPs in an eager forward and backward (compiled parts run
+        eagerly; every rank, so that DDP and FSDP collectives match) and leave no trace: the random
+        states (global, this device's, the host generator) are put back as they were and the
+        gradients zeroed, so the run trains exactly as it would have."""
         c, st, p, device = run.config, run.state, run.parallel, run.env.device
 
         def step() -> None:
             with autocast_context(device, c.runtime.precision):
-                out = p.eager_module(x, text, st.host_generator)
+                out = p.train_module(x, text, st.host_generator)
             p.backward(out["loss"])
 
         host = st.host_generator.get_state()
@@ -269,6 +269,9 @@ def _finish(run: Run, logger: RunLogger | None, stopped_by: int) -> dict:
         log.info("stopped by signal %d at step %d; checkpoint-last.pth written", stopped_by, st.step)
         return {"stopped_by_signal": stopped_by, "step": st.step}
     result = {"train_seconds": st.train_seconds() - st.prior_seconds, "step": st.step}
+    if run.parallel.compiled:
+        result["compile"] = compile_report(run.parallel.compiled)
+        log.info("torch.compile: %s", json.dumps(result["compile"]))
     if not c.eval.skip:
         result.update(run_evaluation(run, run.out_dir, logger))
     if run.env.is_main:
@@ -375,12 +378,9 @@ def generator(run: Run, ema: JEPAT) -> ImageGenerator:
 
 
 def run_evaluation(run: Run, out_dir: Path, logger: RunLogger | None) -> dict:
-    """The evaluation of the run's EMA (under FSDP a consolidated copy: rank 0 only)."""
-    ema = run.parallel.sampling_ema()
-    if ema is None:
-        return {}
+    """The evaluation of the run's EMA (under FSDP a consolidated copy on every rank)."""
     return evaluate(
-        generator(run, ema),
+        generator(run, run.parallel.sampling_ema()),
         run.eval,
         out_dir,
         run.state.step,

@@ -5,12 +5,14 @@ share of this device's measured matmul rate, per preset x precision x torch.comp
     python benchmarks/bench_train.py --presets base --precisions bf16 --compile off,on \\
         --batch_size 64 --seq_len 256 --token_dim 16 --steps 20      # the published base shape, on a GPU
 
-A step is what engine_jepat.train does: autocast forward of the loss (models/loss.py) (flow + JEPA against
+A step is what engine_jepat.train does, through the same ``Parallel`` (compile per block before
+activation checkpointing): autocast forward of the loss (models/loss.py) (flow + JEPA against
 the EMA), backward, grad clip, AdamW (fused on GPUs), EMA update. The caption embeddings are
-random (CLIP ViT-L-14 widths), so no text encoder runs. FLOPs come from
-torch.utils.flop_counter over one eager step (matmuls and attention, forward and backward);
-every timed step uses the same seed, so the same mask ratio and the same FLOPs. The matmul rate
-is the best of a few square matmuls in the step's dtype. Each configuration runs in its own
+random (CLIP ViT-L-14 widths), so no text encoder runs. Each step draws another mask ratio, as
+training does (``--no-vary_seeds``: one), so the recompile count printed is the one a run sees.
+FLOPs come from torch.utils.flop_counter over the timed steps' seeds run eagerly (matmuls and
+attention, forward and backward); host syncs are counted over one eager step with a dispatch mode.
+The matmul rate is the best of a few square matmuls in the step's dtype. Each configuration runs in its own
 process (clean peak memory, no compile cache shared). This prints; it asserts nothing.
 """
 
@@ -32,11 +34,11 @@ import torch  # noqa: E402
 
 from engine_jepat import param_groups, update_ema  # noqa: E402
 from models.jepat import build_model  # noqa: E402
-from models.loss import EMATarget, JEPATLoss  # noqa: E402
+from models.loss import JEPATLoss  # noqa: E402
 from models.text_encoders import TextEmbeddings  # noqa: E402
-from util.runtime import autocast_context, init_runtime, resolve_precision  # noqa: E402
-from util.training.parallel import TrainingStep, seed_step  # noqa: E402
-from util.training.throughput import matmul_rate  # noqa: E402
+from util.runtime import DistEnv, autocast_context, init_runtime, resolve_precision  # noqa: E402
+from util.training.parallel import Parallel, compile_report, seed_step  # noqa: E402
+from util.training.throughput import HostSyncs, count_flops, matmul_rate  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -50,6 +52,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--buffer_size", type=int, default=None, help="buffer tokens (default: the preset's)")
     p.add_argument("--text_len", type=int, default=16, help="caption tokens")
     p.add_argument("--steps", type=int, default=2, help="timed steps")
+    p.add_argument("--grad_checkpointing", action="store_true", help="recompute the blocks' activations")
+    p.add_argument(
+        "--vary_seeds", action=argparse.BooleanOptionalAction, default=True,
+        help="another seed (mask ratio) every step, as in training; off: one seed, one graph",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (compilation happens here)")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="also write the rows here")
@@ -81,36 +88,37 @@ def run_one(args: argparse.Namespace, preset: str, precision: str, compiled: boo
     mask = torch.ones(B, args.text_len, dtype=torch.bool, device=device)
     text = TextEmbeddings(torch.randn(B, args.text_len, 768, device=device), mask, torch.randn(B, 768, device=device))
     opt = torch.optim.AdamW(param_groups(model), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
-    loss_module = TrainingStep(model, JEPATLoss(), EMATarget(ema))
-    step_fn = torch.compile(loss_module) if compiled else loss_module
+    backend = "inductor" if compiled else None
+    p = Parallel(DistEnv(device=device), model, ema, JEPATLoss(), "ddp", precision, args.grad_checkpointing, backend)
     host = torch.Generator()
 
-    def step(fn) -> None:
-        seed_step(0, 0, 0, host)  # the same mask ratio (and FLOPs) every step
+    def step(i: int) -> None:
+        seed_step(0, i if args.vary_seeds else 0, 0, host)  # another mask ratio each step (or the same)
         with autocast_context(device, precision):
-            out = fn(x, text, host)
+            out = p.train_module(x, text, host)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        p.backward(out["loss"])
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
         opt.step()
         update_ema(ema, model, 0.9999)
 
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step(loss_module)
-    flops = counter.get_total_flops()
+    timed = range(args.warmup, args.warmup + args.steps)
+    with torch.compiler.set_stance("force_eager"):
+        # FLOPs of the timed steps (they differ with the mask ratio), in eager mode
+        flops = sum(count_flops(lambda i=i: step(i)) for i in timed) / len(timed)
+        syncs = HostSyncs(device.type)
+        with syncs:  # eager too: a dispatch mode would make dynamo retrace
+            step(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    for _ in range(args.warmup):
-        step(step_fn)
+    for i in range(args.warmup):
+        step(i)
     sync(device)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step(step_fn)
+    for i in timed:
+        step(i)
     sync(device)
     step_s = (time.perf_counter() - t0) / args.steps
     if device.type == "cuda":
@@ -124,7 +132,7 @@ def run_one(args: argparse.Namespace, preset: str, precision: str, compiled: boo
     return {
         "preset": preset,
         "precision": precision,
-        "compile": compiled,
+        "compiled": compiled,
         "device": name,
         "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
         "batch": B,
@@ -138,6 +146,9 @@ def run_one(args: argparse.Namespace, preset: str, precision: str, compiled: boo
         "achieved_TFLOPs": flops / step_s / 1e12,
         "matmul_TFLOPs": rate / 1e12,
         "share_of_matmul": flops / step_s / rate,
+        "grad_checkpointing": args.grad_checkpointing,
+        "host_syncs_per_step": syncs.count if device.type == "cuda" else None,  # every read is one on the CPU
+        **({"compile": compile_report(p.compiled)} if compiled else {}),
     }
 
 
@@ -147,7 +158,7 @@ def check_auto_precision(rows: list[dict], device: str) -> None:
     for preset in dict.fromkeys(r["preset"] for r in rows):
         for compiled in (False, True):
             speed = {
-                r["precision"]: r["images_per_s"] for r in rows if r["preset"] == preset and r["compile"] == compiled
+                r["precision"]: r["images_per_s"] for r in rows if r["preset"] == preset and r["compiled"] == compiled
             }
             if {"fp32", "bf16"} <= set(speed):
                 best = max(("fp32", "bf16"), key=speed.get)
@@ -177,11 +188,13 @@ def main(args: argparse.Namespace) -> list[dict]:
                 row = json.loads(lines[-1])
                 rows.append(row)
                 print(
-                    f"{row['preset']:>5} {row['precision']:>4} compile={'on ' if row['compile'] else 'off'} "
+                    f"{row['preset']:>5} {row['precision']:>4} compile={'on ' if row['compiled'] else 'off'} "
                     f"{row['images_per_s']:9.2f} img/s {row['tokens_per_s']:10.1f} tok/s "
                     f"peak {row['peak_mem_GiB']:6.2f} GiB  {row['achieved_TFLOPs'] * 1e3:8.1f} GFLOP/s "
                     f"= {100 * row['share_of_matmul']:5.1f}% of matmul {row['matmul_TFLOPs'] * 1e3:.0f} GFLOP/s  "
-                    f"(step {row['step_s']:.3f} s, warm-up {row['warmup_s']:.1f} s)",
+                    f"(step {row['step_s']:.3f} s, warm-up {row['warmup_s']:.1f} s), "
+                    f"host syncs/step {row['host_syncs_per_step']}"
+                    + (f", compile {json.dumps(row['compile'])}" if row["compiled"] else ""),
                     flush=True,
                 )
     if rows:

@@ -5,12 +5,18 @@ and the script ends with one table: status, seconds, and the figure that matters
 of the GPU's measured bf16 matmul rate where there is one. Run it through benchmarks/gpu_smoke.sh.
 
     checks                          what runs
-    train base bf16 eager / compile benchmarks/bench_train.py: base preset, 256 tokens, batch 64, fused AdamW
+    train base bf16 eager / compile benchmarks/bench_train.py: base preset, 256 tokens, the recipe's 32
+                                    images per GPU, activation checkpointing, fused AdamW, another mask
+                                    ratio every step; peak memory, host syncs per step (must be 0),
+                                    recompiles (at most 2) and graph breaks (none)
     cache shapes + caption table    main_cache.py: 512 shapes images as latents, their captions embedded
     train from the cache            main_jepat.py on that cache: 2 loader workers, accumulation 2,
-                                    activation checkpointing + compile; images/s, TFLOP/s, share of peak
+                                    activation checkpointing + compile; images/s, TFLOP/s, share of
+                                    peak, the run's compile report
     DDP over NCCL, 1 process        torchrun main_jepat.py --strategy ddp on the shapes recipe, bf16
     FSDP2, 1 rank                   the same with --strategy fsdp, then a resume for 2 more steps
+    huge under FSDP2, 1 rank        the huge preset sharded on one rank: one step, one timed save of
+                                    checkpoint-last.pth (gather and write seconds, size)
     sampling base bf16              benchmarks/bench_speed.py: the sampler variants at base, 64 iterations
     main_sample.py                  images from the DDP run's checkpoint
     evaluation, small extractor     torchrun --evaluate: prompts -> samples -> FID / IS with the registered
@@ -48,16 +54,37 @@ def _json(path: Path):
     return json.loads(path.read_text())
 
 
+MAX_RECOMPILES = 2  # per run: each compiled code object holds a static and a dynamic graph
+
+
+def check_compile(report: dict | None) -> str:
+    """The compile figure; raises (the check fails) on graph breaks or more recompiles than allowed."""
+    if not report:
+        return ""
+    assert report["graph_breaks"] == 0, f"graph breaks: {report}"
+    assert report["recompiles"] <= MAX_RECOMPILES, f"{report['recompiles']} recompiles: {report}"
+    return f", {report['recompiles']} recompiles, 0 graph breaks"
+
+
 def train_figure(out: Path) -> Callable[[Path, str], str]:
     def figure(_: Path, __: str) -> str:
         row = _json(out)[0]
+        syncs = row["host_syncs_per_step"]
+        assert not syncs, f"{syncs} host syncs per step"
         return (
             f"{row['images_per_s']:.1f} img/s, {100 * row['share_of_matmul']:.0f}% of the "
-            f"{row['precision']} matmul rate ({row['matmul_TFLOPs']:.3g} TFLOP/s), peak {row['peak_mem_GiB']:.1f} GiB, "
-            f"warm-up {row['warmup_s']:.0f} s"
+            f"{row['precision']} matmul rate ({row['matmul_TFLOPs']:.3g} TFLOP/s), peak {row['peak_mem_GiB']:.1f} GiB "
+            f"at batch {row['batch']}, warm-up {row['warmup_s']:.0f} s, host syncs/step {syncs}"
+            + check_compile(row.get("compile"))
         )
 
     return figure
+
+
+def logged_compile(log: str) -> dict | None:
+    """The ``torch.compile: {...}`` report main_jepat.py logs at the end of a compiled run."""
+    lines = [line.split("torch.compile: ", 1)[1] for line in log.splitlines() if "torch.compile: {" in line]
+    return json.loads(lines[-1]) if lines else None
 
 
 def run_figure(run: Path) -> Callable[[Path, str], str]:
@@ -69,13 +96,26 @@ def run_figure(run: Path) -> Callable[[Path, str], str]:
     return figure
 
 
-def throughput_figure(run: Path) -> Callable[[Path, str], str]:
-    def figure(_: Path, __: str) -> str:
+def throughput_figure(run: Path, compiled: bool) -> Callable[[Path, str], str]:
+    def figure(_: Path, log: str) -> str:
         last = _json(run / "train_log.json")[-1]
+        report = logged_compile(log)
+        assert report or not compiled, "no torch.compile report in the log"
         return (
             f"{last['step']} steps, {last['images_per_s']:.1f} img/s, {last['tflops']:.3g} TFLOP/s = "
-            f"{100 * last['mfu']:.1f}% of peak (flop_counter, once per run)"
+            f"{100 * last['mfu']:.1f}% of peak (flop_counter, once per run)" + check_compile(report)
         )
+
+    return figure
+
+
+def save_figure(run: Path) -> Callable[[Path, str], str]:
+    def figure(_: Path, log: str) -> str:
+        lines = log.splitlines()
+        saved = [line.split("checkpoint-last.pth: ", 1)[1] for line in lines if "checkpoint-last.pth: " in line]
+        sizes = [json.loads(line.split(": ", 2)[-1]) for line in lines if '"total"' in line and " model " in line]
+        total = f"{sizes[-1]['total'] / 1e6:,.0f}M parameters; " if sizes else ""
+        return f"{total}checkpoint-last.pth: {saved[-1]}"
 
     return figure
 
@@ -110,10 +150,12 @@ def checks(out: Path, device: str) -> list[Check]:
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     backend = "nccl" if gpu else "gloo"
     train_shape = (
-        ["--presets", "base", "--batch_size", "64", "--seq_len", "256", "--steps", "10", "--warmup", "2"]
+        # base at the recipe's 32 images per GPU and its activation checkpointing; another mask ratio
+        # every step (the warm-up steps see the recompile to dynamic shapes)
+        ["--presets", "base", "--batch_size", "32", "--seq_len", "256", "--steps", "10", "--warmup", "4"]
         if gpu
         else ["--presets", "tiny", "--batch_size", "4", "--seq_len", "16", "--steps", "1"]
-    )
+    ) + ["--grad_checkpointing"]
     run = [
         "main_jepat.py",
         "--config",
@@ -227,7 +269,7 @@ def checks(out: Path, device: str) -> list[Check]:
                 str(cached),
             ],
             420,
-            throughput_figure(cached),
+            throughput_figure(cached, gpu),
             ("caption embeddings of",),
         ),  # fmt: skip
         Check(
@@ -261,6 +303,25 @@ def checks(out: Path, device: str) -> list[Check]:
             240,
             run_figure(fsdp),
             ("resumed",),
+        ),
+        Check(
+            f"{'huge' if gpu else 'tiny'} under FSDP2, 1 rank: a step and a timed save",
+            [
+                *torchrun,
+                *run,
+                "--strategy",
+                "fsdp",
+                "--model",
+                "huge" if gpu else "tiny",
+                "--grad_checkpointing",
+                "--max_steps",
+                "1",
+                "--output_dir",
+                str(out / "huge"),
+            ],
+            420,
+            save_figure(out / "huge"),
+            ("checkpoint-last.pth: ",),
         ),
         Check(
             f"sampling {'base bf16' if gpu else 'tiny fp32'}",

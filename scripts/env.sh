@@ -13,8 +13,13 @@ WANT="$(sha256sum "$ROOT/requirements.txt" | cut -d' ' -f1)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     echo "[env] installing requirements.txt (first run: a few minutes)"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/python" -m pip install --quiet -r "$ROOT/requirements.txt" \
-        || { echo "[env] pip install failed" >&2; return 1 2>/dev/null || exit 1; }
+    # JEPAT_WHEELS=DIR: install from a folder of wheels, for a machine without network (fill it on
+    # one with network: pip download -r requirements.txt -d DIR, on the same Python and platform)
+    "$VENV/bin/python" -m pip install --quiet ${JEPAT_WHEELS:+--no-index --find-links "$JEPAT_WHEELS"} \
+        -r "$ROOT/requirements.txt" \
+        || { echo "[env] pip install failed. Without network: copy a .venv built on this platform to $VENV" \
+                  "(JEPAT_VENV=PATH to use another), or set JEPAT_WHEELS to a folder filled by" \
+                  "'pip download -r requirements.txt -d DIR'" >&2; return 1 2>/dev/null || exit 1; }
     echo "$WANT" > "$STAMP"
 fi
 # shellcheck disable=SC1091

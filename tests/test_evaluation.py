@@ -75,6 +75,54 @@ def test_one_rank_and_two_gloo_ranks_give_the_same_image_for_each_id(tmp_path, o
     assert [list(r) for r in generate.batches_of_rank(14, 3, 1, 2)] == [[3, 4, 5], [9, 10, 11]]
 
 
+def evaluate_set(out: Path, ref: Path, env: DistEnv = DistEnv()) -> dict:
+    from util.evaluation import fid
+
+    gen = ImageGenerator(tiny_model(), HashedTextTable(), build_tokenizer("pixels"), SAMPLING, torch.device("cpu"))
+    options = evaluate.EvalOptions(
+        prompts=prompts.file_prompts(PROMPTS),
+        fid_ref=str(ref),
+        metrics=("fid", "isc"),
+        feature_extractor=fid.register_test_extractor(),
+        batch_size=3,
+        save_samples=False,
+    )
+    return evaluate.evaluate_prompts(gen, options, out, env)
+
+
+def _evaluation_rank_main(rank: int, world: int, rendezvous: str, out: str, ref: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        metrics = evaluate_set(Path(out), Path(ref), DistEnv(rank=rank, world_size=world, initialized=True))
+        assert (metrics == {}) == (rank != 0)
+        if rank == 0:
+            (Path(out) / "rank0.json").write_text(json.dumps(metrics["fidelity"]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_compute_the_metrics_of_one(tmp_path, one_thread):
+    """Each rank extracts the features of the images it generated, in memory; rank 0 gathers them
+    in id order: FID and IS are those of one rank, and no PNG is needed for them."""
+    ref = tmp_path / "ref"
+    generate.write_pngs(torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8), range(12), ref)
+    one = evaluate_set(tmp_path / "one", ref)["fidelity"]
+    mp.start_processes(
+        _evaluation_rank_main,
+        args=(2, str(tmp_path / "rdv"), str(tmp_path / "two"), str(ref)),
+        nprocs=2,
+        join=True,
+        start_method="fork",
+    )
+    two = json.loads((tmp_path / "two" / "rank0.json").read_text())
+    assert one["num_samples"] == two["num_samples"] == len(PROMPTS)
+    for key in ("fid", "inception_score_mean", "inception_score_std"):
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    assert one["fid"] > 0
+    assert (tmp_path / "two" / "grid.png").is_file() and not (tmp_path / "two" / "samples").exists()
+
+
 def test_class_balanced_prompts():
     names = ["tench", "goldfish", "great white shark", "crane", "crane"]  # ImageNet repeats names
     ps = prompts.class_balanced_prompts(names, 20, "a photo of a {}")

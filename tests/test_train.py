@@ -277,35 +277,14 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
     ``aten._local_scalar_dense``. Between log steps there is none, except host-side work that never
     waits for a device: the mask ratio drawn from the CPU host generator, the optimizer's CPU step
     counters (fused AdamW on GPUs keeps them on the device) and the loader's start of an epoch."""
-    from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.data import DataLoader
 
     import models.loss
     from util.runtime import init_runtime
+    from util.training.throughput import HostSyncs
 
-    class Syncs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.where, self.allowed, self.in_log = [], 0, 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default:
-                if self.allowed == 0:
-                    self.where.append("".join(__import__("traceback").format_stack(limit=6)[:-1]))
-                self.in_log += self.allowed > 0
-            return func(*args, **(kwargs or {}))
-
-    syncs = Syncs()
-
-    def allowed(fn):
-        def wrapped(*a, **k):
-            syncs.allowed += 1
-            try:
-                return fn(*a, **k)
-            finally:
-                syncs.allowed -= 1
-
-        return wrapped
+    syncs = HostSyncs("cpu")
+    allowed = syncs.allow
 
     for module, name in ((engine_jepat, "_log"), (models.loss, "sample_mask_ratio"), (engine_jepat, "_end_epoch"),
                          (engine_jepat, "_finish"), (DataLoader, "__iter__")):  # fmt: skip
@@ -315,8 +294,8 @@ def test_no_host_sync_between_log_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(run.optimizer, "step", allowed(run.optimizer.step))
     with syncs:
         engine_jepat.train(run)
-    assert not syncs.where, syncs.where[0]
-    assert syncs.in_log > 0  # the counter sees the read-backs it allows
+    assert syncs.count == 0, syncs.where[0]
+    assert syncs.allowed > 0  # the counter sees the read-backs it allows
 
 
 def test_counting_flops_leaves_no_trace(tmp_path):

@@ -174,6 +174,9 @@ class EvalConfig:
     feature_extractor: str = setting(INCEPTION, "a torch-fidelity feature extractor", flag="fid_feature_extractor")
     inception_weights: str | None = setting(None, "default: torch-fidelity's file in the torch.hub cache")
     save_npz: bool = setting(False, "also write the samples as an ADM-suite .npz (arr_0, arr_1)")
+    save_samples: bool = setting(
+        True, "write every generated evaluation image as a PNG (the metrics are computed in memory)"
+    )
     clip_score_model: str = setting("ViT-B-32", "open_clip model of the CLIP score")
     clip_score_weights: str | None = setting(
         None, "open_clip checkpoint file or cached pretrained tag; without it the CLIP score is skipped"

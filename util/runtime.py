@@ -78,6 +78,15 @@ class DistEnv:
         dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
 
+    def gather_to_main(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` (picklable, on the host), in rank order, on rank 0; None on the others.
+        Over the gloo control group: a GPU backend's object collectives would stage it in device memory."""
+        if not self.initialized:
+            return [value]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(value, out, dst=0, group=self.control)
+        return out
+
     def all_ranks(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on all of them."""
         return not self.max_over_ranks(int(not flag))

@@ -23,7 +23,7 @@ from util.config import EvalConfig
 from util.data.image_folders import CaptionOrigin
 from util.errors import UserError
 from util.evaluation import clip_score, fid, probe
-from util.evaluation.generate import ImageGenerator, SampleFolder, image_name, image_seed, save_adm_npz
+from util.evaluation.generate import ImageGenerator, SampleFolder, image_name, image_seed, save_adm_npz, write_pngs
 from util.evaluation.prompts import PromptSet, class_balanced_prompts, file_prompts, read_class_names, read_lines
 from util.evaluation.shapes_eval import evaluate_shapes
 from util.runtime import DistEnv
@@ -41,6 +41,7 @@ class EvalOptions:
     feature_extractor: str = fid.INCEPTION
     inception_weights: str | None = None
     save_npz: bool = False
+    save_samples: bool = True  # every generated image as a PNG (the metrics do not read them)
     clip_score_model: str = "ViT-B-32"
     clip_score_weights: str | None = None  # open_clip checkpoint file or pretrained tag; None: skipped
     batch_size: int = 64
@@ -113,6 +114,7 @@ def eval_options(
         feature_extractor=e.feature_extractor,
         inception_weights=e.inception_weights,
         save_npz=e.save_npz,
+        save_samples=e.save_samples,
         clip_score_model=e.clip_score_model,
         clip_score_weights=e.clip_score_weights,
         batch_size=e.batch_size,
@@ -184,39 +186,65 @@ def evaluate(
 
 
 def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, env: DistEnv) -> dict:
-    """Generate every id of the prompt set across ranks, then (rank 0) write the grid, the
-    manifest, the optional .npz and compute the metrics. Other ranks return {}."""
+    """Every rank generates its share of the prompt set's ids and computes their Inception (or
+    other extractor's) features in memory, writing PNGs when asked; rank 0 gathers the features in
+    id order, so the metrics do not depend on the number of ranks, and writes the grid, the
+    manifest, the optional .npz and the metrics. Other ranks return {}."""
     prompt_set = options.prompts
     wanted = check_options(options)  # fail before generating, on every rank, not after
+    n = len(prompt_set)
+    # the ADM .npz and the CLIP score are read back from the PNGs
+    write = options.save_samples or options.save_npz or bool(options.clip_score_weights)
+    layers = fid.metric_layers(options.feature_extractor, wanted) if wanted else []
+    features = (
+        fid.Features(options.feature_extractor, layers, gen.device, options.batch_size, options.inception_weights)
+        if layers
+        else None
+    )
     t0 = time.time()
-    gen.generate_to_folder(prompt_set.prompts, options.seed, out_dir / "samples", env, options.batch_size)
+    ids, feats, first = [], [], {}
+    for batch_ids, images in gen.generate_share(prompt_set.prompts, options.seed, env, options.batch_size):
+        if write:
+            write_pngs(images, batch_ids, out_dir / "samples")
+        if features is not None:
+            feats.append(features(images))
+        ids.extend(batch_ids)
+        first.update({i: img for i, img in zip(batch_ids, images) if i < GRID_IMAGES})
     seconds = time.time() - t0
-    if not env.is_main:
+    shares = env.gather_to_main((ids, _cat(feats, layers), first))
+    if shares is None:
         env.barrier()
         return {}
-    n = len(prompt_set)
+    out_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict = {
         "num_samples": n,
         "ranks": env.world_size,
         "prompts": prompt_set.source,
         "num_classes": prompt_set.num_classes,
         **prompt_set.extra,
-        "generation_seconds": seconds,
+        "generation_seconds": seconds,  # with the features of the generated images, on the slowest rank
         "seconds_per_image": seconds * env.world_size / n,
+        "samples_folder": str(out_dir / "samples") if write else None,
     }
-    samples = SampleFolder(out_dir / "samples", n)
-    save_image(samples.stack(64).float() / 255, out_dir / "grid.png", nrow=8, padding=1, pad_value=0.5)
+    first_images = {i: img for _, _, share in shares for i, img in share.items()}
+    grid = torch.stack([first_images[i] for i in sorted(first_images)]).float() / 255
+    save_image(grid, out_dir / "grid.png", nrow=8, padding=1, pad_value=0.5)
     _write_manifest(out_dir, prompt_set, options.seed)
     if options.save_npz:
-        images = samples.stack()
+        images = SampleFolder(out_dir / "samples", n).stack()
         save_adm_npz(out_dir / f"samples_{n}x{images.shape[2]}x{images.shape[3]}x3.npz", images, prompt_set.labels)
         del images
     if len(wanted) < len(options.metrics):
         metrics["fidelity_skipped"] = {m: "no --fid_ref" for m in options.metrics if m not in wanted}
         log.info("%s skipped: no --fid_ref", ", ".join(metrics["fidelity_skipped"]))
     if wanted:
+        all_ids = [i for share_ids, _, _ in shares for i in share_ids]
+        if sorted(all_ids) != list(range(n)):
+            raise RuntimeError(f"the ranks returned {len(all_ids)} images for {n} ids")
+        position = torch.argsort(torch.tensor(all_ids))  # back to id order
+        gathered = {k: torch.cat([f[k] for share_ids, f, _ in shares if share_ids])[position] for k in layers}
         metrics["fidelity"] = fid.compute_metrics(
-            samples,
+            gathered,
             options.fid_ref,
             wanted,
             options.feature_extractor,
@@ -227,7 +255,7 @@ def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, e
         log.info("%s", fid.describe(metrics["fidelity"]))
     if options.clip_score_weights:
         metrics["clip_score"] = clip_score.clip_score(
-            samples,
+            SampleFolder(out_dir / "samples", n),
             prompt_set.prompts,
             options.clip_score_model,
             options.clip_score_weights,
@@ -240,6 +268,14 @@ def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, e
         log.info("CLIP score skipped: pass --clip_score_weights to compute it")
     env.barrier()
     return metrics
+
+
+GRID_IMAGES = 64  # the first ids, shown in grid.png
+
+
+def _cat(feats: list[dict[str, torch.Tensor]], layers: list[str]) -> dict[str, torch.Tensor]:
+    """One rank's per-batch features joined per layer (None for a rank without images)."""
+    return {k: torch.cat([f[k] for f in feats]) if feats else None for k in layers}
 
 
 def _write_manifest(out_dir: Path, prompt_set: PromptSet, seed: int) -> None:

@@ -147,8 +147,9 @@ class Uint8Images(Dataset):
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1,1] (float) -> uint8 [N,3,H,W] with the rounding of ``save_image``."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5 + 0.5).clamp(0, 255).to(torch.uint8)
+    """Images in [-1,1] (float) -> uint8 [N,3,H,W], rounded as ``torchvision.utils.save_image`` does
+    (so the pixels of a PNG written either way are the same)."""
+    return ((images.float().clamp(-1, 1) + 1) / 2).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
 
 
 def as_dataset(source: ImageSource) -> Dataset:
@@ -169,6 +170,36 @@ def as_dataset(source: ImageSource) -> Dataset:
     return ImagesPathDataset(files)
 
 
+class Features:
+    """torch-fidelity's feature extractor, built once, for any number of image batches: each call
+    returns {layer: [N, F]} on the host. Generating ranks call it on their images in memory."""
+
+    def __init__(
+        self,
+        extractor: str,
+        layers: Sequence[str],
+        device: torch.device,
+        batch_size: int = 64,
+        weights: str | None = None,
+    ) -> None:
+        from torch_fidelity.utils import create_feature_extractor
+
+        kw = extractor_kwargs(extractor, weights)
+        kw.pop("feature_extractor")
+        self.cuda, self.batch_size = device.type == "cuda", batch_size
+        self.extractor = create_feature_extractor(
+            extractor, list(dict.fromkeys(layers)), cuda=self.cuda, verbose=False, **kw
+        )
+
+    def __call__(self, source: ImageSource) -> dict[str, torch.Tensor]:
+        from torch_fidelity.utils import get_featuresdict_from_dataset
+
+        dataset = as_dataset(source)
+        return get_featuresdict_from_dataset(
+            dataset, self.extractor, self.batch_size, self.cuda, save_cpu_ram=True, verbose=False
+        )
+
+
 def extract_features(
     source: ImageSource,
     extractor: str,
@@ -178,13 +209,15 @@ def extract_features(
     weights: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """torch-fidelity features {layer: [N, F]} of every image of ``source``."""
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    return Features(extractor, layers, device, batch_size, weights)(source)
 
-    kw = extractor_kwargs(extractor, weights)
-    kw.pop("feature_extractor")
-    cuda = device.type == "cuda"
-    fe = create_feature_extractor(extractor, list(dict.fromkeys(layers)), cuda=cuda, verbose=False, **kw)
-    return get_featuresdict_from_dataset(as_dataset(source), fe, batch_size, cuda, save_cpu_ram=True, verbose=False)
+
+def metric_layers(extractor: str, metrics: Sequence[str]) -> list[str]:
+    """The extractor layers ``metrics`` read (what :func:`compute_metrics` needs of precomputed features)."""
+    cls = _registry().get(extractor)
+    if cls is None:
+        raise ValueError(f"unknown feature extractor {extractor!r}; torch-fidelity knows {sorted(_registry())}")
+    return list(dict.fromkeys(cls.get_default_feature_layer_for_metric(m) for m in metrics))
 
 
 # -------------------------------------------------------------------- statistics
@@ -287,7 +320,7 @@ def _reference_features(
 
 
 def compute_metrics(
-    samples: ImageSource,
+    samples: ImageSource | dict[str, torch.Tensor],
     reference: str | os.PathLike | None = None,
     metrics: Sequence[str] = ("fid", "isc", "prc"),
     extractor: str = INCEPTION,
@@ -300,6 +333,8 @@ def compute_metrics(
 ) -> dict:
     """FID / IS / precision-recall / KID of ``samples`` (generated) against ``reference``.
 
+    ``samples``: images (a folder, a tensor, a Dataset) or their features already extracted
+    ({layer: [N, F]} with the layers of :func:`metric_layers`, as the generating ranks gather them).
     ``reference``: an .npz with mu/sigma (FID only, unless it also holds the images as ``arr_0``)
     or a folder of images (every metric). IS needs no reference. The result names the sample
     counts, the extractor and the reference, and labels FIDs below 50,000 samples.
@@ -318,7 +353,13 @@ def compute_metrics(
     binary = [m for m in metrics if m != "isc"]
     if binary and reference is None:
         raise ValueError(f"{', '.join(binary)} need a reference (--fid_ref: a statistics .npz or an image folder)")
-    feats = extract_features(samples, extractor, [layer[m] for m in metrics], device, batch_size, weights)
+    if isinstance(samples, dict):
+        missing = [layer[m] for m in metrics if layer[m] not in samples]
+        if missing:
+            raise ValueError(f"the sample features lack the layers {missing} of {extractor}")
+        feats = samples
+    else:
+        feats = extract_features(samples, extractor, [layer[m] for m in metrics], device, batch_size, weights)
     n = next(iter(feats.values())).shape[0]
     out: dict = {
         "num_samples": n,

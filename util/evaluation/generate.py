@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import save_image
 
 from models.jepat import JEPAT
 from models.sampler import SamplingConfig, StepHook, sample_tokens
 from models.tokenizers import Tokenizer, unpatchify
 from util.data.captions import CaptionStore
+from util.evaluation.fid import to_uint8
 from util.runtime import DistEnv, autocast_context
 
 log = logging.getLogger(__name__)
@@ -134,30 +134,40 @@ class ImageGenerator:
             [self.generate_ids(prompts, ids, seed) for ids in batches_of_rank(len(prompts), batch_size, 0, 1)]
         )
 
+    def generate_share(
+        self, prompts: Sequence[str], seed: int, env: DistEnv, batch_size: int = 64
+    ) -> Iterator[tuple[range, torch.Tensor]]:
+        """This rank's share of the ids, batch by batch: (ids, uint8 images [n,3,H,W]), the exact
+        pixels a PNG of them holds."""
+        for ids in batches_of_rank(len(prompts), batch_size, env.rank, env.world_size):
+            yield ids, to_uint8(self.generate_ids(prompts, list(ids), seed))
+
     def generate_to_folder(
         self, prompts: Sequence[str], seed: int, folder: Path, env: DistEnv, batch_size: int = 64
     ) -> list[int]:
         """This rank's share of the ids, written as ``folder/<id>.png``; returns the ids written.
         All ranks must call it (it ends with a barrier)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         mine: list[int] = []
-        for ids in batches_of_rank(len(prompts), batch_size, env.rank, env.world_size):
-            for i, img in zip(ids, self.generate_ids(prompts, list(ids), seed)):
-                save_image((img + 1) / 2, folder / image_name(i))
+        for ids, images in self.generate_share(prompts, seed, env, batch_size):
+            write_pngs(images, ids, folder)
             mine.extend(ids)
         env.barrier()
         return mine
 
 
+def write_pngs(images: torch.Tensor, ids: Sequence[int], folder: Path) -> None:
+    """uint8 images [n,3,H,W] -> ``folder/<id>.png`` (lossless: reading one back gives these pixels)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in zip(ids, images):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / image_name(i))
+
+
 def save_images(images: torch.Tensor, folder: Path, first_id: int = 0) -> list[str]:
     """images [N,3,H,W] in [-1,1] -> ``folder/<id>.png``; returns the file names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    names = []
-    for i, img in enumerate(images, start=first_id):
-        save_image((img + 1) / 2, folder / image_name(i))
-        names.append(image_name(i))
-    return names
+    ids = range(first_id, first_id + images.shape[0])
+    write_pngs(to_uint8(images), ids, folder)
+    return [image_name(i) for i in ids]
 
 
 class SampleFolder(torch.utils.data.Dataset):

@@ -378,11 +378,12 @@ class TrainingCheckpoint:
             )
         p.check_replicas()
         # full state dicts on rank 0 (FSDP gathers shards: every rank takes part); plain for any strategy
+        t0 = time.perf_counter()
         model_sd, ema_sd, optim_sd = p.model_state(), p.ema_state(), p.optimizer_state(self.optimizer)
         if not p.env.is_main:
             return None
-        st = self.state
-        return save_checkpoint(
+        t1, st = time.perf_counter(), self.state
+        path = save_checkpoint(
             self.out_dir / f"checkpoint-{tag}.pth",
             {
                 **self.record,
@@ -403,3 +404,8 @@ class TrainingCheckpoint:
                 "rng": rng_state(),
             },
         )
+        log.info(
+            "%s: %.2f GB, state gathered in %.1f s, written in %.1f s",
+            path.name, path.stat().st_size / 1e9, t1 - t0, time.perf_counter() - t1,
+        )  # fmt: skip
+        return path

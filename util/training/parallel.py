@@ -2,6 +2,13 @@
 checkpointing and torch.compile, always behind one ``train_module`` (so the engine has one loss
 path), with the gathering of full state dicts so that every checkpoint is a plain one.
 
+Compile: each transformer block and the flow head are compiled on their own (``fullgraph``),
+before activation checkpointing and before DDP / FSDP2 wrap them, so that the wrappers' hooks stay
+outside the graphs and no graph breaks at a block boundary. The masking (a host-side draw of the
+number of hidden tokens), the gathers and the losses between them run eagerly: the number of
+tokens a block sees changes every step, which dynamo marks dynamic after the first change, so each
+compiled code object holds at most two graphs however many steps run.
+
 Randomness: the random draws of optimizer step ``s`` on shard ``k`` (``k = rank * accum_iter +
 micro_step``) come from generators seeded with a pure function of (seed, s, k). So ranks draw
 differently, a resumed run draws what the uninterrupted one drew, and N ranks x A accumulation
@@ -84,6 +91,31 @@ def apply_activation_checkpointing(model: JEPAT) -> int:
     return n
 
 
+def compile_blocks(model: JEPAT, backend: str) -> list[nn.Module]:
+    """``torch.compile`` every encoder and predictor block and the flow head in place (their
+    ``forward`` is replaced; the module tree and state-dict keys are unchanged). Returns the parts."""
+    parts = [*model.encoder_blocks, *model.predictor_blocks, model.flow_head]
+    for part in parts:
+        part.forward = torch.compile(part.forward, backend=backend, fullgraph=True)
+    return parts
+
+
+def compile_report(parts: list[nn.Module]) -> dict[str, Any]:
+    """What dynamo made of the compiled ``parts`` so far in this process: graphs held per compiled
+    code object (blocks of one class share theirs), recompiles (graphs beyond the first of each)
+    and graph breaks (none can happen inside a part: they are compiled with ``fullgraph``)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    codes = {type(p).forward.__code__ for p in parts}
+    graphs = {code.co_qualname: len(_debug_get_cache_entry_list(code)) for code in codes}
+    return {
+        "graphs": graphs,
+        "recompiles": sum(max(0, n - 1) for n in graphs.values()),
+        "graph_breaks": sum(counters["graph_break"].values()),
+    }
+
+
 def _clean_fqn(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
@@ -123,6 +155,9 @@ class Parallel:
         self.strategy = strategy if env.initialized else "single"
         if strategy == "fsdp" and not env.initialized:
             log.warning("--strategy fsdp needs torchrun; running as a single process")
+        self.compiled: list[nn.Module] = compile_blocks(model, compile_backend) if compile_backend else []
+        if compile_backend:
+            log.info("torch.compile (%s) on %d blocks", compile_backend, len(self.compiled))
         if grad_checkpointing:
             log.info("activation checkpointing on %d blocks", apply_activation_checkpointing(model))
         self.scaler = torch.amp.GradScaler(env.device.type) if precision == "fp16" else None
@@ -140,8 +175,7 @@ class Parallel:
                 module = self._ddp = DistributedDataParallel(
                     module, device_ids=ids, find_unused_parameters=unused, gradient_as_bucket_view=True
                 )
-        self.eager_module = module  # the same step uncompiled (FLOP counting)
-        self.train_module = torch.compile(module, backend=compile_backend) if compile_backend else module
+        self.train_module = module
 
     def _fsdp(self, loss: JEPATLoss, precision: str) -> TrainingStep:
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
@@ -226,17 +260,15 @@ class Parallel:
         }
         set_optimizer_state_dict(self.model, optimizer, fqn, options=self._options())
 
-    def sampling_ema(self) -> JEPAT | None:
+    def sampling_ema(self) -> JEPAT:
         """The EMA to sample from on this rank: the EMA itself (one process, DDP), or under FSDP a
-        consolidated copy on rank 0 (a collective; None on the other ranks)."""
+        consolidated copy on every rank (a collective), so that every rank generates its share."""
         if self.strategy != "fsdp":
             return self.ema
-        sd = self.ema_state()
-        if sd is None:
-            return None
-        plain = JEPAT(copy.deepcopy(self.model.cfg))
-        plain.load_state_dict(sd)
-        return plain.to(self.env.device).requires_grad_(False).eval()
+        sd = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True))  # on every rank
+        plain = JEPAT(copy.deepcopy(self.model.cfg)).to(self.env.device)
+        plain.load_state_dict({_clean_fqn(k): v for k, v in sd.items()})
+        return plain.requires_grad_(False).eval()
 
     def all_finite(self) -> bool:
         """Every weight finite on every rank (under FSDP each rank checks its shards)."""

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 import math
 import time
+import traceback
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,54 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
 
 def count_flops(step: Callable[[], None]) -> int:
     """The FLOPs ``step`` runs (matmuls and attention, forward and backward), counted by
-    ``torch.utils.flop_counter`` in eager mode."""
+    ``torch.utils.flop_counter`` in eager mode (compiled parts run eagerly here: no graph is
+    traced under the counter, so counting adds no recompile)."""
     counter = FlopCounterMode(display=False)
-    with counter:
+    with torch.compiler.set_stance("force_eager"), counter:
         step()
     return int(counter.get_total_flops())
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the points where the host waits for ``device_type``: reading a value of a tensor there
+    (``.item()``, ``float(t)``, ``bool(t)``, ``.tolist()``: all ``aten._local_scalar_dense``) and
+    blocking copies from there to the host. On the CPU, the rehearsal of the GPU path, every scalar
+    read counts. Functions wrapped by ``allow`` are not counted (their reads are counted apart, in
+    ``allowed``); ``where`` keeps the stack of each counted one."""
+
+    def __init__(self, device_type: str = "cuda") -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.count, self.allowed, self.where = 0, 0, []
+        self._depth = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self._waits(func, args, kwargs):
+            if self._depth:
+                self.allowed += 1
+            else:
+                self.count += 1
+                self.where.append("".join(traceback.format_stack(limit=8)[:-2]))
+        return func(*args, **kwargs)
+
+    def _waits(self, func, args, kwargs) -> bool:
+        if func is torch.ops.aten._local_scalar_dense.default:
+            return args[0].device.type == self.device_type
+        if self.device_type != "cpu" and func is torch.ops.aten._to_copy.default:
+            to = kwargs.get("device")
+            to_host = to is not None and torch.device(to).type == "cpu"
+            return args[0].device.type == self.device_type and to_host and not kwargs.get("non_blocking", False)
+        return False
+
+    def allow(self, fn: Callable) -> Callable:
+        """``fn`` with its host syncs counted as allowed (log read-backs, host-side draws)."""
+
+        def wrapped(*a, **k):
+            self._depth += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                self._depth -= 1
+
+        return wrapped
