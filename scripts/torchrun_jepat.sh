@@ -18,6 +18,8 @@
 #   OUTPUT_DIR     run folder (checkpoints, logs, grids)      default output/jepat_${MODEL}
 #   SOCKET_IFNAME  network interface between the nodes        default: unset (NCCL's and gloo's choice);
 #                  exported as NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME (e.g. eth0, ib0)
+#   MAX_RESTARTS   times torchrun restarts the workers after   default 0
+#                  one dies (OOM, a lost GPU); they resume from checkpoint-last.pth by themselves
 #   GLOBAL_BATCH   images per optimizer step                  default 2048 (the published recipe)
 #   ACCUM_ITER     micro-batches per step                     default: the fewest that keep the
 #                  per-GPU batch at or under MAX_BATCH_PER_GPU
@@ -40,6 +42,7 @@ CLIP_PATH="${CLIP_PATH:-openai}"
 VAE_PATH="${VAE_PATH:-pretrained_models/vae/kl16.ckpt}"
 OUTPUT_DIR="${OUTPUT_DIR:-output/jepat_${MODEL}}"
 GLOBAL_BATCH="${GLOBAL_BATCH:-2048}"
+MAX_RESTARTS="${MAX_RESTARTS:-0}"
 
 if [ -n "${SOCKET_IFNAME:-}" ]; then
     export NCCL_SOCKET_IFNAME="$SOCKET_IFNAME" GLOO_SOCKET_IFNAME="$SOCKET_IFNAME"
@@ -64,7 +67,7 @@ echo "[jepat_${MODEL}] ${NNODES} node(s) x ${GPUS_PER_NODE} GPUs x batch ${BATCH
 
 
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE" --node_rank "$NODE_RANK" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --max_restarts "$MAX_RESTARTS" \
     main_jepat.py --config "imagenet-${MODEL}" --device cuda \
     --data_path "$CACHE_PATH" --vae_path "$VAE_PATH" --text_encoder_path "$CLIP_PATH" \
     --batch_size "$BATCH_PER_GPU" --accum_iter "$ACCUM_ITER" --output_dir "$OUTPUT_DIR" \

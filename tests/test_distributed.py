@@ -337,3 +337,81 @@ def test_a_run_folder_that_a_rank_cannot_see_stops_the_run_at_start_up(tmp_path)
 
     with pytest.raises(UserError, match="not shared by all ranks .*rank 1 does not see"):
         check_shared_folder(tmp_path / "run", OtherNode())
+
+
+# -------------------------------------------------------------------- torchrun agents
+def torchrun(*launch: str, argv: list[str], log: Path) -> "subprocess.Popen":
+    """``torchrun <launch> main_jepat.py <argv>`` in a process group of its own, one thread per
+    worker (as the spawned ranks of ``ddp_run``: the same summation order, so the same bits)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *launch, "main_jepat.py", *argv]
+    root = Path(main_jepat.__file__).resolve().parent
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def finish(proc, log: Path, timeout: float = 240) -> None:
+    import subprocess
+
+    try:
+        code = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = "timeout"
+    assert code == 0, f"torchrun exited with {code}:\n{log.read_text()[-3000:]}"
+
+
+def test_two_torchrun_agents_with_c10d_rendezvous_train_what_one_agent_with_two_processes_does(ddp_run, tmp_path):
+    """Two nodes rehearsed: two agents, --nnodes 2, one process each, c10d rendezvous on 127.0.0.1."""
+    port = _free_port()
+    argv = COMMON + ["--batch_size", "4", "--output_dir", str(tmp_path / "run")]
+    launch = ("--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+              "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "jepat-test")  # fmt: skip
+    agents = [torchrun(*launch, argv=argv, log=tmp_path / f"agent{i}.log") for i in range(2)]
+    for i, agent in enumerate(agents):
+        finish(agent, tmp_path / f"agent{i}.log")
+    two_nodes = load(tmp_path / "run" / "checkpoint-last.pth")
+    assert two_nodes["state"]["step"] == STEPS and two_nodes["state"]["world_size"] == 2
+    assert_same(load(ddp_run / "checkpoint-last.pth"), two_nodes, exact=True)
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The agent's worker processes: its children that run main_jepat.py (from /proc; their own
+    children, the loader workers, are left out)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid and b"main_jepat.py" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return sorted(found)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_a_rank_killed_mid_epoch_makes_torchrun_restart_and_the_run_resumes_by_itself(ddp_run, tmp_path):
+    """--max_restarts 1 and --resume auto: a worker killed with SIGKILL (no chance to save) makes
+    the agent restart the group, which resumes from checkpoint-last.pth and ends as the
+    uninterrupted run does, bit for bit."""
+    out = tmp_path / "run"
+    argv = COMMON + ["--batch_size", "4", "--output_dir", str(out), "--save_every_steps", "2", "--resume", "auto"]
+    log = tmp_path / "agent.log"
+    agent = torchrun("--standalone", "--nproc_per_node", "2", "--max_restarts", "1", argv=argv, log=log)
+    deadline = time.time() + 180
+    while time.time() < deadline and agent.poll() is None:
+        last = out / "checkpoint-last.pth"
+        if last.exists() and 2 <= load(last)["state"]["step"] < STEPS - 6:
+            break
+        time.sleep(0.05)
+    workers = _workers_of(agent.pid)
+    assert agent.poll() is None and len(workers) == 2, log.read_text()[-3000:]
+    os.kill(workers[-1], signal.SIGKILL)
+    finish(agent, log)
+    text = log.read_text()
+    assert "resuming from" in text or "resumed" in text, text[-3000:]
+    final = load(out / "checkpoint-last.pth")
+    assert final["state"]["step"] == STEPS
+    assert_same(load(ddp_run / "checkpoint-last.pth"), final, exact=True)

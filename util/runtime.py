@@ -132,9 +132,14 @@ def init_runtime(device_name: str = "auto", timeout_min: float = 30.0) -> DistEn
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=timeout_min)
     if not dist.is_initialized():
+        # the store torchrun's agent serves outlives a restart of the workers (--max_restarts): keys of
+        # each attempt go under a prefix of their own, or the new ranks would read the addresses of
+        # the dead ones and fail to connect
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
             backend=backend,
-            init_method="env://",
+            store=dist.PrefixStore(f"jepat/attempt_{attempt}", store),
             rank=rank,
             world_size=world,
             timeout=timeout,
