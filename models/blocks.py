@@ -1,9 +1,11 @@
 """Building blocks shared by the JEPA-T transformer and its flow head.
 
-Self-attention blocks come from timm (``timm.models.vision_transformer.Block``, which routes
-attention through ``F.scaled_dot_product_attention``); what timm does not have in the form we
-need is here: a cross-attention over padded caption tokens, a sinusoidal timestep embedder and
-the adaLN modulation helper.
+The self-attention block is timm's pre-norm ViT block (``timm.models.vision_transformer.Block``:
+the same submodules, parameter names, dropout order and SDPA call; tests/test_model.py checks that
+both give the same outputs and gradients from the same weights). It is written out here because
+importing timm costs about 2 s of CPU in every process (it loads its model zoo, torchvision and
+torch._dynamo), paid by every torchrun worker and test process for 60 lines. Also here: a
+cross-attention over padded caption tokens, a sinusoidal timestep embedder and the adaLN helper.
 """
 
 from __future__ import annotations
@@ -13,13 +15,80 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention (timm's ``Attention``): fused qkv, optional per-head LayerNorm on
+    queries and keys, ``F.scaled_dot_product_attention``, output projection and dropout."""
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool, qk_norm: bool, attn_drop: float, proj_drop: float
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B,N,D] -> [B,N,D]."""
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B,H,N,hd] x3
+        q, k = self.q_norm(q), self.k_norm(k)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, D)))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout (timm's ``Mlp``)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        qk_norm: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = SelfAttention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B,N,D] -> [B,N,D]."""
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 def transformer_blocks(
     width: int, depth: int, num_heads: int, mlp_ratio: float, qk_norm: bool, proj_dropout: float, attn_dropout: float
 ) -> nn.ModuleList:
-    """``depth`` pre-norm ViT blocks from timm (SDPA attention, optional qk-norm)."""
+    """``depth`` pre-norm ViT blocks (SDPA attention, optional qk-norm)."""
     return nn.ModuleList(
         [
             Block(
@@ -30,7 +99,6 @@ def transformer_blocks(
                 qk_norm=qk_norm,
                 proj_drop=proj_dropout,
                 attn_drop=attn_dropout,
-                norm_layer=nn.LayerNorm,
             )
             for _ in range(depth)
         ]

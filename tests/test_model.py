@@ -351,3 +351,30 @@ def test_prepared_head_velocity_equals_the_forward_pass(prediction):
     velocity = head.prepare(z)
     for t in (0.0, 0.25, 0.25, 0.5, 0.99):  # a repeated t comes from the cache
         assert torch.allclose(velocity(x, t), head(x, torch.full((5,), t), z), atol=1e-5, rtol=1e-4), t
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_our_block_is_timms_vit_block(qk_norm):
+    """The same parameter names, outputs, dropout draws and gradients as timm's Block."""
+    from timm.models.vision_transformer import Block as TimmBlock
+
+    from models.blocks import Block
+
+    kw = dict(mlp_ratio=4.0, qkv_bias=True, qk_norm=qk_norm, proj_drop=0.1, attn_drop=0.1)
+    ours, theirs = Block(32, 4, **kw), TimmBlock(32, 4, norm_layer=torch.nn.LayerNorm, **kw)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    torch.manual_seed(0)
+    for p in ours.parameters():  # LayerNorms too: not their init values
+        torch.nn.init.normal_(p, std=0.2)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 7, 32)
+    for train in (False, True):
+        ours.train(train), theirs.train(train)
+        torch.manual_seed(1)
+        a = ours(x)
+        torch.manual_seed(1)
+        b = theirs(x)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    a.square().sum().backward(), b.square().sum().backward()
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)

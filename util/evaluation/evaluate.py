@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.utils import make_grid, save_image
 
 from util.config import EvalConfig
 from util.data.image_folders import CaptionOrigin
@@ -228,6 +227,8 @@ def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, e
     }
     first_images = {i: img for _, _, share in shares for i, img in share.items()}
     grid = torch.stack([first_images[i] for i in sorted(first_images)]).float() / 255
+    from torchvision.utils import save_image  # torchvision (and torch._dynamo) only where images are written
+
     save_image(grid, out_dir / "grid.png", nrow=8, padding=1, pad_value=0.5)
     _write_manifest(out_dir, prompt_set, options.seed)
     if options.save_npz:
@@ -323,4 +324,6 @@ def log_metrics(logger, metrics: dict, step: int, out_dir: Path) -> None:
 def training_grid(gen: ImageGenerator, prompts: list[str], seed: int) -> tuple[torch.Tensor, list[str]]:
     """A grid [3,H,W] in [0,1] of one image for each prompt (a spread of the training captions)."""
     images = gen.generate(prompts, seed)
+    from torchvision.utils import make_grid
+
     return make_grid((images + 1) / 2, nrow=6, padding=1), list(prompts)

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torch_fidelity import FeatureExtractorBase
 
 log = logging.getLogger(__name__)
 
@@ -88,46 +87,55 @@ def register_test_extractor() -> str:
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if TEST_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(TEST_EXTRACTOR, TinyFeatureExtractor)
+        register_feature_extractor(TEST_EXTRACTOR, _tiny_extractor_class())
     return TEST_EXTRACTOR
 
 
-class TinyFeatureExtractor(FeatureExtractorBase):
-    """uint8 [B,3,H,W] -> 32 pooled conv features ("pool") and 10 logits ("logits_unbiased").
-    Seeded random weights: deterministic, but not a perceptual feature space."""
+def _tiny_extractor_class() -> type:
+    """The class of the registered test extractor (built on first use: torch-fidelity is imported
+    only where metrics are computed, not by every process that imports this module)."""
+    from torch_fidelity import FeatureExtractorBase
 
-    def __init__(self, name: str, features_list: Sequence[str], **kwargs) -> None:  # torch-fidelity passes all kwargs
-        super().__init__(name, features_list)
-        g = torch.Generator().manual_seed(0)
-        self.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
-        self.fc = nn.Linear(32, 10)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    class TinyFeatureExtractor(FeatureExtractorBase):
+        """uint8 [B,3,H,W] -> 32 pooled conv features ("pool") and 10 logits ("logits_unbiased").
+        Seeded random weights: deterministic, but not a perceptual feature space."""
 
-    @staticmethod
-    def get_provided_features_list():
-        return "pool", "logits_unbiased"
+        def __init__(
+            self, name: str, features_list: Sequence[str], **kwargs
+        ) -> None:  # torch-fidelity passes all kwargs
+            super().__init__(name, features_list)
+            g = torch.Generator().manual_seed(0)
+            self.conv1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+            self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+            self.fc = nn.Linear(32, 10)
+            with torch.no_grad():
+                for p in self.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
-    @staticmethod
-    def get_default_feature_layer_for_metric(metric):
-        return {"isc": "logits_unbiased", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
+        @staticmethod
+        def get_provided_features_list():
+            return "pool", "logits_unbiased"
 
-    @staticmethod
-    def can_be_compiled():
-        return False
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits_unbiased", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
 
-    @staticmethod
-    def get_dummy_input_for_compile():
-        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+        @staticmethod
+        def can_be_compiled():
+            return False
 
-    def forward(self, x: torch.Tensor):
-        x = F.interpolate(x.float() / 127.5 - 1, size=(32, 32), mode="bilinear", align_corners=False)  # [B,3,32,32]
-        h = F.relu(self.conv2(F.relu(self.conv1(x))))  # [B,32,8,8]
-        pool = h.mean(dim=(2, 3))  # [B,32]
-        out = {"pool": pool, "logits_unbiased": self.fc(pool)}
-        return tuple(out[k] for k in self.features_list)
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+        def forward(self, x: torch.Tensor):
+            x = F.interpolate(x.float() / 127.5 - 1, size=(32, 32), mode="bilinear", align_corners=False)  # [B,3,32,32]
+            h = F.relu(self.conv2(F.relu(self.conv1(x))))  # [B,32,8,8]
+            pool = h.mean(dim=(2, 3))  # [B,32]
+            out = {"pool": pool, "logits_unbiased": self.fc(pool)}
+            return tuple(out[k] for k in self.features_list)
+
+    return TinyFeatureExtractor
 
 
 # -------------------------------------------------------------------- inputs
@@ -319,6 +327,23 @@ def _reference_features(
     return None, ref_stats
 
 
+def _sample_features(
+    samples: ImageSource | dict[str, torch.Tensor],
+    extractor: str,
+    layers: list[str],
+    device: torch.device,
+    batch_size: int,
+    weights: str | None,
+) -> dict[str, torch.Tensor]:
+    """The features of ``samples``: extracted from images, or given (checked for every layer)."""
+    if not isinstance(samples, dict):
+        return extract_features(samples, extractor, layers, device, batch_size, weights)
+    missing = [k for k in layers if k not in samples]
+    if missing:
+        raise ValueError(f"the sample features lack the layers {missing} of {extractor}")
+    return samples
+
+
 def compute_metrics(
     samples: ImageSource | dict[str, torch.Tensor],
     reference: str | os.PathLike | None = None,
@@ -353,13 +378,8 @@ def compute_metrics(
     binary = [m for m in metrics if m != "isc"]
     if binary and reference is None:
         raise ValueError(f"{', '.join(binary)} need a reference (--fid_ref: a statistics .npz or an image folder)")
-    if isinstance(samples, dict):
-        missing = [layer[m] for m in metrics if layer[m] not in samples]
-        if missing:
-            raise ValueError(f"the sample features lack the layers {missing} of {extractor}")
-        feats = samples
-    else:
-        feats = extract_features(samples, extractor, [layer[m] for m in metrics], device, batch_size, weights)
+    layers = [layer[m] for m in metrics]
+    feats = _sample_features(samples, extractor, layers, device, batch_size, weights)
     n = next(iter(feats.values())).shape[0]
     out: dict = {
         "num_samples": n,

@@ -9,8 +9,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from torchvision.utils import save_image
-
 from util.data import shapes
 from util.evaluation import judge
 from util.evaluation.generate import ImageGenerator, save_images
@@ -47,6 +45,8 @@ def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: in
         result["seconds_per_image"] = seconds / len(prompts)
         result.update(fidelity(images, targets, seed + offset))
         metrics[split] = result
+        from torchvision.utils import save_image
+
         save_image((images + 1) / 2, out_dir / f"grid_{split}.png", nrow=per_combo, padding=1, pad_value=0.5)
         names = save_images(images, out_dir / "samples" / split)
         for name, p, t, j in zip(names, prompts, targets, judged):

@@ -12,9 +12,6 @@ import logging
 import math
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from util.evaluation.evaluate import metric_scalars
 
 log = logging.getLogger(__name__)
@@ -58,6 +55,9 @@ def plot_curves(history: list[dict], evals: Series, path: Path, title: str = "")
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     last_step = max(x for _, series, _ in panels for pts in series.values() for x, _ in pts)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # imported when drawn, not by every process
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     for i, (name, series, log_y) in enumerate(panels):

@@ -27,14 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_optimizer_state_dict,
-)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from models.jepat import JEPAT
@@ -120,8 +112,18 @@ def _clean_fqn(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
+def _state_dicts():
+    """torch.distributed.checkpoint's state-dict helpers, imported where FSDP needs them (they
+    and FSDP2 take about a second to import, which plain and DDP processes need not pay)."""
+    from torch.distributed.checkpoint import state_dict
+
+    return state_dict
+
+
 def _shard_jepat(model: JEPAT, mesh, mp_policy) -> None:
     """FSDP2 units: each transformer block, the flow head, the JEPA head (the root takes the rest)."""
+    from torch.distributed.fsdp import fully_shard
+
     for blocks in (model.encoder_blocks, model.predictor_blocks):
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp_policy)
@@ -178,6 +180,9 @@ class Parallel:
         self.train_module = module
 
     def _fsdp(self, loss: JEPATLoss, precision: str) -> TrainingStep:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         # parameters are gathered in the compute dtype, gradients reduced in fp32; inputs stay
@@ -214,13 +219,13 @@ class Parallel:
 
     # ------------------------------------------------------------ state
     @staticmethod
-    def _options() -> StateDictOptions:
-        return StateDictOptions(full_state_dict=True, cpu_offload=True)
+    def _options():
+        return _state_dicts().StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     def _full_state(self, module: nn.Module) -> dict[str, torch.Tensor] | None:
         if self.strategy != "fsdp":
             return module.state_dict()
-        sd = get_model_state_dict(module, options=self._options())  # a collective: every rank calls it
+        sd = _state_dicts().get_model_state_dict(module, options=self._options())  # a collective: every rank calls it
         return {_clean_fqn(k): v for k, v in sd.items()} if self.env.is_main else None
 
     def model_state(self) -> dict[str, torch.Tensor] | None:
@@ -240,7 +245,7 @@ class Parallel:
         so that DDP and FSDP checkpoints resume each other."""
         if self.strategy != "fsdp":
             return optimizer.state_dict()
-        osd = get_optimizer_state_dict(self.model, optimizer, options=self._options())
+        osd = _state_dicts().get_optimizer_state_dict(self.model, optimizer, options=self._options())
         if not self.env.is_main:
             return None
         index = {n: i for i, n in enumerate(self._param_names(optimizer))}
@@ -258,14 +263,15 @@ class Parallel:
             "state": {names[i]: v for i, v in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
         }
-        set_optimizer_state_dict(self.model, optimizer, fqn, options=self._options())
+        _state_dicts().set_optimizer_state_dict(self.model, optimizer, fqn, options=self._options())
 
     def sampling_ema(self) -> JEPAT:
         """The EMA to sample from on this rank: the EMA itself (one process, DDP), or under FSDP a
         consolidated copy on every rank (a collective), so that every rank generates its share."""
         if self.strategy != "fsdp":
             return self.ema
-        sd = get_model_state_dict(self.ema, options=StateDictOptions(full_state_dict=True))  # on every rank
+        dicts = _state_dicts()
+        sd = dicts.get_model_state_dict(self.ema, options=dicts.StateDictOptions(full_state_dict=True))  # every rank
         plain = JEPAT(copy.deepcopy(self.model.cfg)).to(self.env.device)
         plain.load_state_dict({_clean_fqn(k): v for k, v in sd.items()})
         return plain.requires_grad_(False).eval()
