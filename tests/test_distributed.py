@@ -33,11 +33,13 @@ STEPS = 4 * 6  # long enough that the preemption signal lands before the end on 
 
 @pytest.fixture(scope="module", autouse=True)
 def flipped_cache(tmp_path_factory) -> Path:
-    """48 shapes images cached with their flips; every run of this module trains from it."""
+    """48 shapes images cached with their flips and their captions' embeddings (a caption table:
+    the ranks gather rows in their loader workers and never build the text encoder); every run of
+    this module trains from it."""
     import main_cache
 
     cache = tmp_path_factory.mktemp("flipped") / "cache"
-    argv = "--dataset shapes --img_size 16 --num_samples 48 --random_flip --no_text_cache --device cpu".split()
+    argv = "--dataset shapes --img_size 16 --num_samples 48 --random_flip --text_max_length 8 --device cpu".split()
     main_cache.main(main_cache.get_args_parser().parse_args(argv + ["--cache_dir", str(cache)]))
     COMMON.extend(["--data_path", str(cache)])
     yield cache
