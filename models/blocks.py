@@ -17,6 +17,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that also takes a float32 input when its weights are gathered in bf16 (FSDP2
+    with bf16 parameters, where the residual stream stays float32): the weights are upcast for it.
+    Every other case is ``nn.LayerNorm`` itself, so DDP and one-process numerics are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if x.dtype == torch.float32 and w is not None and w.dtype != torch.float32:
+            w, b = w.float(), (b.float() if b is not None else None)
+        return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention (timm's ``Attention``): fused qkv, optional per-head LayerNorm on
     queries and keys, ``F.scaled_dot_product_attention``, output projection and dropout."""
@@ -29,8 +41,8 @@ class SelfAttention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
@@ -74,9 +86,9 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = LayerNorm(dim)
         self.attn = SelfAttention(dim, num_heads, qkv_bias, qk_norm, attn_drop, proj_drop)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -339,3 +339,41 @@ def test_a_run_folder_that_a_rank_cannot_see_stops_the_run_at_start_up(tmp_path)
 
     with pytest.raises(UserError, match="not shared by all ranks .*rank 1 does not see"):
         check_shared_folder(tmp_path / "run", OtherNode())
+
+
+def test_ddp_and_fsdp_train_with_one_residual_dtype():
+    """bf16 autocast: the residual stream entering the blocks and the flow head is float32 under DDP
+    (float32 weights) and under FSDP2 (bf16 block gathers, float32 root); the first step's losses agree."""
+    import copy
+
+    import torch.distributed as dist
+
+    from models.loss import JEPATLoss
+    from tests.helpers import SEQ_LEN, TOKEN_DIM, random_text, tiny_model
+    from util.runtime import DistEnv, autocast_context
+    from util.training.parallel import Parallel, seed_step
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        env, result = DistEnv(rank=0, world_size=1, initialized=True), {}
+        for strategy in ("ddp", "fsdp"):
+            model, seen = tiny_model(), {}
+            parts = {
+                "encoder": model.encoder_blocks[0],
+                "predictor": model.predictor_blocks[0],
+                "flow": model.flow_head,
+            }
+            for name, part in parts.items():
+                part.register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(name, a[0].dtype) and None)
+            p = Parallel(env, model, copy.deepcopy(model).requires_grad_(False), JEPATLoss(), strategy, "bf16")
+            host = torch.Generator()
+            seed_step(0, 0, 0, host)
+            with autocast_context(torch.device("cpu"), "bf16"):
+                out = p.train_module(torch.randn(4, SEQ_LEN, TOKEN_DIM), random_text(4), host)
+            p.backward(out["loss"])
+            result[strategy] = (seen, float(out["loss"]))
+    finally:
+        dist.destroy_process_group()
+    (ddp_dtypes, ddp_loss), (fsdp_dtypes, fsdp_loss) = result["ddp"], result["fsdp"]
+    assert ddp_dtypes == fsdp_dtypes == {k: torch.float32 for k in ("encoder", "predictor", "flow")}
+    assert fsdp_loss == pytest.approx(ddp_loss, rel=1e-3)

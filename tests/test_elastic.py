@@ -24,7 +24,9 @@ def argv(tmp_path_factory) -> list[str]:
     import main_cache
 
     cache = tmp_path_factory.mktemp("flipped") / "cache"
-    cache_argv = "--dataset shapes --img_size 16 --num_samples 48 --random_flip --text_max_length 8 --device cpu".split()
+    cache_argv = (
+        "--dataset shapes --img_size 16 --num_samples 48 --random_flip --text_max_length 8 --device cpu".split()
+    )
     main_cache.main(main_cache.get_args_parser().parse_args(cache_argv + ["--cache_dir", str(cache)]))
     return COMMON + ["--data_path", str(cache), "--batch_size", "4"]
 

@@ -188,12 +188,16 @@ class Parallel:
         # parameters are gathered in the compute dtype, gradients reduced in fp32; inputs stay
         # as they are (the flow targets must not be rounded to bf16)
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+        # the root's own parameters (position tables, input projections, text fusion) stay float32 as
+        # under DDP, so the residual stream is float32 under both: bf16 linears add into a float32
+        # stream, as autocast does with DDP's float32 weights (tests/test_distributed.py checks it)
+        root_mp = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
         _shard_jepat(self.model, mesh, mp)
         root = TrainingStep(self.model, loss, None)
-        fully_shard(root, mesh=mesh, mp_policy=mp)
+        fully_shard(root, mesh=mesh, mp_policy=root_mp)
         _shard_jepat(self.ema, mesh, mp)
         target = EMATarget(self.ema)
-        fully_shard(target, mesh=mesh, mp_policy=mp, reshard_after_forward=True)
+        fully_shard(target, mesh=mesh, mp_policy=root_mp, reshard_after_forward=True)
         root._target = (target,)
         self._fsdp_root = root
         return root
