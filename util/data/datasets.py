@@ -113,7 +113,13 @@ class DataOrder(Sampler[ItemKey]):
         per_rank = self.num_batches * self.batch_size
         mine = perm[: per_rank * self.world_size].view(self.num_batches, self.world_size, self.batch_size)
         mine = mine[self.start_batch :, self.rank].reshape(-1)
-        return iter([ItemKey(i, draw_seed(self.seed, self.epoch, i)) for i in mine.tolist()])
+        return self._keys(mine, self.seed, self.epoch)
+
+    def _keys(self, mine: torch.Tensor, seed: int, epoch: int) -> Iterator[ItemKey]:
+        """The keys made a batch at a time: the epoch's order stays one int64 tensor (8 bytes an
+        item), not a list of Python objects that forked loader workers would copy as it changes."""
+        for start in range(0, len(mine), self.batch_size):  # (split() would make every view at once)
+            yield from (ItemKey(i, draw_seed(seed, epoch, i)) for i in mine[start : start + self.batch_size].tolist())
 
     def __len__(self) -> int:
         return (self.num_batches - self.start_batch) * self.batch_size

@@ -383,8 +383,9 @@ class CachedLatentDataset(Dataset):
                 f"latent cache {cache_dir} is incomplete ({c.get('pending', 'some')} entries pending); "
                 "rerun main_cache.py with the same arguments to finish it"
             )
+        # read where it is needed, a batch at a time: nothing per item is held in memory (or copied
+        # into forked loader workers)
         self.index = np.load(self.dir / "index.npy", mmap_mode="r")
-        self._where = np.stack([self.index["shard"], self.index["row"], self.index["group"]], axis=1).astype(np.int64)
         groups = np.load(self.dir / "caption_groups.npz")
         self._group_offsets, self._group_rows = groups["offsets"], groups["rows"]
         self._vocabulary: list[str] | None = None  # read from listing.json only when strings are asked for
@@ -446,9 +447,15 @@ class CachedLatentDataset(Dataset):
             self._shards[k] = mm.view(np.ndarray)  # plain views index faster than np.memmap objects
         return self._shards[k]
 
+    def _where(self, idx: np.ndarray) -> np.ndarray:
+        """[B, 3] int64 (shard, row, caption group) of items ``idx`` [B], from the mapped index."""
+        rec = self.index[np.asarray(idx, dtype=np.int64)]
+        return np.stack([rec["shard"], rec["row"], rec["group"]], axis=1).astype(np.int64)
+
     def moments(self, i: int) -> np.ndarray:
         """[s, m, h, w] moments of item i (plain, and flipped when the cache holds flips)."""
-        return self._shard(int(self._where[i, 0]))[int(self._where[i, 1])]
+        shard, row, _ = self._where(np.array([i]))[0]
+        return self._shard(int(shard))[int(row)]
 
     def _latents(self, m: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
         """moments [B,m,h,w] -> latents [B,c,h,w]: sampled for a VAE (item b's noise from
@@ -459,15 +466,15 @@ class CachedLatentDataset(Dataset):
             return latents_from_moments(m, noise, self.scaling, self.shift)
         return (m - self.shift) * self.scaling
 
-    def _caption_row(self, i: int, pick: float) -> int:
-        """The table row of one caption of item i's group, drawn by ``pick`` in [0, 1)."""
-        g = int(self._where[i, 2])
+    def _caption_row(self, g: int, pick: float) -> int:
+        """The table row of one caption of caption group g, drawn by ``pick`` in [0, 1)."""
         lo, hi = int(self._group_offsets[g]), int(self._group_offsets[g + 1])
         return int(self._group_rows[lo + min(int(pick * (hi - lo)), hi - lo - 1)])
 
-    def _captions(self, idx: np.ndarray, pick: torch.Tensor) -> list:
-        """The batch's captions: strings, or with a caption table their embeddings row by row."""
-        rows = np.asarray([self._caption_row(int(i), float(p)) for i, p in zip(idx.tolist(), pick)], dtype=np.int64)
+    def _captions(self, groups: np.ndarray, pick: torch.Tensor) -> list:
+        """The batch's captions (of caption groups ``groups``): strings, or with a caption table
+        their embeddings row by row."""
+        rows = np.asarray([self._caption_row(int(g), float(p)) for g, p in zip(groups.tolist(), pick)], dtype=np.int64)
         if self._table_dir is not None:
             if self.caption_table is None:  # opened in the process that reads (each loader worker)
                 self.caption_table = CaptionTable(self._table_dir)
@@ -489,15 +496,16 @@ class CachedLatentDataset(Dataset):
         flip, pick = torch.stack([torch.rand(2, generator=g) for g in gens]).unbind(1)  # [B], [B]
         idx = np.asarray([k.index for k in keys], dtype=np.int64)
         sides = (flip < 0.5).long().numpy() if self.flip else np.zeros(len(idx), np.int64)
-        out = np.empty((len(idx),) + self._shard(int(self._where[idx[0], 0])).shape[2:], dtype=np.float32)
-        shard = self._where[idx, 0]
+        where = self._where(idx)  # [B,3] shard, row, group
+        out = np.empty((len(idx),) + self._shard(int(where[0, 0])).shape[2:], dtype=np.float32)
+        shard = where[:, 0]
         for k in np.unique(shard).tolist():
             sel = np.flatnonzero(shard == k)
-            rows = self._where[idx[sel], 1]
+            rows = where[sel, 1]
             order = np.argsort(rows, kind="stable")
             out[sel[order]] = self._shard(k)[rows[order], sides[sel[order]]]
         z = self._latents(torch.from_numpy(out), gens)  # [B,c,h,w]
-        return list(zip(z, self._captions(idx, pick)))
+        return list(zip(z, self._captions(where[:, 2], pick)))
 
 
 class CachedLatentInput(Tokenizer):
