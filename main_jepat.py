@@ -219,7 +219,18 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     log.info("model %s: %s", c.model.preset, json.dumps(model.num_params()))
     order, loader, inputs, origin = build_data(c, env, captions, tokenizer)
     options = plan_evaluation(c, env, origin, captions, model)
-    ckpt = TrainingCheckpoint.load_weights(rt.resume, model, ema) if rt.resume else None
+    sharded = (
+        rt.strategy == "fsdp" and env.world_size > 1
+        if rt.checkpoint_format == "auto"
+        else rt.checkpoint_format == "sharded"
+    )
+    if sharded and rt.strategy != "fsdp":
+        raise UserError("runtime.checkpoint_format sharded needs runtime.strategy fsdp (DDP ranks hold whole copies)")
+    ckpt = (
+        TrainingCheckpoint.load_weights(rt.resume, model, ema, sharded_later=rt.strategy == "fsdp")
+        if rt.resume
+        else None
+    )
     steps_per_epoch = order.num_batches // o.accum_iter  # optimizer steps
     if steps_per_epoch < 1:
         raise UserError(f"optim.accum_iter {o.accum_iter} exceeds the {order.num_batches} batches of an epoch")
@@ -237,7 +248,9 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     record = {"model_config": config_dict(model), "config": to_dict(c)}
     record["captions_info"] = {**captions.info, "source": origin.to_dict()}
     policy = checkpoint_policy(c)
-    checkpoint = TrainingCheckpoint(out_dir, parallel, optimizer, state, record, policy, o.batch_size, o.accum_iter)
+    checkpoint = TrainingCheckpoint(
+        out_dir, parallel, optimizer, state, record, policy, o.batch_size, o.accum_iter, sharded
+    )
     if ckpt is not None:
         checkpoint.restore(ckpt)
         log.info("resumed %s at epoch %d, batch %d, step %d", rt.resume, state.epoch, state.batch_in_epoch, state.step)

@@ -15,8 +15,8 @@ of the GPU's measured bf16 matmul rate where there is one. Run it through benchm
                                     peak, the run's compile report
     DDP over NCCL, 1 process        torchrun main_jepat.py --strategy ddp on the shapes recipe, bf16
     FSDP2, 1 rank                   the same with --strategy fsdp, then a resume for 2 more steps
-    huge under FSDP2, 1 rank        the huge preset sharded on one rank: one step, one timed save of
-                                    checkpoint-last.pth (gather and write seconds, size)
+    huge under FSDP2, 1 rank        the huge preset sharded on one rank: one step, one timed sharded
+                                    save (torch.distributed.checkpoint) of checkpoint-last.dcp
     sampling base bf16              benchmarks/bench_speed.py: the sampler variants at base, 64 iterations
     main_sample.py                  images from the DDP run's checkpoint
     evaluation, small extractor     torchrun --evaluate: prompts -> samples -> FID / IS with the registered
@@ -112,10 +112,10 @@ def throughput_figure(run: Path, compiled: bool) -> Callable[[Path, str], str]:
 def save_figure(run: Path) -> Callable[[Path, str], str]:
     def figure(_: Path, log: str) -> str:
         lines = log.splitlines()
-        saved = [line.split("checkpoint-last.pth: ", 1)[1] for line in lines if "checkpoint-last.pth: " in line]
+        saved = [line.split("checkpoint-last.dcp: ", 1)[1] for line in lines if "checkpoint-last.dcp: " in line]
         sizes = [json.loads(line.split(": ", 2)[-1]) for line in lines if '"total"' in line and " model " in line]
         total = f"{sizes[-1]['total'] / 1e6:,.0f}M parameters; " if sizes else ""
-        return f"{total}checkpoint-last.pth: {saved[-1]}"
+        return f"{total}checkpoint-last.dcp: {saved[-1]}"
 
     return figure
 
@@ -314,6 +314,8 @@ def checks(out: Path, device: str) -> list[Check]:
                 "--model",
                 "huge" if gpu else "tiny",
                 "--grad_checkpointing",
+                "--checkpoint_format",
+                "sharded",
                 "--max_steps",
                 "1",
                 "--output_dir",
@@ -321,7 +323,7 @@ def checks(out: Path, device: str) -> list[Check]:
             ],
             420,
             save_figure(out / "huge"),
-            ("checkpoint-last.pth: ",),
+            ("checkpoint-last.dcp: ",),
         ),
         Check(
             f"sampling {'base bf16' if gpu else 'tiny fp32'}",

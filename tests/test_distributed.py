@@ -182,27 +182,41 @@ def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_iden
     assert_same(load(ddp_run / "checkpoint-last.pth"), one, exact=False)
 
 
-def test_one_process_resumes_on_two_fsdp_ranks_from_the_same_sample_and_matches_ddp(ddp_run, tmp_path):
+def test_one_process_resumes_on_two_fsdp_ranks_from_the_same_sample_and_matches_ddp(ddp_run, tmp_path, capfd):
     """Another world size (1 -> 2) and another strategy (one process -> FSDP2 with activation
-    checkpointing) in one resume, from the middle of an epoch; the result is a plain checkpoint."""
+    checkpointing) in one resume, from the middle of an epoch. The FSDP ranks write sharded
+    checkpoints (each its own shards, nothing gathered), resume from one, and the offline
+    conversion gives the plain file every tool reads."""
+    from util.training.checkpoint import load_checkpoint
+    from util.training.sharded import convert, is_sharded
+
     out = tmp_path / "fsdp"
     run_single(out, "--batch_size", "4", "--accum_iter", "2", "--max_steps", "3")  # 24 of the epoch's 48 samples
     assert load(out / "checkpoint-last.pth")["state"]["batch_in_epoch"] == 6
     argv = COMMON + ["--batch_size", "4", "--output_dir", str(out), "--strategy", "fsdp", "--grad_checkpointing"]
     # resumed (the full optimizer state is sharded) up to the DDP run's first checkpoint
     run_ranks(argv + ["--max_steps", "6", "--resume", str(out / "checkpoint-last.pth")])
-    a, b = load(ddp_run / "checkpoint-1.pth"), load(out / "checkpoint-last.pth")
+    assert is_sharded(out / "checkpoint-last.dcp") and is_sharded(out / "checkpoint-1.dcp")
+    a, b = load(ddp_run / "checkpoint-1.pth"), load_checkpoint(out / "checkpoint-last.dcp")
     assert b["state"]["step"] == 6 and b["state"]["epoch"] == 1 and b["state"]["world_size"] == 2
     assert all(type(v) is torch.Tensor for v in b["model"].values())  # full tensors, not shards
     assert_same(a, b, exact=False)
-    # the consolidated checkpoint samples without any distributed setup
+    # the ranks resume from their shards (--resume auto finds the folder) and finish the run
+    capfd.readouterr()
+    run_ranks(argv + ["--resume", "auto"])
+    assert f"resumed {out / 'checkpoint-last.dcp'} at epoch 1, batch 0, step 6" in capfd.readouterr().err
+    converted = convert(out / "checkpoint-last.dcp", tmp_path / "plain.pth")
+    final = load(converted)
+    assert final["state"]["step"] == STEPS
+    assert_same(load(ddp_run / "checkpoint-last.pth"), final, exact=False)
+    # the converted checkpoint samples without any distributed setup
     import main_sample
 
     rows = main_sample.main(
         main_sample.get_args_parser().parse_args(
             [
                 "--checkpoint",
-                str(out / "checkpoint-last.pth"),
+                str(converted),
                 "--prompt",
                 "a red circle",
                 "--num_per_prompt",

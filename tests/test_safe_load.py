@@ -72,6 +72,19 @@ def test_a_crafted_checkpoint_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists() and not (tmp_path / "opened").exists()
 
 
+def test_a_crafted_sharded_checkpoint_is_refused_and_nothing_runs(tmp_path):
+    """DCP pickles a sharded checkpoint's .metadata: it is read by an unpickler that builds DCP's
+    own classes only, so a folder from outside runs no code either."""
+    folder = tmp_path / "checkpoint-last.dcp"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    (folder / ".metadata").write_bytes(pickle.dumps(RunsShell(marker)))
+    torch.save({"model_config": {"preset": "tiny"}}, folder / "record.pth")
+    with pytest.raises(CheckpointFileError, match=r"metadata names posix.system"):
+        load_checkpoint(folder)
+    assert not marker.exists()
+
+
 def test_main_sample_refuses_a_crafted_checkpoint_with_one_line(tmp_path):
     path, marker = crafted_checkpoint(tmp_path)
     out = subprocess.run(

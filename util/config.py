@@ -53,6 +53,7 @@ from util.runtime import PRECISIONS
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_RECIPE = "shapes"
 STRATEGIES = ("ddp", "fsdp")
+CHECKPOINT_FORMATS = ("auto", "plain", "sharded")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 DATASETS = ("shapes", "imagenet", "captions", "webdataset", "cached")
 
@@ -214,6 +215,13 @@ class RuntimeConfig:
     save_freq: int = setting(10, "write checkpoint-<epoch>.pth every N epochs (0: none); checkpoint-last.pth always")
     keep_last: int = setting(2, "newest epoch checkpoints kept; older ones are removed unless milestones (0: keep all)")
     milestone_every: int = setting(100, "epoch checkpoints at multiples of N epochs are never removed (0: none)")
+    checkpoint_format: str = setting(
+        "auto",
+        "plain: one checkpoint-<tag>.pth gathered on rank 0; sharded: checkpoint-<tag>.dcp folders every rank "
+        "writes its shards to (FSDP only; python -m util.training.sharded converts one); auto: sharded "
+        "under FSDP with more than one rank",
+        choices=CHECKPOINT_FORMATS,
+    )
     save_every_steps: int = setting(1000, "also refresh checkpoint-last.pth every N steps (0: at epoch ends)")
     log_freq: int = setting(100, "optimizer steps between loss read-backs and log lines")
     max_steps: int | None = setting(None, "stop after this many optimizer steps (the schedules still span epochs)")

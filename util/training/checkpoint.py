@@ -107,11 +107,16 @@ def load_checkpoint(
     can run code (format 2 files also need numpy's array type for their RNG state, allowed here).
     ``expect_preset`` raises a clear error for a checkpoint of another preset."""
     path = Path(path)
-    if not path.is_file():
+    from util.training.sharded import is_sharded, read_sharded
+
+    if is_sharded(path):  # a checkpoint-*.dcp folder written under FSDP: assembled here
+        state = read_sharded(path)
+    elif not path.is_file():
         raise FileNotFoundError(
-            f"no checkpoint at {path}; pass the path of a checkpoint-*.pth file written by main_jepat.py"
+            f"no checkpoint at {path}; pass a checkpoint-*.pth file (or .dcp folder) written by main_jepat.py"
         )
-    state = load_torch_file(path, "JEPA-T checkpoint", map_location, allowed=numpy_array_globals())
+    else:
+        state = load_torch_file(path, "JEPA-T checkpoint", map_location, allowed=numpy_array_globals())
     if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
         raise CheckpointFileError(
             f"{path} is not a JEPA-T checkpoint: expected a dictionary with 'model' and "
@@ -289,6 +294,7 @@ class TrainingCheckpoint:
         policy: CheckpointPolicy | None = None,
         batch_size: int = 1,
         accum_iter: int = 1,
+        sharded: bool = False,
     ) -> None:
         self.out_dir, self.parallel, self.optimizer, self.state, self.record = (
             out_dir,
@@ -300,6 +306,11 @@ class TrainingCheckpoint:
         self.policy = policy or CheckpointPolicy()
         self.batch_size = batch_size  # per process: with the world size, where in the epoch a batch count is
         self.accum_iter = accum_iter
+        self.sharded = sharded  # FSDP: checkpoint-<tag>.dcp folders written by every rank (util/training/sharded.py)
+        self.suffix = ".dcp" if sharded else ".pth"
+
+    def path(self, tag: str | int) -> Path:
+        return self.out_dir / f"checkpoint-{tag}{self.suffix}"
 
     def save_epoch(self, epoch: int) -> None:
         """At the end of ``epoch``: ``checkpoint-last.pth``, and ``checkpoint-<epoch>.pth`` when the
@@ -311,30 +322,44 @@ class TrainingCheckpoint:
         path = self.save(str(epoch))
         if path is None:  # not rank 0
             return
-        last, tmp = self.out_dir / "checkpoint-last.pth", self.out_dir / ".checkpoint-last.pth.link"
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, last)
-        on_disk = [
-            int(p.stem.split("-")[1]) for p in self.out_dir.glob("checkpoint-*.pth") if p.stem.split("-")[1].isdigit()
-        ]
+        last = self.path("last")
+        if self.sharded:
+            from util.training.sharded import link_copy
+
+            link_copy(path, last)
+        else:
+            tmp = self.out_dir / ".checkpoint-last.pth.link"
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, last)
+        stems = [p.name.removesuffix(self.suffix) for p in self.out_dir.glob(f"checkpoint-*{self.suffix}")]
+        on_disk = [int(t.split("-")[1]) for t in stems if t.split("-")[1].isdigit()]
         # files of later epochs (a run restarted from an earlier checkpoint) are left alone
         for e in self.policy.removable([e for e in on_disk if e <= epoch]):
-            (self.out_dir / f"checkpoint-{e}.pth").unlink(missing_ok=True)
+            old = self.path(e)
+            shutil.rmtree(old, ignore_errors=True) if self.sharded else old.unlink(missing_ok=True)
             log.info(
-                "removed checkpoint-%d.pth (the policy keeps the %d newest and every %d-th epoch)",
-                e,
+                "removed %s (the policy keeps the %d newest and every %d-th epoch)",
+                old.name,
                 self.policy.keep_last,
                 self.policy.milestone_every,
             )
 
     @staticmethod
-    def load_weights(path: str, model: JEPAT, ema: JEPAT) -> dict[str, Any]:
+    def load_weights(path: str, model: JEPAT, ema: JEPAT, sharded_later: bool = False) -> dict[str, Any]:
         """Read ``path``, check it against ``model`` and load the model and EMA weights (before any
-        wrapping shards them). Returns the checkpoint for :meth:`restore`."""
+        wrapping shards them). Returns the checkpoint for :meth:`restore`. ``sharded_later`` (an FSDP
+        run): a sharded checkpoint's weights are left for :meth:`restore`, which reads each rank's
+        shards into the sharded model; here only its record is read."""
+        from util.training.sharded import is_sharded, read_record
+
+        if sharded_later and is_sharded(path):
+            ckpt = {**read_record(Path(path)), "sharded_path": str(path)}
+            check_compatible(ckpt, model, path)
+            return ckpt
         ckpt = load_checkpoint(path, expect_preset=model.cfg.preset)
         check_compatible(ckpt, model, path)
         model.load_state_dict(ckpt["model"])
@@ -343,7 +368,12 @@ class TrainingCheckpoint:
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Optimizer, scaler, counters, generators: what makes the resumed run continue exactly."""
-        self.parallel.load_optimizer_state(self.optimizer, ckpt["optimizer"])
+        if "sharded_path" in ckpt:
+            from util.training.sharded import load_into
+
+            load_into(Path(ckpt["sharded_path"]), self.parallel, self.optimizer)
+        else:
+            self.parallel.load_optimizer_state(self.optimizer, ckpt["optimizer"])
         if self.parallel.scaler is not None and ckpt.get("scaler"):
             self.parallel.scaler.load_state_dict(ckpt["scaler"])
         s, st = ckpt["state"], self.state
@@ -377,35 +407,51 @@ class TrainingCheckpoint:
                 f"checkpoint in {self.out_dir}. Lower --lr or use --precision fp32 to investigate"
             )
         p.check_replicas()
+        if self.sharded:
+            return self._save_sharded(tag)
         # full state dicts on rank 0 (FSDP gathers shards: every rank takes part); plain for any strategy
         t0 = time.perf_counter()
         model_sd, ema_sd, optim_sd = p.model_state(), p.ema_state(), p.optimizer_state(self.optimizer)
         if not p.env.is_main:
             return None
-        t1, st = time.perf_counter(), self.state
+        t1 = time.perf_counter()
         path = save_checkpoint(
-            self.out_dir / f"checkpoint-{tag}.pth",
-            {
-                **self.record,
-                "model": model_sd,
-                "ema": ema_sd,
-                "optimizer": optim_sd,
-                "scaler": p.scaler.state_dict() if p.scaler else None,
-                "state": {
-                    "step": st.step,
-                    "epoch": st.epoch,
-                    "batch_in_epoch": st.batch_in_epoch,  # of this run's world_size x batch_size
-                    "world_size": p.env.world_size,
-                    "batch_size": self.batch_size,
-                    "accum_iter": self.accum_iter,
-                    "host_generator": st.host_generator.get_state(),
-                    "train_seconds": st.train_seconds(),
-                },
-                "rng": rng_state(),
-            },
+            self.path(tag), {**self._record(), "model": model_sd, "ema": ema_sd, "optimizer": optim_sd}
         )
         log.info(
             "%s: %.2f GB, state gathered in %.1f s, written in %.1f s",
             path.name, path.stat().st_size / 1e9, t1 - t0, time.perf_counter() - t1,
         )  # fmt: skip
         return path
+
+    def _save_sharded(self, tag: str) -> Path | None:
+        from util.training.sharded import save_sharded
+
+        path = self.path(tag)
+        seconds = save_sharded(
+            path, self.parallel, self.optimizer, {"format_version": FORMAT_VERSION, **self._record()}
+        )
+        if not self.parallel.env.is_main:
+            return None
+        size = sum(f.stat().st_size for f in path.iterdir())
+        log.info("%s: %.2f GB in shards written by every rank in %.1f s", path.name, size / 1e9, seconds)
+        return path
+
+    def _record(self) -> dict[str, Any]:
+        """Everything but the weights and moments: what the run is, and where it stands."""
+        p, st = self.parallel, self.state
+        return {
+            **self.record,
+            "scaler": p.scaler.state_dict() if p.scaler else None,
+            "state": {
+                "step": st.step,
+                "epoch": st.epoch,
+                "batch_in_epoch": st.batch_in_epoch,  # of this run's world_size x batch_size
+                "world_size": p.env.world_size,
+                "batch_size": self.batch_size,
+                "accum_iter": self.accum_iter,
+                "host_generator": st.host_generator.get_state(),
+                "train_seconds": st.train_seconds(),
+            },
+            "rng": rng_state(),
+        }

@@ -89,6 +89,8 @@ def check_shared_folder(out_dir: Path, env: DistEnv) -> None:
 
 def resume_auto(out_dir: Path, env: DistEnv) -> str:
     """``--resume auto``: rank 0 decides, from its view of the run folder, and every rank follows
-    (``checkpoint-last.pth`` when it is there, else a fresh start)."""
-    last = out_dir / "checkpoint-last.pth"
-    return env.from_rank0(str(last) if env.is_main and last.is_file() else "")
+    (``checkpoint-last.pth`` or the sharded ``checkpoint-last.dcp``, the newer when both are there;
+    else a fresh start)."""
+    found = [p for p in (out_dir / "checkpoint-last.pth", out_dir / "checkpoint-last.dcp") if p.exists()]
+    newest = max(found, key=lambda p: p.stat().st_mtime, default=None)  # the format may have changed
+    return env.from_rank0(str(newest) if env.is_main and newest is not None else "")
