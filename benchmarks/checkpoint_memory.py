@@ -7,7 +7,13 @@ save          build the model and EMA, give AdamW its two moments, write the che
 load          torch.load(weights_only=True), the whole file copied into process memory
 load_mmap     the same, memory-mapped (what util/training/checkpoint.py does)
 resume_mmap   memory-mapped load plus copying model and EMA into a freshly built model
-It prints; it asserts nothing. The file is removed at the end.
+
+``--fsdp_ranks N`` instead compares the two ways N gloo ranks under FSDP2 save (one process per
+rank, forked): ``plain`` gathers the full state on rank 0 and writes one file, ``sharded`` has every
+rank write its shards with torch.distributed.checkpoint. Per rank: peak RSS before the save (the
+sharded model and AdamW state) and after it.
+
+It prints; it asserts nothing. The files are removed at the end.
 """
 
 from __future__ import annotations
@@ -68,12 +74,68 @@ def child(step: str, preset: str, path: str) -> dict:
     return {"step": step, "seconds": time.perf_counter() - t, "peak_rss_GiB": peak_gib()}
 
 
+def _fsdp_rank(rank: int, world: int, store: str, preset: str, folder: str, sharded: bool, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from models.loss import JEPATLoss
+    from util.runtime import DistEnv
+    from util.training.checkpoint import CheckpointPolicy, TrainingCheckpoint, TrainState
+    from util.training.parallel import Parallel
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    env = DistEnv(rank=rank, world_size=world, initialized=True)
+    model, ema = build(preset), build(preset).requires_grad_(False)
+    parallel = Parallel(env, model, ema, JEPATLoss(), "fsdp", "fp32")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    import gc
+
+    gc.collect()
+    before = peak_gib()
+    record = {"model_config": {"preset": preset}}
+    ckpt = TrainingCheckpoint(Path(folder), parallel, opt, TrainState(), record, CheckpointPolicy(), sharded=sharded)
+    t = time.perf_counter()
+    ckpt.save("last")
+    seconds = time.perf_counter() - t
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"before": before, "after": peak_gib(), "seconds": seconds}))
+    dist.destroy_process_group()
+
+
+def fsdp_saves(preset: str, world: int, folder: Path) -> None:
+    import shutil
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    for sharded in (False, True):
+        with tempfile.TemporaryDirectory(dir=folder) as tmp:
+            args = (world, f"{tmp}/store", preset, tmp, sharded, tmp)
+            mp.start_processes(_fsdp_rank, args=args, nprocs=world, join=True, start_method="fork")
+            rows = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+            saved = Path(tmp, "checkpoint-last.dcp" if sharded else "checkpoint-last.pth")
+            size = sum(f.stat().st_size for f in saved.iterdir()) if sharded else saved.stat().st_size
+            peaks = ", ".join(f"rank {r}: {row['before']:.2f} -> {row['after']:.2f} GiB" for r, row in enumerate(rows))
+            kind, seconds = "sharded" if sharded else "plain  ", max(r["seconds"] for r in rows)
+            print(f"{preset} FSDP x{world} {kind} save: {size / 2**30:.2f} GiB on disk in {seconds:.1f} s; "
+                  f"peak RSS before -> after the save: {peaks}")  # fmt: skip
+            shutil.rmtree(saved, ignore_errors=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(__doc__)
     p.add_argument("--preset", default="large")
     p.add_argument("--dir", default="/tmp")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--fsdp_ranks", type=int, default=0, help="compare plain and sharded FSDP saves on N gloo ranks")
     a = p.parse_args()
+    if a.fsdp_ranks:
+        fsdp_saves(a.preset, a.fsdp_ranks, Path(a.dir))
+        return
     path = str(Path(a.dir) / f"checkpoint-memory-{a.preset}.pth")
     if a.child:
         print(json.dumps(child(a.child, a.preset, path)))

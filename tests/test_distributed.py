@@ -187,8 +187,9 @@ def test_one_process_resumes_on_two_fsdp_ranks_from_the_same_sample_and_matches_
     checkpointing) in one resume, from the middle of an epoch. The FSDP ranks write sharded
     checkpoints (each its own shards, nothing gathered), resume from one, and the offline
     conversion gives the plain file every tool reads."""
+    from util.training.checkpoint import convert_sharded as convert
     from util.training.checkpoint import load_checkpoint
-    from util.training.sharded import convert, is_sharded
+    from util.training.sharded import is_sharded
 
     out = tmp_path / "fsdp"
     run_single(out, "--batch_size", "4", "--accum_iter", "2", "--max_steps", "3")  # 24 of the epoch's 48 samples

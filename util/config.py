@@ -217,9 +217,9 @@ class RuntimeConfig:
     milestone_every: int = setting(100, "epoch checkpoints at multiples of N epochs are never removed (0: none)")
     checkpoint_format: str = setting(
         "auto",
-        "plain: one checkpoint-<tag>.pth gathered on rank 0; sharded: checkpoint-<tag>.dcp folders every rank "
-        "writes its shards to (FSDP only; python -m util.training.sharded converts one); auto: sharded "
-        "under FSDP with more than one rank",
+        "plain: one checkpoint-<tag>.pth gathered on rank 0; sharded: checkpoint-<tag>.dcp folders every "
+        "rank writes its shards to (FSDP only; python -m util.training.checkpoint --convert makes a file of "
+        "one); auto: sharded under FSDP with more than one rank",
         choices=CHECKPOINT_FORMATS,
     )
     save_every_steps: int = setting(1000, "also refresh checkpoint-last.pth every N steps (0: at epoch ends)")

@@ -27,6 +27,7 @@ from models.jepat import JEPAT, config_dict
 from models.safe_load import CheckpointFileError, load_torch_file, numpy_array_globals
 from util.errors import UserError
 from util.training.parallel import Parallel
+from util.training.sharded import is_sharded, link_copy, load_into, read_record, read_sharded, save_sharded
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,6 @@ def load_checkpoint(
     can run code (format 2 files also need numpy's array type for their RNG state, allowed here).
     ``expect_preset`` raises a clear error for a checkpoint of another preset."""
     path = Path(path)
-    from util.training.sharded import is_sharded, read_sharded
-
     if is_sharded(path):  # a checkpoint-*.dcp folder written under FSDP: assembled here
         state = read_sharded(path)
     elif not path.is_file():
@@ -324,8 +323,6 @@ class TrainingCheckpoint:
             return
         last = self.path("last")
         if self.sharded:
-            from util.training.sharded import link_copy
-
             link_copy(path, last)
         else:
             tmp = self.out_dir / ".checkpoint-last.pth.link"
@@ -354,8 +351,6 @@ class TrainingCheckpoint:
         wrapping shards them). Returns the checkpoint for :meth:`restore`. ``sharded_later`` (an FSDP
         run): a sharded checkpoint's weights are left for :meth:`restore`, which reads each rank's
         shards into the sharded model; here only its record is read."""
-        from util.training.sharded import is_sharded, read_record
-
         if sharded_later and is_sharded(path):
             ckpt = {**read_record(Path(path)), "sharded_path": str(path)}
             check_compatible(ckpt, model, path)
@@ -369,8 +364,6 @@ class TrainingCheckpoint:
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Optimizer, scaler, counters, generators: what makes the resumed run continue exactly."""
         if "sharded_path" in ckpt:
-            from util.training.sharded import load_into
-
             load_into(Path(ckpt["sharded_path"]), self.parallel, self.optimizer)
         else:
             self.parallel.load_optimizer_state(self.optimizer, ckpt["optimizer"])
@@ -425,8 +418,6 @@ class TrainingCheckpoint:
         return path
 
     def _save_sharded(self, tag: str) -> Path | None:
-        from util.training.sharded import save_sharded
-
         path = self.path(tag)
         seconds = save_sharded(
             path, self.parallel, self.optimizer, {"format_version": FORMAT_VERSION, **self._record()}
@@ -455,3 +446,27 @@ class TrainingCheckpoint:
             },
             "rng": rng_state(),
         }
+
+
+def convert_sharded(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the plain single-file checkpoint (what every tool reads) of a sharded ``.dcp`` folder."""
+    if not is_sharded(folder):
+        raise UserError(f"{folder} is not a sharded checkpoint (a checkpoint-*.dcp folder with DCP's .metadata)")
+    state = read_sharded(folder)
+    state.pop("format_version", None)
+    return save_checkpoint(out, state)
+
+
+def main() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description="Checkpoint tools. --convert: a sharded FSDP folder -> one plain file.")
+    p.add_argument(
+        "--convert", nargs=2, metavar=("FOLDER", "OUT"), required=True, help="checkpoint-<tag>.dcp, out .pth"
+    )
+    a = p.parse_args()
+    print(f"wrote {convert_sharded(*a.convert)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -16,12 +16,11 @@ refused, so a sharded checkpoint from outside runs no code either.
 
 Convert one to a plain file (offline, one process, no GPU)::
 
-    python -m util.training.sharded output/run/checkpoint-last.dcp output/run/checkpoint-last.pth
+    python -m util.training.checkpoint --convert output/run/checkpoint-last.dcp output/run/checkpoint-last.pth
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import shutil
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from models.safe_load import CheckpointFileError, load_torch_file, numpy_array_globals
+from util.training.parallel import _clean_fqn
 
 SUFFIX = ".dcp"
 RECORD = "record.pth"
@@ -122,8 +122,6 @@ def save_sharded(folder: Path, parallel, optimizer: torch.optim.Optimizer, recor
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    from util.training.parallel import _clean_fqn
-
     t0, env = time.perf_counter(), parallel.env
     tmp = folder.with_name(f".{folder.name}.tmp")
     if env.is_main:
@@ -184,8 +182,6 @@ def load_into(folder: Path, parallel, optimizer: torch.optim.Optimizer) -> None:
         set_optimizer_state_dict,
     )
 
-    from util.training.parallel import _clean_fqn
-
     record = read_record(folder)
     osd = get_optimizer_state_dict(parallel.model, optimizer)
     state = {
@@ -202,11 +198,10 @@ def load_into(folder: Path, parallel, optimizer: torch.optim.Optimizer) -> None:
 
 
 def read_sharded(folder: str | os.PathLike) -> dict[str, Any]:
-    """The plain checkpoint dictionary of a sharded one, assembled in this process (no process group)."""
+    """The plain checkpoint dictionary of a sharded one, assembled in this process (no process group):
+    what ``load_checkpoint`` returns for a ``.dcp`` folder."""
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    from util.training.checkpoint import clean_state_dict
 
     folder = Path(folder)
     record = read_record(folder)
@@ -215,41 +210,12 @@ def read_sharded(folder: str | os.PathLike) -> dict[str, Any]:
     groups = record.pop("optimizer_param_groups")
     index = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}  # the optimizer's order
     optimizer = {
-        "state": {index[_name(k)]: v for k, v in state["optimizer"].items()},
+        "state": {index[_clean_fqn(k)]: v for k, v in state["optimizer"].items()},
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
     }
     return {
         **record,
-        "model": clean_state_dict(state["model"]),
-        "ema": clean_state_dict(state["ema"]),
+        "model": {_clean_fqn(k): v for k, v in state["model"].items()},
+        "ema": {_clean_fqn(k): v for k, v in state["ema"].items()},
         "optimizer": optimizer,
     }
-
-
-def _name(key: str) -> str:
-    from util.training.parallel import _clean_fqn
-
-    return _clean_fqn(key)
-
-
-def convert(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Write the plain single-file checkpoint of a sharded one (what every tool reads)."""
-    from util.training.checkpoint import save_checkpoint
-
-    state = read_sharded(folder)
-    state.pop("format_version", None)
-    return save_checkpoint(out, state)
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description="Convert a sharded checkpoint-*.dcp folder to a plain checkpoint file.")
-    p.add_argument("folder", help="a checkpoint-<tag>.dcp folder written under FSDP")
-    p.add_argument("out", help="the .pth file to write")
-    a = p.parse_args()
-    if not is_sharded(a.folder):
-        raise SystemExit(f"{a.folder} is not a sharded checkpoint (a folder with DCP's .metadata)")
-    print(f"wrote {convert(a.folder, a.out)}")
-
-
-if __name__ == "__main__":
-    main()
