@@ -106,13 +106,13 @@ def _fsdp_rank(rank: int, world: int, store: str, preset: str, folder: str, shar
     dist.destroy_process_group()
 
 
-def fsdp_saves(preset: str, world: int, folder: Path) -> None:
+def fsdp_saves(preset: str, world: int, folder: Path, formats: list[str]) -> None:
     import shutil
     import tempfile
 
     import torch.multiprocessing as mp
 
-    for sharded in (False, True):
+    for sharded in [f == "sharded" for f in formats]:
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             args = (world, f"{tmp}/store", preset, tmp, sharded, tmp)
             mp.start_processes(_fsdp_rank, args=args, nprocs=world, join=True, start_method="fork")
@@ -132,9 +132,10 @@ def main() -> None:
     p.add_argument("--dir", default="/tmp")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--fsdp_ranks", type=int, default=0, help="compare plain and sharded FSDP saves on N gloo ranks")
+    p.add_argument("--formats", default="plain,sharded", help="with --fsdp_ranks: which saves to run")
     a = p.parse_args()
     if a.fsdp_ranks:
-        fsdp_saves(a.preset, a.fsdp_ranks, Path(a.dir))
+        fsdp_saves(a.preset, a.fsdp_ranks, Path(a.dir), a.formats.split(","))
         return
     path = str(Path(a.dir) / f"checkpoint-memory-{a.preset}.pth")
     if a.child:
