@@ -180,17 +180,6 @@ def plan_evaluation(
     need checked now: weights, references, prompt encodings, the output folder and its free disk."""
     options = eval_options(c.eval, c.runtime.seed, CaptionOrigin() if c.eval.skip else origin, captions.sample_captions)
     will_generate = not c.eval.skip and options.prompts is not None
-    if will_generate and c.runtime.strategy == "fsdp" and env.world_size > 1:
-        if c.eval.class_names or c.eval.prompts_file:
-            raise UserError(
-                "a prompt-set evaluation needs the whole EMA on every rank: with strategy fsdp pass "
-                "--no_eval and evaluate the saved (consolidated) checkpoint with --evaluate --resume"
-            )
-        log.info(
-            "FSDP: the evaluation on the training prompts is left to --evaluate --resume on the saved "
-            "checkpoint (it needs the whole EMA on every rank)"
-        )
-        options.prompts, will_generate = None, False
     if will_generate:
         log_unseen(options.prompts, captions.known)
         captions.require(options.prompts.prompts)

@@ -82,6 +82,15 @@ def test_a_crafted_sharded_checkpoint_is_refused_and_nothing_runs(tmp_path):
     torch.save({"model_config": {"preset": "tiny"}}, folder / "record.pth")
     with pytest.raises(CheckpointFileError, match=r"metadata names posix.system"):
         load_checkpoint(folder)
+
+    # a dotted name under DCP's own module would reach the os module it imports
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s)]) + s.encode()
+
+    dotted = b"\x80\x04" + text("torch.distributed.checkpoint.metadata") + text("os.system") + b"\x93"
+    (folder / ".metadata").write_bytes(dotted + text(f"touch {marker}") + b"\x85R.")
+    with pytest.raises(CheckpointFileError, match=r"metadata names torch.distributed.checkpoint.metadata.os.system"):
+        load_checkpoint(folder)
     assert not marker.exists()
 
 

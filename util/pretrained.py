@@ -28,6 +28,7 @@ from util.config import ConfigError, from_flat_args, to_dict
 from util.data.captions import build_caption_store, check_widths
 from util.evaluation.generate import ImageGenerator
 from util.training.checkpoint import checkpoint_recipe, load_checkpoint, training_summary
+from util.training.sharded import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,11 @@ class Pretrained:
 
 
 def load_pretrained(path: str | os.PathLike, raw: bool = False) -> Pretrained:
-    """A model folder (``config.json`` + ``model.safetensors``) or a ``checkpoint-*.pth`` file;
-    ``raw``: a checkpoint's raw weights instead of its EMA (a folder holds the EMA only)."""
+    """A model folder (``config.json`` + ``model.safetensors``), a ``checkpoint-*.pth`` file or a sharded
+    ``checkpoint-*.dcp`` folder; ``raw``: a checkpoint's raw weights instead of its EMA (a model
+    folder holds the EMA only)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         if raw:
             raise CheckpointFileError(
                 f"{path} is a model folder: it holds the EMA weights only; --raw needs a "

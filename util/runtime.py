@@ -132,11 +132,14 @@ def init_runtime(device_name: str = "auto", timeout_min: float = 30.0) -> DistEn
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(minutes=timeout_min)
     if not dist.is_initialized():
-        # the store torchrun's agent serves outlives a restart of the workers (--max_restarts): keys of
-        # each attempt go under a prefix of their own, or the new ranks would read the addresses of
-        # the dead ones and fail to connect
+        # one node: the store torchrun's agent serves outlives a restart of the workers (--max_restarts),
+        # so the keys of each attempt go under a prefix of their own, or the new ranks would read the
+        # addresses of the dead ones and fail to connect. Across nodes the agents' restart counts
+        # need not agree (an agent restarts healthy workers when another node rejoins without
+        # counting it), so there the keys stay as torch's rendezvous gives them.
         store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        one_node = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if one_node else "any"
         dist.init_process_group(
             backend=backend,
             store=dist.PrefixStore(f"jepat/attempt_{attempt}", store),

@@ -200,17 +200,10 @@ def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, e
         if layers
         else None
     )
-    t0 = time.time()
-    ids, feats, first = [], [], {}
-    for batch_ids, images in gen.generate_share(prompt_set.prompts, options.seed, env, options.batch_size):
-        if write:
-            write_pngs(images, batch_ids, out_dir / "samples")
-        if features is not None:
-            feats.append(features(images))
-        ids.extend(batch_ids)
-        first.update({i: img for i, img in zip(batch_ids, images) if i < GRID_IMAGES})
-    seconds = time.time() - t0
-    shares = env.gather_to_main((ids, _cat(feats, layers), first))
+    share, seconds, feature_seconds = _generate_share(
+        gen, options, out_dir / "samples" if write else None, env, features
+    )
+    shares = env.gather_to_main(share)
     if shares is None:
         env.barrier()
         return {}
@@ -221,8 +214,9 @@ def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, e
         "prompts": prompt_set.source,
         "num_classes": prompt_set.num_classes,
         **prompt_set.extra,
-        "generation_seconds": seconds,  # with the features of the generated images, on the slowest rank
+        "generation_seconds": seconds,  # on rank 0 (each rank generates its share)
         "seconds_per_image": seconds * env.world_size / n,
+        "feature_seconds": feature_seconds,  # the extractor on rank 0's images, in memory
         "samples_folder": str(out_dir / "samples") if write else None,
     }
     first_images = {i: img for _, _, share in shares for i, img in share.items()}
@@ -272,6 +266,26 @@ def evaluate_prompts(gen: ImageGenerator, options: EvalOptions, out_dir: Path, e
 
 
 GRID_IMAGES = 64  # the first ids, shown in grid.png
+
+
+def _generate_share(
+    gen: ImageGenerator, options: EvalOptions, folder: Path | None, env: DistEnv, features: fid.Features | None
+) -> tuple[tuple, float, float]:
+    """This rank's images: written to ``folder`` (when given), their features computed in memory.
+    Returns ((ids, {layer: features}, {id: image} of the grid's ids), generation s, feature s)."""
+    t0, feature_seconds = time.time(), 0.0
+    ids, feats, first = [], [], {}
+    for batch_ids, images in gen.generate_share(options.prompts.prompts, options.seed, env, options.batch_size):
+        if folder is not None:
+            write_pngs(images, batch_ids, folder)
+        if features is not None:
+            t1 = time.time()
+            feats.append(features(images))
+            feature_seconds += time.time() - t1
+        ids.extend(batch_ids)
+        first.update({i: img for i, img in zip(batch_ids, images) if i < GRID_IMAGES})
+    layers = list(feats[0]) if feats else []
+    return (ids, _cat(feats, layers), first), time.time() - t0 - feature_seconds, feature_seconds
 
 
 def _cat(feats: list[dict[str, torch.Tensor]], layers: list[str]) -> dict[str, torch.Tensor]:

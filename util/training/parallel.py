@@ -276,8 +276,9 @@ class Parallel:
             return self.ema
         dicts = _state_dicts()
         sd = dicts.get_model_state_dict(self.ema, options=dicts.StateDictOptions(full_state_dict=True))  # every rank
-        plain = JEPAT(copy.deepcopy(self.model.cfg)).to(self.env.device)
-        plain.load_state_dict({_clean_fqn(k): v for k, v in sd.items()})
+        with torch.device("meta"):  # no second copy: the gathered tensors become the model's
+            plain = JEPAT(copy.deepcopy(self.model.cfg))
+        plain.load_state_dict({_clean_fqn(k): v for k, v in sd.items()}, assign=True)
         return plain.requires_grad_(False).eval()
 
     def all_finite(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 from util.errors import UserError
 from util.evaluation.evaluate import EvalOptions, check_options
 from util.runtime import DistEnv
+from util.training.sharded import recover
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def resume_auto(out_dir: Path, env: DistEnv) -> str:
     """``--resume auto``: rank 0 decides, from its view of the run folder, and every rank follows
     (``checkpoint-last.pth`` or the sharded ``checkpoint-last.dcp``, the newer when both are there;
     else a fresh start)."""
+    if env.is_main:
+        recover(out_dir / "checkpoint-last.dcp")  # a save killed between its two renames
     found = [p for p in (out_dir / "checkpoint-last.pth", out_dir / "checkpoint-last.dcp") if p.exists()]
     newest = max(found, key=lambda p: p.stat().st_mtime, default=None)  # the format may have changed
     return env.from_rank0(str(newest) if env.is_main and newest is not None else "")

@@ -60,6 +60,7 @@ _ALLOWED = {
         ),
     },  # fmt: skip
     "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath"},
+    "pathlib._local": {"PosixPath", "WindowsPath", "PurePosixPath"},  # Python 3.13+
     "collections": {"OrderedDict"},
 }
 
@@ -71,9 +72,13 @@ def is_sharded(path: str | os.PathLike) -> bool:
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         allowed = _ALLOWED.get(module, set())
-        if module not in _ALLOWED or (allowed is not None and name not in allowed):
-            raise CheckpointFileError(f"the sharded checkpoint's metadata names {module}.{name}, which is not DCP's")
-        return super().find_class(module, name)
+        refused = CheckpointFileError(f"the sharded checkpoint's metadata names {module}.{name}, which is not DCP's")
+        if module not in _ALLOWED or "." in name or (allowed is not None and name not in allowed):
+            raise refused  # (a dotted name would reach into what the module imports, os.system say)
+        found = super().find_class(module, name)
+        if allowed is None and not (isinstance(found, type) and found.__module__ == module):
+            raise refused  # of DCP's metadata module: its own classes only
+        return found
 
 
 def read_metadata(folder: Path):
@@ -123,9 +128,12 @@ def save_sharded(folder: Path, parallel, optimizer: torch.optim.Optimizer, recor
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     t0, env = time.perf_counter(), parallel.env
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    if env.is_main:  # what a killed save left behind (of any tag) goes first
+        for stale in [*folder.parent.glob(".checkpoint-*.dcp.tmp"), *folder.parent.glob(".checkpoint-*.dcp.link")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        recover(folder)
+        shutil.rmtree(old, ignore_errors=True)
     env.barrier()
     osd = get_optimizer_state_dict(parallel.model, optimizer)
     state = {
@@ -136,12 +144,11 @@ def save_sharded(folder: Path, parallel, optimizer: torch.optim.Optimizer, recor
     dcp.save(state, checkpoint_id=tmp)
     if env.is_main:
         groups = [{**g, "params": [_clean_fqn(k) for k in g["params"]]} for g in osd["param_groups"]]
-        torch.save({**record, "optimizer_param_groups": groups}, tmp / RECORD)
-        old = folder.with_name(f".{folder.name}.old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        with open(tmp / RECORD, "wb") as f:
+            torch.save({**record, "optimizer_param_groups": groups}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _swap(tmp, folder)
     env.barrier()
     return time.perf_counter() - t0
 
@@ -149,7 +156,7 @@ def save_sharded(folder: Path, parallel, optimizer: torch.optim.Optimizer, recor
 def link_copy(src: Path, dst: Path) -> None:
     """``dst`` becomes ``src`` under another name: a folder of hard links (copies where the file
     system has none), swapped in atomically for a reader of the folder name."""
-    tmp, old = dst.with_name(f".{dst.name}.link"), dst.with_name(f".{dst.name}.old")
+    tmp = dst.with_name(f".{dst.name}.link")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     for f in src.iterdir():
@@ -157,10 +164,25 @@ def link_copy(src: Path, dst: Path) -> None:
             os.link(f, tmp / f.name)
         except OSError:
             shutil.copyfile(f, tmp / f.name)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
+    _swap(tmp, dst)
+
+
+def _swap(new: Path, folder: Path) -> None:
+    """``new`` takes the place of ``folder``. Two renames (a folder cannot be replaced in one): a
+    kill between them leaves ``.<name>.old``, which :func:`recover` puts back."""
+    old = folder.with_name(f".{folder.name}.old")
     shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(folder: Path) -> None:
+    """Put back ``folder`` from ``.<name>.old`` when a save was killed between its two renames."""
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and is_sharded(old):
+        os.replace(old, folder)
 
 
 # -------------------------------------------------------------------- reading
