@@ -342,3 +342,17 @@ def test_dataset_items_keep_their_geometry():
     m = S.ShapesDataset("train", num_samples=5, resolution=24, seed=3).meta(4)
     assert (m["color"], m["shape"], m["template"]) == ("yellow", "triangle", 3)
     assert (m["size"], m["cx"], m["cy"]) == pytest.approx((15.289305705682919, 13.999269642193482, 13.20518075704214))
+
+
+def test_held_out_words_and_templates_never_appear_in_training_captions():
+    training = S.all_captions()
+    words = set(" ".join(training).split())
+    synonyms = [w for table in (S.COLOR_SYNONYMS, S.SHAPE_SYNONYMS) for pair in table.values() for w in pair]
+    assert not {w for phrase in synonyms for w in phrase.split()} & words
+    prompts = [S.unseen_word_prompt(c, s, k) for c, s in S.SEEN_COMBOS for k in range(12)]
+    assert not set(prompts) & set(training)
+    # every prompt names its combination in at least one held-out word, in a held-out template
+    for (c, s), p in zip([(c, s) for c, s in S.SEEN_COMBOS for _ in range(12)], prompts):
+        assert any(w in p for w in S.COLOR_SYNONYMS[c] + S.SHAPE_SYNONYMS[s]), p
+        assert not any(t.format(color=c, shape=s) == p for t in S.TEMPLATES)
+    assert len({S.unseen_word_prompt("red", "circle", k) for k in range(6)}) == 6

@@ -9,6 +9,7 @@ import torch
 import engine_jepat
 import main_jepat
 from tests.helpers import tiny_model
+from util.data import shapes
 from util.data.datasets import DataOrder
 from util.errors import UserError
 from util.training.checkpoint import load_checkpoint, save_checkpoint
@@ -200,15 +201,18 @@ def test_shapes_evaluation_writes_grids_manifest_and_metrics(tmp_path):
         ]
     )
     result = main_jepat.main(ns)
-    for name in ("grid_seen.png", "grid_heldout.png", "manifest.jsonl", "metrics.json"):
+    for name in ("grid_seen.png", "grid_heldout.png", "grid_heldout_words.png", "manifest.jsonl", "metrics.json"):
         assert (tmp_path / name).is_file(), name
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["seen"]["n"] == 15 * 2 and metrics["heldout"]["n"] == 3 * 2
+    assert metrics["heldout_words"]["n"] == 15 * 1  # half as many per seen combination
     assert 0.0 <= metrics["seen"]["joint_acc"] <= 1.0 and result["seen"] == metrics["seen"]
     for split in ("seen", "heldout"):
         assert metrics[split]["fd"] >= 0 and metrics[split]["fd_floor"] > 0 and metrics[split]["spread"] >= 0
     rows = [json.loads(line) for line in (tmp_path / "manifest.jsonl").read_text().splitlines()]
-    assert len(rows) == 36 and all((tmp_path / r["file"]).is_file() for r in rows)
+    assert len(rows) == 36 + 15 and all((tmp_path / r["file"]).is_file() for r in rows)
+    words = [r["prompt"] for r in rows if r["split"] == "heldout_words"]
+    assert words[0] == "a drawing of a crimson circle" and not set(words) & set(shapes.all_captions())
     heldout_targets = {tuple(r["target"]) for r in rows if r["split"] == "heldout"}
     assert heldout_targets == {("red", "triangle"), ("blue", "circle"), ("yellow", "square")}
 

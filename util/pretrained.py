@@ -180,11 +180,12 @@ def _metric_lines(metrics: dict[str, Any] | None) -> list[str]:
     if not metrics:
         return ["No evaluation was attached (the run's metrics.json was absent or of another step)."]
     rows = []
-    for split in ("seen", "heldout"):
+    for split in ("seen", "heldout", "heldout_words"):
         if split in metrics:
             m = metrics[split]
+            what = "seen combinations in held-out words" if split == "heldout_words" else f"{split} combinations"
             rows.append(
-                f"| shapes, {split} combinations ({m['n']} images) | color {m['color_acc']:.3f}, "
+                f"| shapes, {what} ({m['n']} images) | color {m['color_acc']:.3f}, "
                 f"shape {m['shape_acc']:.3f}, both {m['joint_acc']:.3f} |"
             )
     fidelity = metrics.get("fidelity", {})

@@ -48,6 +48,29 @@ TEMPLATES: tuple[str, ...] = (
     "a single {color} {shape}",
 )
 
+# Words and templates that no training caption holds (tests/test_shapes.py checks it): the
+# evaluation's held-out-words split asks for seen combinations in them, two synonyms per color and
+# per shape and three new templates, to measure whether a frozen text encoder's neighbourhood carries
+# over to words the model never trained on.
+COLOR_SYNONYMS: dict[str, tuple[str, str]] = {
+    "red": ("crimson", "scarlet"),
+    "green": ("emerald", "jade"),
+    "blue": ("azure", "navy"),
+    "yellow": ("golden", "lemon"),
+    "purple": ("violet", "plum"),
+    "orange": ("tangerine", "amber"),
+}
+SHAPE_SYNONYMS: dict[str, tuple[str, str]] = {
+    "circle": ("disc", "round dot"),
+    "square": ("box", "block"),
+    "triangle": ("pyramid", "wedge"),
+}
+UNSEEN_TEMPLATES: tuple[str, ...] = (
+    "a drawing of a {color} {shape}",
+    "one {color} {shape}",
+    "a {color} {shape} in the middle of the picture",
+)
+
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
 SIZE_RANGE: tuple[float, float] = (0.35, 0.7)
 MARGIN: float = 1.0
@@ -73,6 +96,16 @@ def caption(color: str, shape: str, template_index: int = 0) -> str:
 def prompt(color: str, shape: str) -> str:
     """Canonical evaluation prompt ``"a {color} {shape}"``."""
     return caption(color, shape, 0)
+
+
+def unseen_word_prompt(color: str, shape: str, k: int) -> str:
+    """The k-th held-out-words prompt of ``(color, shape)``: a synonym for the color (k % 3 == 0),
+    for the shape (1) or for both (2), synonyms and templates cycling with k."""
+    _check_combo(color, shape)
+    which, pick = k % 3, (k // 3) % 2
+    c = COLOR_SYNONYMS[color][pick] if which in (0, 2) else color
+    sh = SHAPE_SYNONYMS[shape][pick] if which in (1, 2) else shape
+    return UNSEEN_TEMPLATES[k % len(UNSEEN_TEMPLATES)].format(color=c, shape=sh)
 
 
 def all_captions(combos: Sequence[tuple[str, str]] = ALL_COMBOS) -> list[str]:

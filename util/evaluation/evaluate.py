@@ -317,7 +317,7 @@ def metric_scalars(metrics: dict) -> dict[str, float]:
     for key, value in metrics.get("probe", {}).items():
         if isinstance(value, float):
             out[f"eval/probe_{key}"] = value
-    for split in ("seen", "heldout"):
+    for split in ("seen", "heldout", "heldout_words"):
         if split in metrics:
             for k in ("color_acc", "shape_acc", "joint_acc"):
                 out[f"eval/{split}_{k}"] = metrics[split][k]

@@ -1,5 +1,6 @@
 """Evaluation on the built-in ``shapes`` set: generate for seen and held-out color-shape
-combinations, judge every image, and write grids, per-image PNGs and a manifest."""
+combinations, and for seen combinations named in words and templates training never showed
+(``heldout_words``), judge every image, and write grids, per-image PNGs and a manifest."""
 
 from __future__ import annotations
 
@@ -27,6 +28,16 @@ def shapes_prompts(combos: Sequence[tuple[str, str]], per_combo: int) -> tuple[l
     return prompts, targets
 
 
+def unseen_word_prompts(combos: Sequence[tuple[str, str]], per_combo: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """``per_combo`` held-out-words prompts per combination (util/data/shapes.py)."""
+    prompts, targets = [], []
+    for color, shape in combos:
+        for k in range(per_combo):
+            prompts.append(shapes.unseen_word_prompt(color, shape, k))
+            targets.append((color, shape))
+    return prompts, targets
+
+
 def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: int) -> dict:
     """Judged color / shape / joint accuracy and fidelity to the data's variety (shapes_fidelity.py)
     for seen and held-out prompts, with ``grid_seen.png``,
@@ -35,8 +46,14 @@ def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: in
     out_dir = Path(out_dir)
     metrics: dict = {"images_per_combo": per_combo}
     manifest = []
-    for split, combos, offset in (("seen", shapes.SEEN_COMBOS, 0), ("heldout", shapes.HELDOUT_COMBOS, 1)):
-        prompts, targets = shapes_prompts(combos, per_combo)
+    words = unseen_word_prompts(shapes.SEEN_COMBOS, max(1, per_combo // 2))
+    gen.captions.require(words[0])  # encoded by the run's text encoder (built now if the store has none)
+    splits = (
+        ("seen", shapes_prompts(shapes.SEEN_COMBOS, per_combo), 0, per_combo),
+        ("heldout", shapes_prompts(shapes.HELDOUT_COMBOS, per_combo), 1, per_combo),
+        ("heldout_words", words, 2, max(1, per_combo // 2)),
+    )
+    for split, (prompts, targets), offset, per_row in splits:
         t0 = time.time()
         images = gen.generate(prompts, seed + offset)
         seconds = time.time() - t0
@@ -47,7 +64,7 @@ def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: in
         metrics[split] = result
         from torchvision.utils import save_image
 
-        save_image((images + 1) / 2, out_dir / f"grid_{split}.png", nrow=per_combo, padding=1, pad_value=0.5)
+        save_image((images + 1) / 2, out_dir / f"grid_{split}.png", nrow=per_row, padding=1, pad_value=0.5)
         names = save_images(images, out_dir / "samples" / split)
         for name, p, t, j in zip(names, prompts, targets, judged):
             manifest.append(
@@ -76,5 +93,5 @@ def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: in
     with open(out_dir / "manifest.jsonl", "w") as f:
         for row in manifest:
             f.write(json.dumps(row) + "\n")
-    metrics["num_samples"] = sum(metrics[s]["n"] for s in ("seen", "heldout"))
+    metrics["num_samples"] = sum(metrics[s]["n"] for s, *_ in splits)
     return metrics
