@@ -107,5 +107,6 @@ def test_online_and_offline_evaluation_write_labelled_metrics(tmp_path, one_thre
     )
     m = main_jepat.main(ns)
     saved = json.loads((sh / "metrics.json").read_text())
-    assert saved["num_samples"] == 18 and saved["probe"]["num_train"] == 60 and 0 <= saved["probe"]["color_acc"] <= 1
+    assert saved["num_samples"] == 18 + 15  # seen and held-out combinations, then 15 in held-out words
+    assert saved["probe"]["num_train"] == 60 and 0 <= saved["probe"]["color_acc"] <= 1
     assert m["probe"] == saved["probe"] and list((sh / "tb").glob("events.*"))

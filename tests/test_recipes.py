@@ -212,7 +212,7 @@ def test_checkpoint_carries_its_tree_and_sampling_defaults_follow_it(tmp_path):
     )
     assert ev["sampling"]["temperature"] == 0.3 and ev["sampling"]["num_iter"] == 3 and ev["sampling"]["ode_steps"] == 2
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert saved["sampling"] == ev["sampling"] and saved["num_samples"] == 18
+    assert saved["sampling"] == ev["sampling"] and saved["num_samples"] == 18 + 15  # + held-out words
 
 
 def test_older_checkpoints_still_load_under_todays_names():
