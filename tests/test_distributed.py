@@ -31,16 +31,21 @@ COMMON = (
 STEPS = 4 * 6  # long enough that the preemption signal lands before the end on a busy machine
 
 
-@pytest.fixture(scope="module", autouse=True)
-def flipped_cache(tmp_path_factory) -> Path:
+def write_flipped_cache(tmp_path_factory) -> Path:
     """48 shapes images cached with their flips and their captions' embeddings (a caption table:
-    the ranks gather rows in their loader workers and never build the text encoder); every run of
-    this module trains from it."""
+    the ranks gather rows in their loader workers and never build the text encoder)."""
     import main_cache
 
     cache = tmp_path_factory.mktemp("flipped") / "cache"
     argv = "--dataset shapes --img_size 16 --num_samples 48 --random_flip --text_max_length 8 --device cpu".split()
     main_cache.main(main_cache.get_args_parser().parse_args(argv + ["--cache_dir", str(cache)]))
+    return cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def flipped_cache(tmp_path_factory) -> Path:
+    """Every run of this module trains from the flipped cache."""
+    cache = write_flipped_cache(tmp_path_factory)
     COMMON.extend(["--data_path", str(cache)])
     yield cache
     del COMMON[-2:]

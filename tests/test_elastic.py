@@ -14,21 +14,14 @@ from pathlib import Path
 import pytest
 
 import main_jepat
-from tests.test_distributed import COMMON, STEPS, _free_port, assert_same, load
+from tests.test_distributed import COMMON, STEPS, _free_port, assert_same, load, write_flipped_cache
 
 ROOT = Path(main_jepat.__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
 def argv(tmp_path_factory) -> list[str]:
-    import main_cache
-
-    cache = tmp_path_factory.mktemp("flipped") / "cache"
-    cache_argv = (
-        "--dataset shapes --img_size 16 --num_samples 48 --random_flip --text_max_length 8 --device cpu".split()
-    )
-    main_cache.main(main_cache.get_args_parser().parse_args(cache_argv + ["--cache_dir", str(cache)]))
-    return COMMON + ["--data_path", str(cache), "--batch_size", "4"]
+    return COMMON + ["--data_path", str(write_flipped_cache(tmp_path_factory)), "--batch_size", "4"]
 
 
 def torchrun(*launch: str, argv: list[str], log: Path) -> subprocess.Popen:

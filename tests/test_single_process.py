@@ -8,16 +8,12 @@ import json
 
 import pytest
 
-from tests.test_distributed import COMMON, assert_same, load, run_single
+from tests.test_distributed import COMMON, assert_same, load, run_single, write_flipped_cache
 
 
 @pytest.fixture(scope="module", autouse=True)
 def flipped_cache(tmp_path_factory):
-    import main_cache
-
-    cache = tmp_path_factory.mktemp("flipped") / "cache"
-    argv = "--dataset shapes --img_size 16 --num_samples 48 --random_flip --text_max_length 8 --device cpu".split()
-    main_cache.main(main_cache.get_args_parser().parse_args(argv + ["--cache_dir", str(cache)]))
+    cache = write_flipped_cache(tmp_path_factory)
     COMMON.extend(["--data_path", str(cache)])
     yield cache
     del COMMON[-2:]
