@@ -108,7 +108,7 @@ def compile_report(parts: list[nn.Module]) -> dict[str, Any]:
     }
 
 
-def _clean_fqn(name: str) -> str:
+def clean_fqn(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
 
 
@@ -230,7 +230,7 @@ class Parallel:
         if self.strategy != "fsdp":
             return module.state_dict()
         sd = _state_dicts().get_model_state_dict(module, options=self._options())  # a collective: every rank calls it
-        return {_clean_fqn(k): v for k, v in sd.items()} if self.env.is_main else None
+        return {clean_fqn(k): v for k, v in sd.items()} if self.env.is_main else None
 
     def model_state(self) -> dict[str, torch.Tensor] | None:
         """The full model state dict on rank 0 (None on the others under FSDP, which gathers shards)."""
@@ -241,7 +241,7 @@ class Parallel:
 
     def _param_names(self, optimizer: torch.optim.Optimizer) -> list[str]:
         """Clean FQNs in the optimizer's own order (the ids of a plain optimizer state dict)."""
-        names = {id(p): _clean_fqn(n) for n, p in self.model.named_parameters()}
+        names = {id(p): clean_fqn(n) for n, p in self.model.named_parameters()}
         return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
 
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
@@ -253,8 +253,8 @@ class Parallel:
         if not self.env.is_main:
             return None
         index = {n: i for i, n in enumerate(self._param_names(optimizer))}
-        state = {index[_clean_fqn(k)]: v for k, v in osd["state"].items()}
-        groups = [{**g, "params": [index[_clean_fqn(k)] for k in g["params"]]} for g in osd["param_groups"]]
+        state = {index[clean_fqn(k)]: v for k, v in osd["state"].items()}
+        groups = [{**g, "params": [index[clean_fqn(k)] for k in g["params"]]} for g in osd["param_groups"]]
         return {"state": state, "param_groups": groups}
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -278,7 +278,7 @@ class Parallel:
         sd = dicts.get_model_state_dict(self.ema, options=dicts.StateDictOptions(full_state_dict=True))  # every rank
         with torch.device("meta"):  # no second copy: the gathered tensors become the model's
             plain = JEPAT(copy.deepcopy(self.model.cfg))
-        plain.load_state_dict({_clean_fqn(k): v for k, v in sd.items()}, assign=True)
+        plain.load_state_dict({clean_fqn(k): v for k, v in sd.items()}, assign=True)
         return plain.requires_grad_(False).eval()
 
     def all_finite(self) -> bool:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from models.safe_load import CheckpointFileError, load_torch_file, numpy_array_globals
-from util.training.parallel import _clean_fqn
+from util.training.parallel import clean_fqn
 
 SUFFIX = ".dcp"
 RECORD = "record.pth"
@@ -143,7 +143,7 @@ def save_sharded(folder: Path, parallel, optimizer: torch.optim.Optimizer, recor
     }
     dcp.save(state, checkpoint_id=tmp)
     if env.is_main:
-        groups = [{**g, "params": [_clean_fqn(k) for k in g["params"]]} for g in osd["param_groups"]]
+        groups = [{**g, "params": [clean_fqn(k) for k in g["params"]]} for g in osd["param_groups"]]
         with open(tmp / RECORD, "wb") as f:
             torch.save({**record, "optimizer_param_groups": groups}, f)
             f.flush()
@@ -214,7 +214,7 @@ def load_into(folder: Path, parallel, optimizer: torch.optim.Optimizer) -> None:
     dcp.load(state, checkpoint_id=folder, storage_reader=_reader(folder))
     set_model_state_dict(parallel.model, state["model"])
     set_model_state_dict(parallel.ema, state["ema"])
-    names = {_clean_fqn(k): k for g in osd["param_groups"] for k in g["params"]}
+    names = {clean_fqn(k): k for g in osd["param_groups"] for k in g["params"]}
     groups = [{**g, "params": [names[k] for k in g["params"]]} for g in record["optimizer_param_groups"]]
     set_optimizer_state_dict(parallel.model, optimizer, {"state": state["optimizer"], "param_groups": groups})
 
@@ -232,12 +232,12 @@ def read_sharded(folder: str | os.PathLike) -> dict[str, Any]:
     groups = record.pop("optimizer_param_groups")
     index = {name: i for i, name in enumerate(n for g in groups for n in g["params"])}  # the optimizer's order
     optimizer = {
-        "state": {index[_clean_fqn(k)]: v for k, v in state["optimizer"].items()},
+        "state": {index[clean_fqn(k)]: v for k, v in state["optimizer"].items()},
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in groups],
     }
     return {
         **record,
-        "model": {_clean_fqn(k): v for k, v in state["model"].items()},
-        "ema": {_clean_fqn(k): v for k, v in state["ema"].items()},
+        "model": {clean_fqn(k): v for k, v in state["model"].items()},
+        "ema": {clean_fqn(k): v for k, v in state["ema"].items()},
         "optimizer": optimizer,
     }
