@@ -95,7 +95,7 @@ class Run:
     state: TrainState
     checkpoint: TrainingCheckpoint
     eval: EvalOptions
-    shapes: bool  # trained on the shapes set: its judged evaluation applies
+    builtin_eval: str | None  # trained on a built-in set (shapes, pairs): its judged evaluation applies
     steps_per_epoch: int
     history: list[dict] = field(default_factory=list)  # the rows of train_log.json
 
@@ -385,7 +385,7 @@ def run_evaluation(run: Run, out_dir: Path, logger: RunLogger | None) -> dict:
         out_dir,
         run.state.step,
         run.env,
-        run.shapes,
+        run.builtin_eval,
         {"checkpoint": run.config.runtime.resume or None},
         logger,
     )

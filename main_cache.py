@@ -40,11 +40,12 @@ from util.config import (
 )
 from util.data.caption_table import write_caption_table
 from util.data.captions import text_cache_key
+from util.data.datasets import BUILTIN_SETS
 from util.data.image_folders import CaptionOrigin, Listing, TarMembers, build_listing
 from util.data.latent_cache import (
     PENDING,
+    BuiltinSource,
     ListingSource,
-    ShapesSource,
     cache_shard,
     finalize_cache,
     num_shards,
@@ -91,17 +92,20 @@ def resolve_args(ns: argparse.Namespace) -> TrainConfig:
         )  # fmt: skip
     if not config.cache.cache_dir:
         raise UserError("no cache folder: pass --cache_dir (or set cache.cache_dir in the configuration)")
-    if config.cache.dataset != "shapes" and not config.cache.data_path:
+    if config.cache.dataset not in BUILTIN_SETS and not config.cache.data_path:
         raise UserError(f"--dataset {config.cache.dataset} needs --data_path (the images to cache); the built-in "
-                        "set is --dataset shapes")  # fmt: skip
+                        "sets are --dataset shapes and --dataset pairs")  # fmt: skip
+    if config.cache.dataset == "pairs" and config.cache.random_flip:
+        raise UserError("the pairs set's captions name left and right, so a flipped image contradicts its caption; "
+                        "cache it without --random_flip")  # fmt: skip
     return config
 
 
 def build_source(c: TrainConfig, cache_dir: Path, listed: bool):
     """The images to cache. Ranks other than 0 read the listing rank 0 wrote (``listed``)."""
     k = c.cache
-    if k.dataset == "shapes":
-        return ShapesSource(c.data.num_samples, c.model.img_size, c.runtime.seed)
+    if k.dataset in BUILTIN_SETS:
+        return BuiltinSource(k.dataset, c.data.num_samples, c.model.img_size, c.runtime.seed)
     if listed:
         d = json.loads((cache_dir / "listing.json").read_text())
         origin = CaptionOrigin.from_dict(d.get("caption_source"))

@@ -1,5 +1,6 @@
 """Train (or evaluate) JEPA-T. With no arguments: the ``shapes`` recipe (tiny preset, built-in
-procedural shapes, CPU is enough), followed by the judged shapes evaluation.
+procedural shapes, CPU is enough), followed by the judged shapes evaluation (``--config pairs``:
+two objects in a relation, and its judged evaluation).
 
     python main_jepat.py                                             # the CPU demo (configs/shapes.yaml)
     python main_jepat.py --config imagenet-base --data_path cache/in256     # the published recipe
@@ -44,7 +45,7 @@ from util.config import (
     to_yaml,
 )
 from util.data.captions import CaptionStore, build_caption_store, caption_recipe
-from util.data.datasets import DataOrder, build_dataset, is_shapes_data
+from util.data.datasets import DataOrder, build_dataset, builtin_eval, builtin_eval_of
 from util.data.image_folders import CaptionOrigin
 from util.data.latent_cache import CachedLatentDataset, CachedLatentInput
 from util.errors import UserError
@@ -255,7 +256,7 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
         (out_dir / "run.json").write_text(json.dumps(derived, indent=2))
     schedules = Schedules.build(o, lr, steps_per_epoch, total_steps)
     parts = (tokenizer, captions, model, ema, parallel, optimizer, schedules, loader, order, inputs, state, checkpoint)
-    run = Run(c, env, out_dir, *parts, options, origin.kind == "shapes", steps_per_epoch)
+    run = Run(c, env, out_dir, *parts, options, builtin_eval_of(origin), steps_per_epoch)
     run.history = earlier_history(run)
     return run
 
@@ -299,9 +300,7 @@ def evaluate_checkpoint(launch: Launch, env: DistEnv) -> dict:
     recipe = {**pretrained.recipe["captions"], **overrides}
     origin = CaptionOrigin.from_dict(
         recipe.get("source")
-        or (  # format-1 checkpoints did not record it
-            {"kind": "shapes"} if is_shapes_data(recipe["dataset"], recipe["data_path"]) else {}
-        )
+        or {"kind": builtin_eval(recipe["dataset"], recipe["data_path"]) or ""}  # format-1 checkpoints lack it
     )
     options = eval_options(c.eval, c.runtime.seed, origin, training_captions(gen.captions, recipe, origin))
     if options.prompts is not None:
@@ -323,7 +322,7 @@ def evaluate_checkpoint(launch: Launch, env: DistEnv) -> dict:
             out_dir,
             pretrained.step,
             env,
-            origin.kind == "shapes",
+            builtin_eval_of(origin),
             {"checkpoint": c.runtime.resume},
             logger,
         )

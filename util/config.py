@@ -55,7 +55,7 @@ DEFAULT_RECIPE = "shapes"
 STRATEGIES = ("ddp", "fsdp")
 CHECKPOINT_FORMATS = ("auto", "plain", "sharded")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
-DATASETS = ("shapes", "imagenet", "captions", "webdataset", "cached")
+DATASETS = ("shapes", "pairs", "imagenet", "captions", "webdataset", "cached")
 
 
 class ConfigError(UserError, ValueError):
@@ -114,12 +114,12 @@ class DataConfig:
 
     dataset: str = setting(
         "cached",
-        "shapes: built in; imagenet: class folders; captions: a JSON Lines manifest; "
-        "webdataset: tar shards; cached: a main_cache.py folder",
+        "shapes: built in, one object; pairs: built in, two objects in a relation; imagenet: class folders; "
+        "captions: a JSON Lines manifest; webdataset: tar shards; cached: a main_cache.py folder",
         choices=DATASETS,
     )
     data_path: str = setting("", "the dataset's folder, manifest, shard pattern or cache folder")
-    num_samples: int = setting(0, "shapes: images per epoch")
+    num_samples: int = setting(0, "shapes, pairs: images per epoch")
     num_workers: int = setting(10, "loader processes per rank")
     random_flip: bool | None = setting(
         None,
@@ -169,7 +169,9 @@ class EvalConfig:
         None, "images to generate (default: 50000 for class names, one per prompt for a prompts file)"
     )
     batch_size: int = setting(256, "generation and feature batch per rank", flag="eval_batch_size")
-    per_combo: int = setting(16, "shapes: images per color-shape combination", flag="eval_per_combo")
+    per_combo: int = setting(
+        16, "shapes: images per color-shape combination; pairs: images per pair of objects", flag="eval_per_combo"
+    )
     fid_ref: str | None = setting(None, "FID reference: statistics .npz (e.g. ADM's) or an image folder")
     metrics: str = setting("fid,isc,prc", "comma-separated subset of fid,isc,prc,kid", flag="eval_metrics")
     feature_extractor: str = setting(INCEPTION, "a torch-fidelity feature extractor", flag="fid_feature_extractor")
@@ -239,8 +241,9 @@ class CacheConfig:
 
     dataset: str = setting(
         "imagenet",
-        "imagenet: class folders; captions: a JSON Lines manifest; webdataset: tar shards; shapes: the built-in set",
-        choices=("imagenet", "captions", "webdataset", "shapes"),
+        "imagenet: class folders; captions: a JSON Lines manifest; webdataset: tar shards; shapes, pairs: the "
+        "built-in sets",
+        choices=("imagenet", "captions", "webdataset", "shapes", "pairs"),
     )
     data_path: str = setting(
         "",
@@ -258,7 +261,7 @@ class CacheConfig:
     random_flip: bool | None = setting(
         None,
         "also store each image's horizontally flipped moments (default: on "
-        "for class folders, off for captions and shapes)",
+        "for class folders, off for captions and the built-in sets)",
     )
     batch_size: int = setting(64, "images per forward pass (x2 with flips)")
     num_workers: int = setting(4, "image decoding processes")

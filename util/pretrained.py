@@ -188,6 +188,13 @@ def _metric_lines(metrics: dict[str, Any] | None) -> list[str]:
                 f"| shapes, {what} ({m['n']} images) | color {m['color_acc']:.3f}, "
                 f"shape {m['shape_acc']:.3f}, both {m['joint_acc']:.3f} |"
             )
+    for split in ("pairs_seen", "pairs_heldout"):
+        if split in metrics:
+            m = metrics[split]
+            rows.append(
+                f"| pairs, {split.removeprefix('pairs_')} bindings ({m['n']} images) | objects "
+                f"{m['objects_acc']:.3f}, relation {m['relation_acc']:.3f}, both {m['joint_acc']:.3f} |"
+            )
     fidelity = metrics.get("fidelity", {})
     if "fid" in fidelity:
         rows.append(f"| {fidelity['fid_label']} | {fidelity['fid']:.2f} |")

@@ -12,8 +12,9 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from util.data.draws import ItemKey, draw_seed
-from util.data.image_folders import RawImageDataset, list_class_folders, list_manifest
+from util.data.image_folders import CaptionOrigin, RawImageDataset, list_class_folders, list_manifest
 from util.data.latent_cache import CachedLatentDataset, read_meta
+from util.data.pairs import PairsDataset
 from util.data.shapes import ShapesDataset
 from util.data.tar_shards import list_tar_shards
 
@@ -23,6 +24,13 @@ def _shapes(data_path: str, img_size: int, num_samples: int, seed: int, flip: bo
     if flip:
         raise ValueError("the shapes set draws its own positions; --random_flip does not apply to it")
     return ShapesDataset(split="train", num_samples=num_samples, resolution=img_size, seed=seed)
+
+
+def _pairs(data_path: str, img_size: int, num_samples: int, seed: int, flip: bool | None) -> Dataset:
+    del data_path  # procedural: nothing to read
+    if flip:
+        raise ValueError("the pairs set's captions name left and right; --random_flip does not apply to it")
+    return PairsDataset(split="train", num_samples=num_samples, resolution=img_size, seed=seed)
 
 
 def _imagenet(data_path: str, img_size: int, num_samples: int, seed: int, flip: bool | None) -> Dataset:
@@ -47,6 +55,7 @@ def _cached(data_path: str, img_size: int, num_samples: int, seed: int, flip: bo
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "shapes": _shapes,
+    "pairs": _pairs,
     "imagenet": _imagenet,
     "captions": _captions,
     "webdataset": _webdataset,
@@ -69,12 +78,30 @@ def build_dataset(
     return DATASETS[name](data_path, img_size, num_samples, seed, flip)
 
 
-def is_shapes_data(dataset: str, data_path: str) -> bool:
-    """Whether a run trains on the built-in shapes set (directly, or from a cache of it), so that
-    the judged shapes evaluation applies."""
-    if dataset == "shapes":
-        return True
-    return dataset == "cached" and str(read_meta(data_path).get("root", "")).startswith("shapes(")
+# the built-in procedural sets; each brings its own judged evaluation (util/evaluation/shapes_eval.py,
+# util/evaluation/pairs_eval.py), named as the set
+BUILTIN_SETS: tuple[str, ...] = ("shapes", "pairs")
+
+
+def builtin_eval_of(origin: CaptionOrigin) -> str | None:
+    """The built-in evaluation of a run whose captions were made as ``origin`` says (``shapes``,
+    ``pairs``), or None when its dataset has none."""
+    return origin.kind if origin.kind in BUILTIN_SETS else None
+
+
+def builtin_eval(dataset: str, data_path: str) -> str | None:
+    """The built-in evaluation (``shapes``, ``pairs``) of a run that trains on ``dataset``
+    (directly, or from a latent cache of a built-in set), or None when the data has none."""
+    if dataset in BUILTIN_SETS:
+        return dataset
+    if dataset != "cached":
+        return None
+    meta = read_meta(data_path)
+    kind = CaptionOrigin.from_dict(meta.get("caption_source")).kind
+    if kind in BUILTIN_SETS:
+        return kind
+    root = str(meta.get("root", ""))  # caches made before the caption source was recorded
+    return next((name for name in BUILTIN_SETS if root.startswith(f"{name}(")), None)
 
 
 class DataOrder(Sampler[ItemKey]):

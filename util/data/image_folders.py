@@ -39,7 +39,7 @@ class CaptionOrigin:
     """How a dataset's captions were made: stored (as ``to_dict``) in latent caches and checkpoints,
     read by the evaluation (class folders are evaluated on exactly their class prompts)."""
 
-    kind: str = ""  # class (class folders), caption (free text), shapes (the built-in set)
+    kind: str = ""  # class (class folders), caption (free text), shapes or pairs (the built-in sets)
     class_prompts: list[str] = field(default_factory=list)  # class folders: each class's caption, by label
     class_names: list[str] = field(default_factory=list)
     template: str = ""  # class folders: the caption of a class name, e.g. "a photo of a {name}"

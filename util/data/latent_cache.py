@@ -38,6 +38,7 @@ from models.tokenizers import Tokenizer, latents_from_moments
 from util.data.caption_table import CaptionRows, CaptionTable, group_rows
 from util.data.draws import ItemKey, item_generator, item_key
 from util.data.image_folders import BadImage, CaptionOrigin, Listing, load_image, to_tensor
+from util.data.pairs import PairsDataset
 from util.data.shapes import ShapesDataset
 
 FORMAT_VERSION = 1
@@ -64,19 +65,22 @@ class ListingSource:
         return to_tensor(img), self.listing.groups[i], note
 
 
-class ShapesSource:
-    """The procedural ``shapes`` set as a source: one caption group per distinct caption."""
+class BuiltinSource:
+    """A procedural set (``shapes`` or ``pairs``) as a source: one caption group per distinct caption."""
 
-    def __init__(self, num_samples: int, size: int, seed: int) -> None:
-        self.data = ShapesDataset(split="train", num_samples=num_samples, resolution=size, seed=seed)
-        self.kind, self.root = "caption", f"shapes(seed={seed})"
+    def __init__(self, name: str, num_samples: int, size: int, seed: int) -> None:
+        sets = {"shapes": ShapesDataset, "pairs": PairsDataset}
+        if name not in sets:
+            raise ValueError(f"unknown built-in set {name!r}; choices: {sorted(sets)}")
+        self.data = sets[name](split="train", num_samples=num_samples, resolution=size, seed=seed)
+        self.kind, self.root = "caption", f"{name}(seed={seed})"
         self.vocabulary = self.data.caption_vocabulary()
         self.groups = [[c] for c in self.vocabulary]
         self._group = {c: g for g, c in enumerate(self.vocabulary)}
-        self.paths = [f"shapes/{seed}/{i}" for i in range(num_samples)]
+        self.paths = [f"{name}/{seed}/{i}" for i in range(num_samples)]
         self.listing_skipped: list[dict] = []
         self.entry_groups = None  # known when an image is drawn
-        self.caption_origin = CaptionOrigin("shapes")
+        self.caption_origin = self.data.caption_origin()
         self.members = None
 
     def __len__(self) -> int:

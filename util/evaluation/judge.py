@@ -30,7 +30,7 @@ TEMPLATE_MIN_MARGIN: float = 0.02
 ImageLike = np.ndarray | torch.Tensor
 
 
-def _as_hwc_float(image: ImageLike) -> np.ndarray:
+def as_hwc_float(image: ImageLike) -> np.ndarray:
     """Convert uint8 [H, W, 3] array or [3, H, W] tensor in [-1, 1] to float [H, W, 3] in 0..255."""
     if isinstance(image, torch.Tensor):
         t = image.detach().to("cpu")
@@ -142,7 +142,7 @@ def judge(image: ImageLike) -> tuple[str | None, str | None]:
     image, is split into several sizeable pieces, is not uniformly coloured, or
     its geometry matches no known shape.
     """
-    img = _as_hwc_float(image)
+    img = as_hwc_float(image)
     h, w, _ = img.shape
     white = np.asarray(BACKGROUND, dtype=np.float32)
     diff = white[None, None, :] - img
@@ -158,24 +158,43 @@ def judge(image: ImageLike) -> tuple[str | None, str | None]:
     comp = labels == best + 1
     shape_ok = counts[best] >= MIN_COMPONENT_SHARE * n_fg
 
+    color, median = read_color(img, dist, comp)
+    if not (shape_ok and median is not None):
+        return color, None
+    return color, read_shape(diff, median, comp)
+
+
+def read_color(img: np.ndarray, dist: np.ndarray, comp: np.ndarray) -> tuple[str | None, np.ndarray | None]:
+    """The palette color of one component and the median RGB of its interior (``None`` when the
+    interior is not homogeneous; the color is also ``None`` when no palette color is near).
+
+    ``img`` is float [H, W, 3] in 0..255, ``dist`` [H, W] each pixel's distance from white, ``comp``
+    a boolean [H, W] mask of the component.
+    """
+    eight = np.ones((3, 3), dtype=bool)
     interior = ndimage.binary_erosion(comp, structure=eight)
     if interior.sum() < 3:
         interior = comp & (dist >= 0.85 * float(dist[comp].max()))
     pix = img[interior]
     med = np.median(pix, axis=0)
     spread = np.linalg.norm(pix - med[None, :], axis=1)
-    homogeneous = float((spread <= HOMOGENEITY_RADIUS).mean()) >= MIN_HOMOGENEITY
-    color = _nearest_color(med) if homogeneous else None
-    if not (shape_ok and homogeneous):
-        return color, None
+    if float((spread <= HOMOGENEITY_RADIUS).mean()) < MIN_HOMOGENEITY:
+        return None, None
+    return _nearest_color(med), med
 
-    ref = white - med
+
+def read_shape(diff: np.ndarray, median: np.ndarray, comp: np.ndarray) -> str | None:
+    """The shape of one homogeneous component of median RGB ``median`` [3]: its soft coverage
+    (``diff`` [H, W, 3], white minus the image, projected on white minus the median, inside the
+    component grown by one pixel) fitted against the ideal shapes (:func:`shape_scores`)."""
+    white = np.asarray(BACKGROUND, dtype=np.float32)
+    ref = white - median
     ref_norm2 = float(ref @ ref)
     if ref_norm2 < FG_THRESHOLD**2:
-        return color, None
-    region = ndimage.binary_dilation(comp, structure=eight)
+        return None
+    region = ndimage.binary_dilation(comp, structure=np.ones((3, 3), dtype=bool))
     alpha = np.clip((diff @ ref) / ref_norm2, 0.0, 1.0) * region
-    return color, _classify_shape(shape_scores(alpha))
+    return _classify_shape(shape_scores(alpha))
 
 
 def judge_batch(images: ImageLike | Sequence[ImageLike]) -> list[tuple[str | None, str | None]]:
