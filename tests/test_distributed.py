@@ -28,7 +28,7 @@ COMMON = (
     "--no_eval --grid_freq 0 --num_workers 2 --precision fp32 --device cpu --weight_decay_end "
     "0.1 --ema_rate_start 0.9 --ema_rate 0.99 --epochs 4 --text_max_length 8 --dataset cached --random_flip"
 ).split()
-STEPS = 4 * 6  # long enough that the preemption signal lands before the end on a busy machine
+STEPS = 4 * 6  # the uninterrupted runs: 4 epochs of 6 steps (the resumed runs here stop at 12)
 
 
 def write_flipped_cache(tmp_path_factory) -> Path:
@@ -161,6 +161,8 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(ddp_run, tm
 
 
 def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_identical(ddp_run, tmp_path, caplog):
+    """The resumed runs stop at step 12, two epochs in (the schedules still span four), and are
+    compared with the uninterrupted run's checkpoint of that step."""
     out = tmp_path / "pre"
     argv = COMMON + ["--batch_size", "4", "--output_dir", str(out), "--save_every_steps", "1"]
     procs = start_ranks(argv)
@@ -170,21 +172,25 @@ def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_iden
     os.kill(procs[1].pid, signal.SIGUSR1)  # only rank 1 is told; both must stop at the same step
     assert join_ranks(procs) == [0, 0]
     stopped = load(out / "checkpoint-last.pth")
-    assert 0 < stopped["state"]["step"] < STEPS
+    assert 0 < stopped["state"]["step"] < 12
     shutil.copy(out / "checkpoint-last.pth", tmp_path / "stopped.pth")
-    run_ranks(argv + ["--resume", "auto"])  # rank 0 finds checkpoint-last.pth, every rank follows
+    run_ranks(argv + ["--resume", "auto", "--max_steps", "12"])  # rank 0 finds checkpoint-last.pth, every rank follows
     resumed = load(out / "checkpoint-last.pth")
-    assert resumed["state"]["step"] == STEPS
-    assert_same(load(ddp_run / "checkpoint-last.pth"), resumed, exact=True)
+    assert resumed["state"]["step"] == 12
+    uninterrupted = load(ddp_run / "checkpoint-2.pth")
+    assert uninterrupted["state"]["step"] == 12
+    assert_same(uninterrupted, resumed, exact=True)
     # the same checkpoint of two ranks, resumed by one process with the same global batch (4 x 2 micro-batches)
     with caplog.at_level(logging.INFO, logger="util.training.checkpoint"):
         run_single(
-            tmp_path / "one", "--batch_size", "4", "--accum_iter", "2", "--resume", str(tmp_path / "stopped.pth")
+            tmp_path / "one",
+            *("--batch_size", "4", "--accum_iter", "2", "--max_steps", "12"),
+            *("--resume", str(tmp_path / "stopped.pth")),
         )
     assert "written by 2 process(es) x batch 4 x accum 1, this run is 1 x 4 x 2: continuing at sample" in caplog.text
     one = load(tmp_path / "one" / "checkpoint-last.pth")
-    assert one["state"]["step"] == STEPS and one["state"]["world_size"] == 1
-    assert_same(load(ddp_run / "checkpoint-last.pth"), one, exact=False)
+    assert one["state"]["step"] == 12 and one["state"]["world_size"] == 1
+    assert_same(uninterrupted, one, exact=False)
 
 
 def test_one_process_resumes_on_two_fsdp_ranks_from_the_same_sample_and_matches_ddp(ddp_run, tmp_path, capfd):
@@ -207,14 +213,14 @@ def test_one_process_resumes_on_two_fsdp_ranks_from_the_same_sample_and_matches_
     assert b["state"]["step"] == 6 and b["state"]["epoch"] == 1 and b["state"]["world_size"] == 2
     assert all(type(v) is torch.Tensor for v in b["model"].values())  # full tensors, not shards
     assert_same(a, b, exact=False)
-    # the ranks resume from their shards (--resume auto finds the folder) and finish the run
+    # the ranks resume from their shards (--resume auto finds the folder) for another epoch
     capfd.readouterr()
-    run_ranks(argv + ["--resume", "auto"])
+    run_ranks(argv + ["--resume", "auto", "--max_steps", "12"])
     assert f"resumed {out / 'checkpoint-last.dcp'} at epoch 1, batch 0, step 6" in capfd.readouterr().err
     converted = convert(out / "checkpoint-last.dcp", tmp_path / "plain.pth")
     final = load(converted)
-    assert final["state"]["step"] == STEPS
-    assert_same(load(ddp_run / "checkpoint-last.pth"), final, exact=False)
+    assert final["state"]["step"] == 12
+    assert_same(load(ddp_run / "checkpoint-2.pth"), final, exact=False)
     # the converted checkpoint samples without any distributed setup
     import main_sample
 

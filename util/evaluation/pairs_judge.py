@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from util.data.pairs import PairTarget, check_target
 from util.data.shapes import BACKGROUND
@@ -71,6 +70,8 @@ def find_objects(image: ImageLike) -> list[FoundObject]:
 
     ``image`` is a uint8 array [H, W, 3] or a float tensor [3, H, W] in [-1, 1].
     """
+    from scipy import ndimage  # scipy's import is slow: only where images are judged
+
     img = as_hwc_float(image)
     h, w, _ = img.shape
     diff = np.asarray(BACKGROUND, dtype=np.float32)[None, None, :] - img

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from util.data.shapes import BACKGROUND, render_fresh
 from util.evaluation.fid import frechet_distance
@@ -56,6 +55,8 @@ def _as_uint8(images) -> np.ndarray:
 
 def features_of(image: np.ndarray) -> np.ndarray:
     """The ten measurements of one uint8 [H, W, 3] image (module docstring), float64 [10]."""
+    from scipy import ndimage  # scipy's import is slow: only where images are judged
+
     h, w, _ = image.shape
     img = image.astype(np.float64)
     dist = np.sqrt(((np.asarray(BACKGROUND, np.float64) - img) ** 2).sum(axis=2))

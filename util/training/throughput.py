@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +59,8 @@ def count_flops(step: Callable[[], None]) -> int:
     """The FLOPs ``step`` runs (matmuls and attention, forward and backward), counted by
     ``torch.utils.flop_counter`` in eager mode (compiled parts run eagerly here: no graph is
     traced under the counter, so counting adds no recompile)."""
+    from torch.utils.flop_counter import FlopCounterMode  # imports triton where installed: only when counting
+
     counter = FlopCounterMode(display=False)
     with torch.compiler.set_stance("force_eager"), counter:
         step()
