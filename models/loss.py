@@ -40,6 +40,21 @@ class EMATarget(nn.Module):
         return self.ema.encode_full(x, self.ema.condition(text, drop))
 
 
+def noisy_caption(text: TextEmbeddings, scale: float) -> TextEmbeddings:
+    """``text`` with Gaussian noise of std ``scale`` x each caption's RMS on its real token states
+    and on its pooled vector (padding stays as it was): a caption then conditions a neighbourhood of
+    the text encoder's space rather than one point, so unseen words that land near trained ones are
+    read like them. Drawn from the device's default generator, like the masks."""
+    tokens, mask, pooled = text.tokens, text.mask, text.pooled
+    m = mask[..., None].to(tokens.dtype)  # [B,S,1]
+    count = (m.sum(1, keepdim=True) * tokens.shape[-1]).clamp_min(1)  # [B,1,1]
+    tok_rms = ((tokens.float() ** 2 * m).sum((1, 2), keepdim=True) / count).sqrt()  # [B,1,1]
+    pool_rms = pooled.float().pow(2).mean(-1, keepdim=True).sqrt()  # [B,1]
+    tokens = tokens + (scale * tok_rms * torch.randn_like(tokens, dtype=torch.float32) * m).to(tokens.dtype)
+    pooled = pooled + (scale * pool_rms * torch.randn_like(pooled, dtype=torch.float32)).to(pooled.dtype)
+    return TextEmbeddings(tokens=tokens, mask=mask, pooled=pooled)
+
+
 @dataclass
 class JEPATLoss:
     """``loss(model, target, x, text, host_generator)`` -> dict of scalar tensors
@@ -55,6 +70,11 @@ class JEPATLoss:
     flow_weight: float = setting(1.0, "weight of the flow-matching loss")
     jepa_weight: float = setting(1.0, "weight of the JEPA (SmoothL1) loss")
     jepa_beta: float = setting(PUBLISHED_JEPA_BETA, "SmoothL1 beta of the JEPA loss")
+    caption_noise: float = setting(
+        0.0,
+        "training only: Gaussian noise added to each caption's token states and pooled vector, "
+        "its std this multiple of the caption's own RMS (0: off; the published code has none)",
+    )
 
     def __post_init__(self) -> None:
         if self.flow_weight < 0 or self.jepa_weight < 0 or self.flow_weight + self.jepa_weight == 0:
@@ -63,6 +83,8 @@ class JEPATLoss:
             )
         if self.jepa_beta <= 0:
             raise ValueError(f"loss.jepa_beta must be positive, got {self.jepa_beta}")
+        if not 0 <= self.caption_noise <= 10:
+            raise ValueError(f"loss.caption_noise must be in [0, 10] (a multiple of the RMS), got {self.caption_noise}")
 
     def __call__(
         self, model: JEPAT, target: nn.Module, x: torch.Tensor, text: TextEmbeddings, host_generator: torch.Generator
@@ -73,6 +95,8 @@ class JEPATLoss:
         num_masked = min(L, max(1, int(math.ceil(L * ratio))))
         orders = random_orders(B, L, x.device)  # [B,L]
         drop = torch.rand(B, device=x.device) < cfg.cond_drop_prob  # [B]
+        if self.caption_noise > 0:
+            text = noisy_caption(text, self.caption_noise)
         z = model(x, model.condition(text, drop), orders, num_masked)  # [B,L,D]
         hidden = orders[:, :num_masked]  # [B,M]
         z_m = z.gather(1, hidden[..., None].expand(-1, -1, z.shape[-1]))  # [B,M,D]

@@ -16,6 +16,7 @@ from models.jepat import (
 )
 from models.loss import EMATarget, JEPATLoss
 from models.sampler import SamplingConfig, num_hidden_after, sample_tokens
+from models.text_encoders import TextEmbeddings
 from tests.helpers import SEQ_LEN, TOKEN_DIM, S, random_text, tiny_model
 
 REFERENCE_COUNTS = {"base": 216_152_080, "large": 694_769_168, "huge": 1_438_206_992}
@@ -378,3 +379,50 @@ def test_our_block_is_timms_vit_block(qk_norm):
     a.square().sum().backward(), b.square().sum().backward()
     for (name, p), q in zip(ours.named_parameters(), theirs.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0, msg=name)
+
+
+def test_caption_noise_perturbs_real_tokens_and_the_pooled_vector_at_its_scale():
+    from models.loss import noisy_caption
+
+    torch.manual_seed(0)
+    text = random_text(256, valid=3)
+    text = TextEmbeddings(text.tokens * 3.0, text.mask, text.pooled * 0.2)  # unlike scales: noise follows each
+    noisy = noisy_caption(text, 0.5)
+    d_tok, d_pool = noisy.tokens - text.tokens, noisy.pooled - text.pooled
+    assert torch.equal(d_tok[:, 3:], torch.zeros_like(d_tok[:, 3:]))  # padding untouched
+    assert torch.equal(noisy.mask, text.mask)
+    # noise / (0.5 x the caption's own RMS) is standard normal
+    tok_rms = text.tokens[:, :3].pow(2).mean((1, 2), keepdim=True).sqrt()
+    pool_rms = text.pooled.pow(2).mean(1, keepdim=True).sqrt()
+    assert (d_tok[:, :3] / (0.5 * tok_rms)).std() == pytest.approx(1.0, rel=0.05)
+    assert (d_pool / (0.5 * pool_rms)).std() == pytest.approx(1.0, rel=0.05)
+    assert (d_pool / (0.5 * pool_rms)).mean() == pytest.approx(0.0, abs=0.05)
+
+
+def test_caption_noise_is_training_only_and_off_by_default(monkeypatch):
+    """With the default 0 the loss draws exactly what it drew before; with noise the model is
+    conditioned on a perturbed caption (training only: sampling never calls the loss)."""
+    seen = []
+    original = jepat_module.JEPAT.condition
+
+    def spy(self, t, drop):
+        seen.append(t.tokens.clone())
+        return original(self, t, drop)
+
+    monkeypatch.setattr(jepat_module.JEPAT, "condition", spy)
+    text, x = random_text(4), torch.randn(4, SEQ_LEN, TOKEN_DIM)
+    losses = []
+    for noise in (0.0, 0.0, 1.0):
+        model = tiny_model().train()
+        torch.manual_seed(1)
+        losses.append(
+            float(
+                JEPATLoss(caption_noise=noise)(
+                    model, EMATarget(copy.deepcopy(model)), x, text, torch.Generator().manual_seed(0)
+                )["loss"]
+            )
+        )
+    assert losses[0] == losses[1] != losses[2]
+    assert torch.equal(seen[0], text.tokens) and not torch.equal(seen[4], text.tokens)  # model, EMA per run
+    with pytest.raises(ValueError, match="caption_noise"):
+        JEPATLoss(caption_noise=-1.0)
