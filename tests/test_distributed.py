@@ -68,6 +68,9 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
         LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
+    # a spawned child inherits "spawn" as its start method, so its loader workers would re-import
+    # everything (seconds each); a torchrun worker is a plain process whose loader workers fork
+    mp.set_start_method("fork", force=True)
     main_jepat.main(main_jepat.get_args_parser().parse_args(argv))
 
 
