@@ -9,6 +9,7 @@ uninterrupted one drew for the same item in the same epoch.
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -40,3 +41,16 @@ def item_key(key: ItemKey | int) -> ItemKey:
 def item_generator(key: ItemKey) -> torch.Generator:
     """A CPU generator for the draws of one item."""
     return torch.Generator().manual_seed(key.seed)
+
+
+def item_index(i: ItemKey | int, num_items: int) -> int:
+    """The item of an index (negative ones count from the end) or of an ``ItemKey``, checked
+    against the set's size."""
+    if isinstance(i, ItemKey):
+        i = i.index
+    if not isinstance(i, numbers.Integral):  # int or a numpy integer
+        raise TypeError(f"index must be an int, got {type(i).__name__}")
+    j = int(i) + num_items if i < 0 else int(i)
+    if not 0 <= j < num_items:
+        raise IndexError(f"index {i} out of range for {num_items} samples")
+    return j

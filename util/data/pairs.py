@@ -28,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from util.data.draws import ItemKey
+from util.data.draws import ItemKey, item_index
 from util.data.image_folders import CaptionOrigin
 from util.data.shapes import COLORS, MEMO_MAX_BYTES, SHAPES, render, to_tensor
 
@@ -268,14 +268,7 @@ class PairsDataset(torch.utils.data.Dataset):
 
     def _index(self, i: ItemKey | int) -> int:
         """The item of an index or an ``ItemKey`` (its draws are fixed by the set's own seed)."""
-        if isinstance(i, ItemKey):
-            i = i.index
-        if not isinstance(i, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(i).__name__}")
-        j = int(i) + self.num_samples if i < 0 else int(i)
-        if not 0 <= j < self.num_samples:
-            raise IndexError(f"index {i} out of range for {self.num_samples} samples")
-        return j
+        return item_index(i, self.num_samples)
 
     def meta(self, i: ItemKey | int) -> dict:
         """Parameters of item ``i``: ``first`` and ``second`` (``Placed``: color, shape, size, cx,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from util.data.draws import ItemKey
+from util.data.draws import ItemKey, item_index
 from util.data.image_folders import CaptionOrigin
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -221,14 +221,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def _index(self, i: ItemKey | int) -> int:
         """The item of an index or an ``ItemKey`` (its draws are fixed by the set's own seed)."""
-        if isinstance(i, ItemKey):
-            i = i.index
-        if not isinstance(i, (int, np.integer)):
-            raise TypeError(f"index must be an int, got {type(i).__name__}")
-        j = int(i) + self.num_samples if i < 0 else int(i)
-        if not 0 <= j < self.num_samples:
-            raise IndexError(f"index {i} out of range for {self.num_samples} samples")
-        return j
+        return item_index(i, self.num_samples)
 
     def meta(self, i: int) -> dict:
         """Parameters of item ``i``: color, shape, size, cx, cy, template."""

@@ -9,8 +9,10 @@ ids are cut into fixed batches of consecutive ids and rank r of W draws batches 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -168,6 +170,29 @@ def save_images(images: torch.Tensor, folder: Path, first_id: int = 0) -> list[s
     ids = range(first_id, first_id + images.shape[0])
     write_pngs(to_uint8(images), ids, folder)
     return [image_name(i) for i in ids]
+
+
+def generate_split(
+    gen: ImageGenerator, prompts: list[str], seed: int, out_dir: Path, split: str, per_row: int
+) -> tuple[torch.Tensor, list[str], float]:
+    """One split of a built-in set's evaluation: generate ``prompts`` (seeded from ``seed``), write
+    ``out_dir/grid_<split>.png`` (``per_row`` images a row) and ``out_dir/samples/<split>/*.png``.
+    Returns the images [N,3,H,W] in [-1,1], their file names under ``samples/<split>/`` and the
+    generation's seconds per image."""
+    from torchvision.utils import save_image  # torchvision only where images are written
+
+    t0 = time.time()
+    images = gen.generate(prompts, seed)
+    seconds = (time.time() - t0) / len(prompts)
+    save_image((images + 1) / 2, Path(out_dir) / f"grid_{split}.png", nrow=per_row, padding=1, pad_value=0.5)
+    return images, save_images(images, Path(out_dir) / "samples" / split), seconds
+
+
+def write_manifest(out_dir: Path, rows: list[dict]) -> None:
+    """``out_dir/manifest.jsonl``: one JSON object a line."""
+    with open(Path(out_dir) / "manifest.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 class SampleFolder(torch.utils.data.Dataset):

@@ -4,15 +4,13 @@ grids, per-image PNGs and a manifest."""
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from util.data import pairs
 from util.evaluation import pairs_judge
-from util.evaluation.generate import ImageGenerator, save_images
+from util.evaluation.generate import ImageGenerator, generate_split, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +47,12 @@ def evaluate_pairs(gen: ImageGenerator, out_dir: Path, per_pair: int, seed: int)
         ("pairs_heldout", pairs_prompts(pairs.HELDOUT_PAIRS, per_pair), 1),
     )
     gen.captions.require([p for _, (prompts, _), _ in splits for p in prompts])  # the encoder is built now if needed
-    from torchvision.utils import save_image  # torchvision only where images are written
-
     for split, (prompts, targets), offset in splits:
-        t0 = time.time()
-        images = gen.generate(prompts, seed + offset)
-        seconds = time.time() - t0
+        images, names, seconds = generate_split(gen, prompts, seed + offset, out_dir, split, per_pair)
         judged = pairs_judge.judge_pairs(images, targets)
         result = pairs_judge.score_pairs(judged)
-        result["seconds_per_image"] = seconds / len(prompts)
+        result["seconds_per_image"] = seconds
         metrics[split] = result
-        save_image((images + 1) / 2, out_dir / f"grid_{split}.png", nrow=per_pair, padding=1, pad_value=0.5)
-        names = save_images(images, out_dir / "samples" / split)
         for name, p, t, j in zip(names, prompts, targets, judged):
             manifest.append(
                 {
@@ -82,8 +74,6 @@ def evaluate_pairs(gen: ImageGenerator, out_dir: Path, per_pair: int, seed: int)
             result["not_two_objects"],
             result["seconds_per_image"],
         )
-    with open(out_dir / "manifest.jsonl", "w") as f:
-        for row in manifest:
-            f.write(json.dumps(row) + "\n")
+    write_manifest(out_dir, manifest)
     metrics["num_samples"] = sum(metrics[s]["n"] for s, *_ in splits)
     return metrics

@@ -4,15 +4,13 @@ combinations, and for seen combinations named in words and templates training ne
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from util.data import shapes
 from util.evaluation import judge
-from util.evaluation.generate import ImageGenerator, save_images
+from util.evaluation.generate import ImageGenerator, generate_split, write_manifest
 from util.evaluation.shapes_fidelity import fidelity
 
 log = logging.getLogger(__name__)
@@ -54,18 +52,12 @@ def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: in
         ("heldout_words", words, 2, max(1, per_combo // 2)),
     )
     for split, (prompts, targets), offset, per_row in splits:
-        t0 = time.time()
-        images = gen.generate(prompts, seed + offset)
-        seconds = time.time() - t0
+        images, names, seconds = generate_split(gen, prompts, seed + offset, out_dir, split, per_row)
         judged = judge.judge_batch(images)
         result = judge.score(judged, targets)
-        result["seconds_per_image"] = seconds / len(prompts)
+        result["seconds_per_image"] = seconds
         result.update(fidelity(images, targets, seed + offset))
         metrics[split] = result
-        from torchvision.utils import save_image
-
-        save_image((images + 1) / 2, out_dir / f"grid_{split}.png", nrow=per_row, padding=1, pad_value=0.5)
-        names = save_images(images, out_dir / "samples" / split)
         for name, p, t, j in zip(names, prompts, targets, judged):
             manifest.append(
                 {
@@ -90,8 +82,6 @@ def evaluate_shapes(gen: ImageGenerator, out_dir: Path, per_combo: int, seed: in
             result["fd_floor"],
             result["spread"],
         )
-    with open(out_dir / "manifest.jsonl", "w") as f:
-        for row in manifest:
-            f.write(json.dumps(row) + "\n")
+    write_manifest(out_dir, manifest)
     metrics["num_samples"] = sum(metrics[s]["n"] for s, *_ in splits)
     return metrics
