@@ -1,21 +1,34 @@
-"""The paper's fusion ablation on ``shapes``: train each fusion variant with the same budget, seed
-and recipe (the shapes recipe, configs/shapes.yaml), then print the judged accuracy on seen and held-out
-color-shape prompts and the linear-probe accuracy of each frozen encoder side by side.
+"""The paper's fusion ablation on a built-in set: train each fusion variant with the same recipe,
+budget and seed, then print the judged figures side by side, per run and (over several seeds) as
+mean +- standard deviation.
 
     full        input-level condition + post-predictor cross-attention + raw-text injection
-    input_only  the input-level condition only
+    input_only  the input-level (pooled) condition only
     late_only   cross-attention and injection, without the input-level condition
     none        unconditional (the caption never reaches the model)
 
-    python benchmarks/bench_fusion.py                                 # the default recipe: 3000 steps
-    python benchmarks/bench_fusion.py --modes full,late_only --seeds 0,1,2   # + mean and spread over seeds
+On ``shapes`` (``--config shapes``, the default) the figures are joint accuracy on seen and held-out
+color-shape combinations and on seen combinations named in words training never used
+(``heldout_words``), FD, and the linear-probe accuracy of each frozen encoder. On ``pairs``
+(``--config pairs``, composition) they are the objects, relation and joint accuracy of the pairs
+judge on seen and held-out bindings (docs/pairs.md).
+
+    python benchmarks/bench_fusion.py                                       # shapes, every mode, seed 0
+    python benchmarks/bench_fusion.py --seeds 0,1,2 --jobs 2                # two runs at a time, 1 thread each
+    python benchmarks/bench_fusion.py --config pairs --modes full,input_only --seeds 0,1,2 --jobs 2
     python benchmarks/bench_fusion.py --steps 300 --modes full,late_only -- --device cuda
 
-Each variant's run is ``<output_dir>/seed<S>/<mode>``; ``--reuse`` evaluates the checkpoints already
-there instead of training again (after a change to the evaluation, or to add figures).
+Each variant's run is ``<output_dir>/<config>/seed<S>/<mode>`` with its ``row.json``; ``--reuse``
+reads back a row that is newer than its checkpoint, or evaluates the checkpoint again, instead of
+training (after a change to the evaluation, or to add seeds to a table). The rows of every variant
+asked for are also written to ``<output_dir>/<config>/bench_fusion.json``.
 
-The budget keeps the recipe's shape: ``--epochs`` epochs of ceil(steps / epochs) batches, so the
-warmup and the cosine schedules complete. Arguments after ``--`` go to main_jepat.py.
+The budget is the recipe's own unless ``--steps`` is given: then ``--epochs`` epochs of
+ceil(steps / epochs) batches, so the warmup and the cosine schedules complete. ``--jobs N`` trains N
+variants at once, each in its own process with ``OMP_NUM_THREADS`` = cores / N (on a 2-core CPU two
+one-thread runs do about 1.3x the images per second of one two-thread run; single-thread and
+multi-thread runs do not round alike, so compare a table's rows at one setting). Arguments after
+``--`` go to main_jepat.py.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,18 +48,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_jepat  # noqa: E402
 from models.jepat import FUSION_MODES  # noqa: E402
 
+# what each built-in set's evaluation reports: the metrics.json parts a row keeps, and the figures
+# of its tables as (part, key, column name)
+PARTS = {"shapes": ("seen", "heldout", "heldout_words", "probe"), "pairs": ("pairs_seen", "pairs_heldout")}
+FIGURES = {
+    "shapes": (
+        ("seen", "joint_acc", "seen joint"),
+        ("heldout", "joint_acc", "held joint"),
+        ("heldout_words", "joint_acc", "words joint"),
+        ("heldout_words", "color_acc", "words color"),
+        ("heldout_words", "shape_acc", "words shape"),
+        ("seen", "fd", "FD seen"),
+        ("probe", "shape_acc", "probe shape"),
+    ),
+    "pairs": (
+        ("pairs_seen", "joint_acc", "seen joint"),
+        ("pairs_seen", "objects_acc", "seen objects"),
+        ("pairs_seen", "relation_acc", "seen relation"),
+        ("pairs_heldout", "joint_acc", "held joint"),
+        ("pairs_heldout", "objects_acc", "held objects"),
+        ("pairs_heldout", "relation_acc", "held relation"),
+    ),
+}
 
-def run_variant(a, rest: list, mode: str, seed: int, folder: Path, per_epoch: int, batch: int) -> dict:
-    """Train one variant (or, with --reuse, evaluate its existing checkpoint-last.pth) and return its row."""
-    judged = [
-        "--eval_per_combo",
-        str(a.eval_per_combo),
-        "--probe",
-        "--probe_train",
-        str(a.probe_train),
-        "--probe_test",
-        str(a.probe_test),
-    ]
+
+def judged_args(a, kind: str) -> list:
+    """main_jepat.py arguments for the evaluation every variant gets."""
+    out = ["--eval_per_combo", str(a.eval_per_combo)]
+    if kind == "shapes":
+        out += ["--probe", "--probe_train", str(a.probe_train), "--probe_test", str(a.probe_test)]
+    return out
+
+
+def run_variant(a, rest: list, kind: str, mode: str, seed: int, folder: Path, budget: list) -> dict:
+    """Train one variant (or, with --reuse, evaluate its existing checkpoint-last.pth) and return
+    its row; the row is also written to ``folder/row.json``."""
     ckpt, done = folder / "checkpoint-last.pth", folder / "row.json"
     t0 = time.time()
     if a.reuse and done.is_file() and ckpt.is_file() and done.stat().st_mtime > ckpt.stat().st_mtime:
@@ -53,132 +90,172 @@ def run_variant(a, rest: list, mode: str, seed: int, folder: Path, per_epoch: in
         if "evaluated" in row:
             return row  # evaluated after its checkpoint was written
     if a.reuse and ckpt.is_file():
-        m = main_jepat.main(
-            main_jepat.parse_args(
-                rest
-                + judged
-                + ["--evaluate", "--resume", str(ckpt), "--seed", str(seed), "--output_dir", str(folder / "eval")]
-            )
-        )
-        trained = json.loads((folder / "row.json").read_text()) if (folder / "row.json").is_file() else {}
+        args = ["--evaluate", "--resume", str(ckpt), "--seed", str(seed), "--output_dir", str(folder / "eval")]
+        m = main_jepat.main(main_jepat.parse_args(rest + judged_args(a, kind) + args))
+        trained = json.loads(done.read_text()) if done.is_file() else {}
         m = {**m, "train_seconds": trained.get("train_seconds")}
     else:
-        m = main_jepat.main(
-            main_jepat.parse_args(
-                rest
-                + judged
-                + [
-                    "--fusion",
-                    mode,
-                    "--seed",
-                    str(seed),
-                    "--epochs",
-                    str(a.epochs),
-                    "--num_samples",
-                    str(per_epoch * batch),
-                    "--output_dir",
-                    str(folder),
-                    "--save_freq",
-                    "0",
-                    "--grid_freq",
-                    "0",
-                ]
-            )
-        )
+        args = ["--fusion", mode, "--seed", str(seed), "--output_dir", str(folder), "--save_freq", "0"]
+        m = main_jepat.main(main_jepat.parse_args(rest + judged_args(a, kind) + budget + args + ["--grid_freq", "0"]))
         if "stopped_by_signal" in m:
             raise SystemExit(f"the {mode} run was stopped by signal {m['stopped_by_signal']} at step {m['step']}")
     row = {
+        "set": kind,
         "fusion": mode,
         "seed": seed,
         "steps": m["step"],
+        "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
         "train_seconds": m["train_seconds"],
         "total_seconds": time.time() - t0,
-        "seen": m["seen"],
-        "heldout": m["heldout"],
-        "probe": m["probe"],
+        **{part: m[part] for part in PARTS[kind] if part in m},
         "evaluated": time.time(),
     }
-    (folder / "row.json").write_text(json.dumps(row, indent=2))
+    done.write_text(json.dumps(row, indent=2))
     return row
 
 
-def summarize(rows: list) -> None:
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_in_processes(jobs: list, parallel: int) -> None:
+    """Run each (mode, seed, folder) as ``bench_fusion.py --variant MODE:SEED <these arguments>`` in
+    its own process, ``parallel`` at a time, each with cores / parallel threads and its output in
+    ``folder/bench.log``. Raises SystemExit naming every variant that failed, after the others end."""
+    threads = max(1, usable_cores() // parallel)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    pending, running, failed = list(jobs), [], []
+    print(f"{len(jobs)} variant(s), {parallel} at a time, {threads} thread(s) each", flush=True)
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                mode, seed, folder = pending.pop(0)
+                folder.mkdir(parents=True, exist_ok=True)
+                log = open(folder / "bench.log", "w")
+                cmd = [sys.executable, os.path.abspath(__file__), "--variant", f"{mode}:{seed}", *sys.argv[1:]]
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running.append((proc, mode, seed, folder, log, time.time()))
+                print(f"started {mode} seed {seed} (log {folder / 'bench.log'})", flush=True)
+            time.sleep(1.0)
+            for item in [r for r in running if r[0].poll() is not None]:
+                proc, mode, seed, folder, log, started = item
+                running.remove(item)
+                log.close()
+                state = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                print(f"{state}: {mode} seed {seed} after {time.time() - started:.0f} s", flush=True)
+                if proc.returncode != 0:
+                    failed.append(f"{mode} seed {seed} (see {folder / 'bench.log'})")
+    finally:
+        for proc, *_ in running:  # interrupted: leave no orphan training runs behind
+            proc.terminate()
+    if failed:
+        raise SystemExit("variants failed: " + "; ".join(failed))
+
+
+def figure(row: dict, part: str, key: str) -> float:
+    value = row.get(part, {}).get(key)
+    return float("nan") if value is None else float(value)
+
+
+def print_rows(rows: list, kind: str) -> None:
+    names = [name for _, _, name in FIGURES[kind]]
+    print(f"{'fusion':>10} {'seed':>4} {'steps':>5} {'train s':>7} | " + " | ".join(f"{n:>13}" for n in names))
+    for r in rows:
+        cells = [f"{figure(r, part, key):13.3f}" for part, key, _ in FIGURES[kind]]
+        seconds = r.get("train_seconds")
+        seconds = f"{seconds:7.0f}" if seconds is not None else f"{'-':>7}"
+        print(f"{r['fusion']:>10} {r['seed']:4d} {r['steps']:5d} {seconds} | " + " | ".join(cells))
+    if kind == "shapes" and "probe" in rows[0]:
+        base = rows[0]["probe"]
+        print(
+            f"probe baselines (seed {rows[0]['seed']}): random-init encoder color "
+            f"{base['random_init_encoder']['color_acc']:.3f} shape {base['random_init_encoder']['shape_acc']:.3f}; "
+            f"raw pixels color {base['raw_pixels']['color_acc']:.3f} shape {base['raw_pixels']['shape_acc']:.3f}"
+        )
+
+
+def summarize(rows: list, kind: str) -> None:
     """Mean and standard deviation over seeds of every figure, per fusion mode."""
-    figures = [
-        ("seen", "joint_acc", "seen joint"),
-        ("heldout", "joint_acc", "held joint"),
-        ("seen", "fd", "FD seen"),
-        ("seen", "spread", "spread"),
-        ("heldout", "fd", "FD held"),
-        ("probe", "shape_acc", "probe shape"),
-    ]
     seeds = sorted({r["seed"] for r in rows})
     print(f"\nover seeds {seeds}: mean +- standard deviation (n = seeds)")
-    print(f"{'fusion':>10} {'n':>2} | " + " | ".join(f"{name:>15}" for _, _, name in figures))
+    print(f"{'fusion':>10} {'n':>2} | " + " | ".join(f"{name:>15}" for _, _, name in FIGURES[kind]))
     for mode in dict.fromkeys(r["fusion"] for r in rows):
         mine = [r for r in rows if r["fusion"] == mode]
         cells = []
-        for part, key, _ in figures:
-            v = np.array([r[part][key] for r in mine if key in r[part]], dtype=float)
+        for part, key, _ in FIGURES[kind]:
+            v = np.array([figure(r, part, key) for r in mine], dtype=float)
+            v = v[~np.isnan(v)]
             cells.append(f"{v.mean():7.3f} +- {v.std(ddof=1) if len(v) > 1 else 0:5.3f}" if len(v) else f"{'-':>15}")
         print(f"{mode:>10} {len(mine):2d} | " + " | ".join(cells))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps per variant (the budget)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs the budget is spread over")
+    p.add_argument("--config", default="shapes", help="a built-in set's recipe (configs/<name>.yaml): shapes or pairs")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (default: the recipe's)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs a --steps budget is spread over")
     p.add_argument("--modes", default=",".join(FUSION_MODES), help=f"comma-separated subset of {FUSION_MODES}")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; each trains every mode")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained at once, each in its own process")
     p.add_argument(
         "--reuse",
         action="store_true",
-        help="evaluate an existing <output_dir>/seed<S>/<mode>/checkpoint-last.pth instead of training "
-        "(read back its row.json when that is newer than the checkpoint)",
+        help="read back <run>/row.json when it is newer than the run's checkpoint-last.pth, else "
+        "evaluate that checkpoint, instead of training",
     )
     p.add_argument("--eval_per_combo", type=int, default=16)
-    p.add_argument("--probe_train", type=int, default=1000)
-    p.add_argument("--probe_test", type=int, default=500)
+    p.add_argument("--probe_train", type=int, default=1000, help="shapes: linear-probe training images")
+    p.add_argument("--probe_test", type=int, default=500, help="shapes: linear-probe test images")
     p.add_argument("--output_dir", default="output/bench_fusion")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # MODE:SEED, one child of --jobs
     p.add_argument("rest", nargs="*", help="after --: extra main_jepat.py arguments")
     a = p.parse_args()
-    batch = main_jepat.parse_args(a.rest).config.optim.batch_size
-    per_epoch = math.ceil(a.steps / a.epochs)
+    rest = ["--config", a.config] + a.rest
+    c = main_jepat.parse_args(rest).config
+    kind = c.data.dataset
+    if kind not in PARTS:
+        raise SystemExit(f"bench_fusion judges the built-in sets {sorted(PARTS)}; --config {a.config} uses {kind!r}")
+    budget, steps = [], c.optim.epochs * math.ceil(c.data.num_samples / c.optim.batch_size)
+    if a.steps is not None:
+        per_epoch = math.ceil(a.steps / a.epochs)
+        budget = ["--epochs", str(a.epochs), "--num_samples", str(per_epoch * c.optim.batch_size)]
+        steps = a.epochs * per_epoch
     modes = a.modes.split(",")
     for mode in modes:
         if mode not in FUSION_MODES:
             raise SystemExit(f"unknown fusion mode {mode!r}; choose from {FUSION_MODES}")
+    seeds = [int(x) for x in a.seeds.split(",")]
+    root = Path(a.output_dir) / a.config
+    folder = {(mode, seed): root / f"seed{seed}" / mode for seed in seeds for mode in modes}
+    if a.variant is not None:  # one child of --jobs: train and evaluate this variant, write its row
+        mode, seed = a.variant.split(":")
+        run_variant(a, rest, kind, mode, int(seed), folder[mode, int(seed)], budget)
+        return
     rows = []
-    for seed in (int(x) for x in a.seeds.split(",")):
-        for mode in modes:
-            rows.append(run_variant(a, a.rest, mode, seed, Path(a.output_dir) / f"seed{seed}" / mode, per_epoch, batch))
-            (Path(a.output_dir) / "bench_fusion.json").write_text(json.dumps(rows, indent=2))  # after every variant
+    if a.jobs > 1:
+        todo = [(m, s, f) for (m, s), f in folder.items()]
+        if a.reuse:  # rows already evaluated after their checkpoint need no process
+            todo = [
+                (m, s, f)
+                for m, s, f in todo
+                if not ((f / "row.json").is_file() and (f / "checkpoint-last.pth").is_file())
+                or (f / "row.json").stat().st_mtime <= (f / "checkpoint-last.pth").stat().st_mtime
+            ]
+        run_in_processes(todo, a.jobs)
+        rows = [json.loads((f / "row.json").read_text()) for f in folder.values()]
+    else:
+        for (mode, seed), f in folder.items():
+            rows.append(run_variant(a, rest, kind, mode, seed, f, budget))
+            (root / "bench_fusion.json").write_text(json.dumps(rows, indent=2))  # after every variant
+    (root / "bench_fusion.json").write_text(json.dumps(rows, indent=2))
+    unit = "combination" if kind == "shapes" else "pair of objects"
     print(
-        f"\nfusion ablation on shapes: {a.steps} steps of {batch} images each, "
-        f"{a.eval_per_combo} judged images per combination (240 seen / 48 held-out at 16)"
+        f"\nfusion ablation on {kind} ({a.config} recipe): {steps} steps of {c.optim.batch_size} images, "
+        f"{a.eval_per_combo} judged images per {unit}"
     )
-    print(
-        f"{'fusion':>10} {'seed':>4} {'steps':>5} | {'seen joint':>10} {'color':>5} {'shape':>5} | "
-        f"{'held joint':>10} {'color':>5} {'shape':>5} | {'FD seen':>7} {'floor':>5} {'spread':>6} | "
-        f"{'probe color':>11} {'probe shape':>11}"
-    )
-    for r in rows:
-        s, h, pr = r["seen"], r["heldout"], r["probe"]
-        print(
-            f"{r['fusion']:>10} {r['seed']:4d} {r['steps']:5d} | {s['joint_acc']:10.3f} "
-            f"{s['color_acc']:5.2f} {s['shape_acc']:5.2f} | {h['joint_acc']:10.3f} {h['color_acc']:5.2f} "
-            f"{h['shape_acc']:5.2f} | {s.get('fd', float('nan')):7.1f} {s.get('fd_floor', float('nan')):5.1f} "
-            f"{s.get('spread', float('nan')):6.2f} | {pr['color_acc']:11.3f} {pr['shape_acc']:11.3f}"
-        )
-    base = rows[0]["probe"]
-    print(
-        f"probe baselines (seed {rows[0]['seed']}): random-init encoder color "
-        f"{base['random_init_encoder']['color_acc']:.3f} "
-        f"shape {base['random_init_encoder']['shape_acc']:.3f}; raw pixels color {base['raw_pixels']['color_acc']:.3f} "
-        f"shape {base['raw_pixels']['shape_acc']:.3f}"
-    )
-    if len({r["seed"] for r in rows}) > 1:
-        summarize(rows)
+    print_rows(rows, kind)
+    if len(seeds) > 1:
+        summarize(rows, kind)
 
 
 if __name__ == "__main__":
