@@ -152,7 +152,7 @@ def test_bad_arguments_and_words_name_the_problem():
         P.draw_layout(np.random.default_rng(0), "near", 32)
     with pytest.raises(ValueError, match="heldout"):
         P.PairsDataset("val")
-    with pytest.raises(ValueError, match=">= 16"):
+    with pytest.raises(ValueError, match=">= 20"):
         P.PairsDataset("train", resolution=12)
     with pytest.raises(ValueError, match="num_samples"):
         P.PairsDataset("train", num_samples=0)
@@ -208,7 +208,7 @@ def test_builtin_evaluation_follows_the_data_and_its_cache(tmp_path, one_thread)
     assert builtin_eval("imagenet", "/data") is None
     assert builtin_eval_of(CaptionOrigin("pairs")) == "pairs" and builtin_eval_of(CaptionOrigin("caption")) is None
     cache = tmp_path / "cache"
-    argv = "--config pairs --dataset pairs --img_size 16 --num_samples 12 --num_workers 0 --no_text_cache --device cpu"
+    argv = "--config pairs --dataset pairs --img_size 20 --num_samples 12 --num_workers 0 --no_text_cache --device cpu"
     argv = argv.split()
     main_cache.main(main_cache.get_args_parser().parse_args(argv + ["--cache_dir", str(cache)]))
     assert builtin_eval("cached", str(cache)) == "pairs"
@@ -221,7 +221,8 @@ def test_builtin_evaluation_follows_the_data_and_its_cache(tmp_path, one_thread)
 def test_training_on_pairs_runs_the_pairs_evaluation(tmp_path, one_thread):
     run = tmp_path / "run"
     fast = "--epochs 1 --num_iter 2 --ode_steps 2 --eval_per_combo 1 --grid_freq 0 --log_with none".split()
-    args = ["--config", "pairs", *(a for a in SMALL if a != "--no_eval"), *fast, "--output_dir", str(run)]
+    small = [*(a for a in SMALL if a != "--no_eval"), "--img_size", "20", "--patch_size", "10"]  # pairs: >= 20 px
+    args = ["--config", "pairs", *small, *fast, "--output_dir", str(run)]
     m = main_jepat.main(main_jepat.get_args_parser().parse_args(args))
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["step"] == 12 and saved["num_samples"] == 18 and saved["images_per_pair"] == 1

@@ -79,11 +79,11 @@ TRAIN_PAIRS: tuple[tuple[Obj, Obj], ...] = tuple(
 )
 
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
-SIZE_RANGE: tuple[float, float] = (0.25, 0.36)  # each object's size, as a share of the image side
+SIZE_RANGE: tuple[float, float] = (0.32, 0.4)  # each object's size, as a share of the image side
 MARGIN: float = 1.0  # pixels between an object's box and the border
 GAP: float = 2.0  # least pixels between the two boxes along the relation's axis (no pixel is shared)
 MAX_CROSS_OFFSET: float = 0.4  # offset across the axis, at most this share of the distance along it
-MIN_RESOLUTION: int = 16  # the smallest side where two of the largest objects fit side by side
+MIN_RESOLUTION: int = 20  # the smallest side where two of the largest objects fit side by side
 
 
 class Placed(NamedTuple):
