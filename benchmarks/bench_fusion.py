@@ -10,8 +10,8 @@ mean +- standard deviation.
 On ``shapes`` (``--config shapes``, the default) the figures are joint accuracy on seen and held-out
 color-shape combinations and on seen combinations named in words training never used
 (``heldout_words``), FD, and the linear-probe accuracy of each frozen encoder. On ``pairs``
-(``--config pairs``, composition) they are the objects, relation and joint accuracy of the pairs
-judge on seen and held-out bindings (docs/pairs.md).
+(``--config pairs``, composition) they are the objects, relation, axis and joint accuracy of the
+pairs judge on seen and held-out bindings (docs/pairs.md).
 
     python benchmarks/bench_fusion.py                                       # shapes, every mode, seed 0
     python benchmarks/bench_fusion.py --seeds 0,1,2 --jobs 2                # two runs at a time, 1 thread each
@@ -65,9 +65,11 @@ FIGURES = {
         ("pairs_seen", "joint_acc", "seen joint"),
         ("pairs_seen", "objects_acc", "seen objects"),
         ("pairs_seen", "relation_acc", "seen relation"),
+        ("pairs_seen", "axis_acc", "seen axis"),
         ("pairs_heldout", "joint_acc", "held joint"),
         ("pairs_heldout", "objects_acc", "held objects"),
         ("pairs_heldout", "relation_acc", "held relation"),
+        ("pairs_heldout", "axis_acc", "held axis"),
     ),
 }
 

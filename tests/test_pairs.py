@@ -174,12 +174,17 @@ def test_judge_counts_objects_and_reads_relations():
     assert good.objects_ok and good.relation == "left of" and good.joint_ok
     swapped = PJ.judge_pair(P.render_pair(left._replace(cx=24.0), right._replace(cx=8.0), res), target)
     assert swapped.objects_ok and swapped.relation == "right of" and not swapped.relation_ok
+    assert good.axis_ok and swapped.axis_ok  # side by side as asked, in either order
+    stacked = PJ.judge_pair(
+        P.render_pair(left._replace(cx=16.0, cy=8.0), right._replace(cx=16.0, cy=24.0), res), target
+    )
+    assert stacked.objects_ok and stacked.relation == "above" and not stacked.axis_ok
     # a wrong color: the objects are wrong, but the relation is still read (each object taken as the
     # prompt's object it agrees with most)
     wrong = PJ.judge_pair(P.render_pair(left, right._replace(color="green"), res), target)
     assert not wrong.objects_ok and wrong.relation_ok and not wrong.joint_ok
     diagonal = PJ.judge_pair(P.render_pair(left._replace(cy=8.0), right._replace(cy=24.0), res), target)
-    assert diagonal.objects_ok and diagonal.relation is None and not diagonal.relation_ok
+    assert diagonal.objects_ok and diagonal.relation is None and not diagonal.relation_ok and not diagonal.axis_ok
     blank = PJ.judge_pair(np.full((res, res, 3), 255, np.uint8), target)
     one = PJ.judge_pair(P.render_pair(left, left, res), target)
     three = np.minimum(P.render_pair(left, right, res), P.render_pair(P.Placed(*green, 8.0, 16.0, 4.5), left, res))
@@ -189,6 +194,8 @@ def test_judge_counts_objects_and_reads_relations():
     assert r["not_two_objects"] == 3 and r["object_counts"] == {"0": 1, "1": 1, "2": 4, "3+": 1}
     assert r["objects_acc"] == pytest.approx(3 / 7) and r["relation_acc"] == pytest.approx(2 / 7)
     assert r["joint_acc"] == pytest.approx(1 / 7) and r["relation_given_objects"] == pytest.approx(1 / 3)
+    assert r["axis_acc"] == pytest.approx(3 / 7)  # good, swapped, wrong
+    assert r["order_given_axis"] == pytest.approx(1 / 2)  # good of (good, swapped)
     speck = P.render_pair(left, right, res)
     speck[0, 0] = COLORS["green"]  # one stray pixel is not an object
     assert len(PJ.find_objects(speck)) == 2

@@ -65,11 +65,13 @@ def evaluate_pairs(gen: ImageGenerator, out_dir: Path, per_pair: int, seed: int)
                 }
             )
         log.info(
-            "%s: joint %.3f objects %.3f relation %.3f over %d images (%d without exactly two objects; %.2f s/image)",
+            "%s: joint %.3f objects %.3f relation %.3f axis %.3f over %d images (%d without exactly two objects; "
+            "%.2f s/image)",
             split,
             result["joint_acc"],
             result["objects_acc"],
             result["relation_acc"],
+            result["axis_acc"],
             result["n"],
             result["not_two_objects"],
             result["seconds_per_image"],

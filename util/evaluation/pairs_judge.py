@@ -6,7 +6,10 @@ foreground, each read into ``(color, shape)`` by the ``shapes`` judge's own read
 An image is right on ``objects`` when it holds exactly two objects and they are the prompt's two
 color-shapes; right on ``relation`` when it holds exactly two objects and, each taken as the
 prompt's object it agrees with on more attributes, the first lies in the asked relation to the
-second; ``joint`` is both. docs/pairs.md gives the design and the accuracy on rendered images.
+second; ``joint`` is both. ``axis`` asks less than ``relation``: two objects, side by side for left
+of / right of or stacked for above / below, in either order; it tells a model that reads the
+relation word but not which object it binds to from one that reads neither. docs/pairs.md gives
+the design and the accuracy on rendered images.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from util.data.pairs import PairTarget, check_target
+from util.data.pairs import OPPOSITE, PairTarget, check_target
 from util.data.shapes import BACKGROUND
 from util.evaluation.judge import FG_THRESHOLD, ImageLike, as_hwc_float, read_color, read_shape
 
@@ -49,6 +52,7 @@ class PairJudgement:
     objects_ok: bool  # exactly two objects, and they are the target's two color-shapes
     relation: str | None  # the read relation of the object taken as the first to the other one
     relation_ok: bool  # exactly two objects and ``relation`` is the target's
+    axis_ok: bool = False  # exactly two objects, placed along the target relation's axis in either order
 
     @property
     def joint_ok(self) -> bool:
@@ -61,6 +65,7 @@ class PairJudgement:
             "relation": self.relation,
             "objects_ok": self.objects_ok,
             "relation_ok": self.relation_ok,
+            "axis_ok": self.axis_ok,
         }
 
 
@@ -118,11 +123,12 @@ def judge_pair(image: ImageLike, target: PairTarget) -> PairJudgement:
     )
     as_is = _agreement(a, target.first) + _agreement(b, target.second)
     swapped = _agreement(b, target.first) + _agreement(a, target.second)
+    axis_ok = read_relation(a, b) in (target.relation, OPPOSITE[target.relation])
     if as_is == swapped:  # neither object can be told to be the first: no relation is read
-        return PairJudgement(found, objects_ok, None, False)
+        return PairJudgement(found, objects_ok, None, False, axis_ok)
     first, second = (a, b) if as_is > swapped else (b, a)
     relation = read_relation(first, second)
-    return PairJudgement(found, objects_ok, relation, relation == target.relation)
+    return PairJudgement(found, objects_ok, relation, relation == target.relation, axis_ok)
 
 
 def judge_pairs(images: ImageLike | Sequence[ImageLike], targets: Sequence[PairTarget]) -> list[PairJudgement]:
@@ -139,21 +145,26 @@ def judge_pairs(images: ImageLike | Sequence[ImageLike], targets: Sequence[PairT
 def score_pairs(judgements: Sequence[PairJudgement]) -> dict:
     """Accuracies of a batch of judgements.
 
-    Returns ``dict(objects_acc, relation_acc, joint_acc, relation_given_objects, n,
-    not_two_objects, object_counts)``: ``relation_given_objects`` is the relation accuracy among the
-    images whose objects are right (None when there are none), ``not_two_objects`` the number of
-    images with other than two objects and ``object_counts`` how many images hold 0, 1, 2 or 3+.
+    Returns ``dict(objects_acc, relation_acc, joint_acc, axis_acc, relation_given_objects,
+    order_given_axis, n, not_two_objects, object_counts)``: ``relation_given_objects`` is the
+    relation accuracy among the images whose objects are right, ``order_given_axis`` among those
+    whose objects are right and on the asked axis (0.5 for a model that places them on the axis in
+    a random order; None when there are no such images), ``not_two_objects`` the number of images
+    with other than two objects and ``object_counts`` how many images hold 0, 1, 2 or 3+.
     """
     n = len(judgements)
     if n == 0:
         raise ValueError("score_pairs needs at least one judgement")
     objects = sum(j.objects_ok for j in judgements)
+    on_axis = sum(j.objects_ok and j.axis_ok for j in judgements)
     counts = [min(len(j.found), 3) for j in judgements]
     return dict(
         objects_acc=objects / n,
         relation_acc=sum(j.relation_ok for j in judgements) / n,
         joint_acc=sum(j.joint_ok for j in judgements) / n,
+        axis_acc=sum(j.axis_ok for j in judgements) / n,
         relation_given_objects=sum(j.joint_ok for j in judgements) / objects if objects else None,
+        order_given_axis=sum(j.joint_ok for j in judgements) / on_axis if on_axis else None,
         n=n,
         not_two_objects=sum(c != 2 for c in counts),
         object_counts={("3+" if k == 3 else str(k)): counts.count(k) for k in range(4)},
