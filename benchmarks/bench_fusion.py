@@ -82,20 +82,36 @@ def judged_args(a, kind: str) -> list:
     return out
 
 
+def logged_train_seconds(folder: Path) -> float | None:
+    """Training seconds of the run in ``folder`` up to its last logged step (train_log.json), for a
+    row evaluated without the row its training wrote."""
+    log = folder / "train_log.json"
+    history = json.loads(log.read_text()) if log.is_file() else []
+    return history[-1].get("elapsed_s") if history else None
+
+
+def read_row(folder: Path) -> dict:
+    """``folder/row.json``, its training seconds filled from the training log when it has none."""
+    row = json.loads((folder / "row.json").read_text())
+    if row.get("train_seconds") is None:
+        row["train_seconds"] = logged_train_seconds(folder)
+    return row
+
+
 def run_variant(a, rest: list, kind: str, mode: str, seed: int, folder: Path, budget: list) -> dict:
     """Train one variant (or, with --reuse, evaluate its existing checkpoint-last.pth) and return
     its row; the row is also written to ``folder/row.json``."""
     ckpt, done = folder / "checkpoint-last.pth", folder / "row.json"
     t0 = time.time()
     if a.reuse and done.is_file() and ckpt.is_file() and done.stat().st_mtime > ckpt.stat().st_mtime:
-        row = json.loads(done.read_text())
+        row = read_row(folder)
         if "evaluated" in row:
             return row  # evaluated after its checkpoint was written
     if a.reuse and ckpt.is_file():
         args = ["--evaluate", "--resume", str(ckpt), "--seed", str(seed), "--output_dir", str(folder / "eval")]
         m = main_jepat.main(main_jepat.parse_args(rest + judged_args(a, kind) + args))
-        trained = json.loads(done.read_text()) if done.is_file() else {}
-        m = {**m, "train_seconds": trained.get("train_seconds")}
+        trained = read_row(folder) if done.is_file() else {}
+        m = {**m, "train_seconds": trained.get("train_seconds") or logged_train_seconds(folder)}
     else:
         args = ["--fusion", mode, "--seed", str(seed), "--output_dir", str(folder), "--save_freq", "0"]
         m = main_jepat.main(main_jepat.parse_args(rest + judged_args(a, kind) + budget + args + ["--grid_freq", "0"]))
@@ -244,7 +260,10 @@ def main() -> None:
                 or (f / "row.json").stat().st_mtime <= (f / "checkpoint-last.pth").stat().st_mtime
             ]
         run_in_processes(todo, a.jobs)
-        rows = [json.loads((f / "row.json").read_text()) for f in folder.values()]
+        missing = [str(f) for f in folder.values() if not (f / "row.json").is_file()]
+        if missing:
+            raise SystemExit(f"no row.json in {missing}: run again with --reuse to evaluate them")
+        rows = [read_row(f) for f in folder.values()]
     else:
         for (mode, seed), f in folder.items():
             rows.append(run_variant(a, rest, kind, mode, seed, f, budget))
