@@ -98,12 +98,18 @@ def read_row(folder: Path) -> dict:
     return row
 
 
+def evaluated_after_training(folder: Path) -> bool:
+    """Whether ``folder`` holds a row written after its checkpoint (what --reuse reads back)."""
+    ckpt, done = folder / "checkpoint-last.pth", folder / "row.json"
+    return done.is_file() and ckpt.is_file() and done.stat().st_mtime > ckpt.stat().st_mtime
+
+
 def run_variant(a, rest: list, kind: str, mode: str, seed: int, folder: Path, budget: list) -> dict:
     """Train one variant (or, with --reuse, evaluate its existing checkpoint-last.pth) and return
     its row; the row is also written to ``folder/row.json``."""
     ckpt, done = folder / "checkpoint-last.pth", folder / "row.json"
     t0 = time.time()
-    if a.reuse and done.is_file() and ckpt.is_file() and done.stat().st_mtime > ckpt.stat().st_mtime:
+    if a.reuse and evaluated_after_training(folder):
         row = read_row(folder)
         if "evaluated" in row:
             return row  # evaluated after its checkpoint was written
@@ -253,12 +259,7 @@ def main() -> None:
     if a.jobs > 1:
         todo = [(m, s, f) for (m, s), f in folder.items()]
         if a.reuse:  # rows already evaluated after their checkpoint need no process
-            todo = [
-                (m, s, f)
-                for m, s, f in todo
-                if not ((f / "row.json").is_file() and (f / "checkpoint-last.pth").is_file())
-                or (f / "row.json").stat().st_mtime <= (f / "checkpoint-last.pth").stat().st_mtime
-            ]
+            todo = [(m, s, f) for m, s, f in todo if not evaluated_after_training(f)]
         run_in_processes(todo, a.jobs)
         missing = [str(f) for f in folder.values() if not (f / "row.json").is_file()]
         if missing:
