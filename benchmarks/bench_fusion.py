@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import main_jepat  # noqa: E402
@@ -95,7 +96,18 @@ def read_row(folder: Path) -> dict:
     row = json.loads((folder / "row.json").read_text())
     if row.get("train_seconds") is None:
         row["train_seconds"] = logged_train_seconds(folder)
+    if row.get("precision") is None:
+        row["precision"] = trained_precision(folder)
     return row
+
+
+def trained_precision(folder: Path) -> str | None:
+    """The precision a run trained in, as resolved into its config.yaml (``auto`` is bf16 on a CPU
+    with native bf16 and fp32 on one without, so the command line alone does not say)."""
+    path = folder / "config.yaml"
+    if not path.is_file():
+        return None
+    return OmegaConf.load(path).get("runtime", {}).get("precision")
 
 
 def evaluated_after_training(folder: Path) -> bool:
@@ -129,6 +141,7 @@ def run_variant(a, rest: list, kind: str, mode: str, seed: int, folder: Path, bu
         "seed": seed,
         "steps": m["step"],
         "threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+        "precision": trained_precision(folder),
         "train_seconds": m["train_seconds"],
         "total_seconds": time.time() - t0,
         **{part: m[part] for part in PARTS[kind] if part in m},
@@ -183,12 +196,16 @@ def figure(row: dict, part: str, key: str) -> float:
 
 def print_rows(rows: list, kind: str) -> None:
     names = [name for _, _, name in FIGURES[kind]]
-    print(f"{'fusion':>10} {'seed':>4} {'steps':>5} {'train s':>7} | " + " | ".join(f"{n:>13}" for n in names))
+    print(f"{'fusion':>10} {'seed':>4} {'steps':>5} {'train s':>7} {'prec':>4} | " + " | ".join(f"{n:>13}" for n in names))
     for r in rows:
         cells = [f"{figure(r, part, key):13.3f}" for part, key, _ in FIGURES[kind]]
         seconds = r.get("train_seconds")
         seconds = f"{seconds:7.0f}" if seconds is not None else f"{'-':>7}"
-        print(f"{r['fusion']:>10} {r['seed']:4d} {r['steps']:5d} {seconds} | " + " | ".join(cells))
+        precision = r.get("precision") or "-"
+        print(f"{r['fusion']:>10} {r['seed']:4d} {r['steps']:5d} {seconds} {precision:>4} | " + " | ".join(cells))
+    mixed = sorted({str(r.get("precision")) for r in rows})
+    if len(mixed) > 1:
+        print(f"note: these runs trained in different precisions ({', '.join(mixed)}); compare rows of one precision")
     if kind == "shapes" and "probe" in rows[0]:
         base = rows[0]["probe"]
         print(

@@ -38,6 +38,9 @@ def test_reuse_reads_rows_back_and_summarizes_over_seeds(bench, tmp_path, monkey
         past = time.time() - 60
         os.utime(run / "checkpoint-last.pth", (past, past))  # the row was evaluated after it
         (run / "row.json").write_text(json.dumps({**_pairs_row(mode, seed, value), "evaluated": time.time()}))
+        # rows written before rows recorded the precision take it from the run's resolved config
+        precision = "bf16" if (mode, seed) == ("input_only", 0) else "fp32"
+        (run / "config.yaml").write_text(f"runtime:\n  precision: {precision}\n")
     # a row evaluated apart from its training takes the training seconds from the training log
     late = tmp_path / "pairs" / "seed1" / "input_only"
     (late / "row.json").write_text(json.dumps({**_pairs_row("input_only", 1, 0.3), "train_seconds": None}))
@@ -58,7 +61,8 @@ def test_reuse_reads_rows_back_and_summarizes_over_seeds(bench, tmp_path, monkey
     full = next(line for line in summary.splitlines() if line.strip().startswith("full"))
     assert "0.600 +- 0.141" in full  # (0.5, 0.7): mean 0.6, sample sd 0.141
     assert "0.700 +- 0.141" in full  # objects: joint + 0.1
-    assert out.count(" 600 |") == 3 and " 1234 |" in out
+    assert out.count(" 600 fp32 |") == 2 and " 600 bf16 |" in out and " 1234 fp32 |" in out
+    assert "trained in different precisions (bf16, fp32)" in out
     rows = json.loads((tmp_path / "pairs" / "bench_fusion.json").read_text())
     assert [(r["fusion"], r["seed"]) for r in rows] == [("full", 0), ("input_only", 0), ("full", 1), ("input_only", 1)]
 
