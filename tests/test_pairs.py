@@ -160,6 +160,9 @@ def test_bad_arguments_and_words_name_the_problem():
         P.PairsDataset("train", num_samples=5)[5]
     with pytest.raises(ValueError, match="random_flip"):
         build_dataset("pairs", img_size=32, num_samples=8, flip=True)
+    # through the registry, a size the set cannot draw is the user's setting: one line, not a traceback
+    with pytest.raises(UserError, match=r"data.img_size=16.*>= 20"):
+        build_dataset("pairs", img_size=16, num_samples=8)
     with pytest.raises(ValueError, match="2 images but 1 targets"):
         PJ.judge_pairs(np.zeros((2, 32, 32, 3), np.uint8), [P.PairTarget(red, "above", blue)])
     with pytest.raises(ValueError, match="at least one"):

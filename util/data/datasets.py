@@ -17,20 +17,35 @@ from util.data.latent_cache import CachedLatentDataset, read_meta
 from util.data.pairs import PairsDataset
 from util.data.shapes import ShapesDataset
 from util.data.tar_shards import list_tar_shards
+from util.errors import UserError
+
+
+class DataSettingError(UserError, ValueError):
+    """A data setting the chosen set cannot take (ends a script with its one line, not a traceback)."""
+
+
+def _procedural(kind: type, img_size: int, num_samples: int, seed: int) -> Dataset:
+    """A built-in set drawn from a seed; the arguments it refuses are the user's data settings."""
+    try:
+        return kind(split="train", num_samples=num_samples, resolution=img_size, seed=seed)
+    except ValueError as e:
+        raise DataSettingError(
+            f"{kind.__name__} with data.img_size={img_size}, data.num_samples={num_samples}, seed={seed}: {e}"
+        ) from None
 
 
 def _shapes(data_path: str, img_size: int, num_samples: int, seed: int, flip: bool | None) -> Dataset:
     del data_path  # procedural: nothing to read
     if flip:
-        raise ValueError("the shapes set draws its own positions; --random_flip does not apply to it")
-    return ShapesDataset(split="train", num_samples=num_samples, resolution=img_size, seed=seed)
+        raise DataSettingError("the shapes set draws its own positions; --random_flip does not apply to it")
+    return _procedural(ShapesDataset, img_size, num_samples, seed)
 
 
 def _pairs(data_path: str, img_size: int, num_samples: int, seed: int, flip: bool | None) -> Dataset:
     del data_path  # procedural: nothing to read
     if flip:
-        raise ValueError("the pairs set's captions name left and right; --random_flip does not apply to it")
-    return PairsDataset(split="train", num_samples=num_samples, resolution=img_size, seed=seed)
+        raise DataSettingError("the pairs set's captions name left and right; --random_flip does not apply to it")
+    return _procedural(PairsDataset, img_size, num_samples, seed)
 
 
 def _imagenet(data_path: str, img_size: int, num_samples: int, seed: int, flip: bool | None) -> Dataset:
@@ -74,7 +89,7 @@ def build_dataset(
     """``flip``: random horizontal flips; None takes the dataset's convention (on for class
     folders, as MAR does; off for captions, which may say "left" or hold text)."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
+        raise DataSettingError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
     return DATASETS[name](data_path, img_size, num_samples, seed, flip)
 
 
