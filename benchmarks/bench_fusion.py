@@ -196,7 +196,9 @@ def figure(row: dict, part: str, key: str) -> float:
 
 def print_rows(rows: list, kind: str) -> None:
     names = [name for _, _, name in FIGURES[kind]]
-    print(f"{'fusion':>10} {'seed':>4} {'steps':>5} {'train s':>7} {'prec':>4} | " + " | ".join(f"{n:>13}" for n in names))
+    print(
+        f"{'fusion':>10} {'seed':>4} {'steps':>5} {'train s':>7} {'prec':>4} | " + " | ".join(f"{n:>13}" for n in names)
+    )
     for r in rows:
         cells = [f"{figure(r, part, key):13.3f}" for part, key, _ in FIGURES[kind]]
         seconds = r.get("train_seconds")
