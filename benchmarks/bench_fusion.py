@@ -128,8 +128,10 @@ def run_variant(a, rest: list, kind: str, mode: str, seed: int, folder: Path, bu
     if a.reuse and ckpt.is_file():
         args = ["--evaluate", "--resume", str(ckpt), "--seed", str(seed), "--output_dir", str(folder / "eval")]
         m = main_jepat.main(main_jepat.parse_args(rest + judged_args(a, kind) + args))
-        trained = read_row(folder) if done.is_file() else {}
-        m = {**m, "train_seconds": trained.get("train_seconds") or logged_train_seconds(folder)}
+        m = {
+            **m,
+            "train_seconds": read_row(folder)["train_seconds"] if done.is_file() else logged_train_seconds(folder),
+        }
     else:
         args = ["--fusion", mode, "--seed", str(seed), "--output_dir", str(folder), "--save_freq", "0"]
         m = main_jepat.main(main_jepat.parse_args(rest + judged_args(a, kind) + budget + args + ["--grid_freq", "0"]))
