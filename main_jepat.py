@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from engine_jepat import ModelInputs, Run, config_record, param_groups, train
 from models.jepat import JEPAT, JEPATConfig, build_model, config_dict
@@ -133,12 +133,17 @@ def caption_recipe_of(c: TrainConfig) -> dict:
     )
 
 
-def build_data(c: TrainConfig, env: DistEnv, captions: CaptionStore, tokenizer: Tokenizer):
-    """Dataset, data order, loader, batch -> model inputs, and how its captions were made."""
+def open_dataset(c: TrainConfig) -> Dataset:
+    """The training set, opened before any weights load, so a refused data setting or a missing
+    folder ends the run at once."""
     data_path = c.cache_path if c.data.dataset == "cached" else c.data.data_path
-    dataset = build_dataset(
+    return build_dataset(
         c.data.dataset, data_path, c.model.img_size, c.data.num_samples, c.runtime.seed, c.data.random_flip
     )
+
+
+def build_data(c: TrainConfig, env: DistEnv, dataset: Dataset, captions: CaptionStore, tokenizer: Tokenizer):
+    """Data order, loader, batch -> model inputs, and how the dataset's captions were made."""
     train_tokenizer = tokenizer
     if isinstance(dataset, CachedLatentDataset):
         dataset.check(c.model.tokenizer, c.model.img_size)  # refuses a cache of another tokenizer / resolution
@@ -201,13 +206,14 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     """Tokenizer, caption store, model, EMA, data, parallel wrapper, optimizer, schedules and the
     checkpoint, with the state of ``runtime.resume`` restored and the later evaluation preflighted."""
     device, out_dir, o, rt = env.device, Path(c.runtime.output_dir), c.optim, c.runtime
+    dataset = open_dataset(c)  # draws nothing from the global RNG
     torch.manual_seed(rt.seed)  # the same initial weights on every rank
     tokenizer = build_tokenizer(c.model.tokenizer, c.model.vae_path).to(device)  # a missing VAE file stops here
     captions = build_caption_store(caption_recipe_of(c), device)
     model = make_model(c.model, tokenizer, captions.info).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()  # targets and samples without dropout
     log.info("model %s: %s", c.model.preset, json.dumps(model.num_params()))
-    order, loader, inputs, origin = build_data(c, env, captions, tokenizer)
+    order, loader, inputs, origin = build_data(c, env, dataset, captions, tokenizer)
     options = plan_evaluation(c, env, origin, captions, model)
     sharded = (
         rt.strategy == "fsdp" and env.world_size > 1

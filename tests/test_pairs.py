@@ -228,6 +228,16 @@ def test_builtin_evaluation_follows_the_data_and_its_cache(tmp_path, one_thread)
         main_cache.resolve_args(main_cache.get_args_parser().parse_args(argv + ["--cache_dir", "x", "--random_flip"]))
 
 
+def test_a_refused_data_setting_stops_training_before_any_weights_load(tmp_path, monkeypatch):
+    def loads_weights(*a, **k):
+        raise AssertionError("the tokenizer was built before the data settings were checked")
+
+    monkeypatch.setattr(main_jepat, "build_tokenizer", loads_weights)
+    args = ["--config", "pairs", *SMALL, "--img_size", "16", "--patch_size", "8", "--output_dir", str(tmp_path)]
+    with pytest.raises(UserError, match=r"data.img_size=16.*>= 20"):
+        main_jepat.main(main_jepat.get_args_parser().parse_args(args))
+
+
 def test_training_on_pairs_runs_the_pairs_evaluation(tmp_path, one_thread):
     run = tmp_path / "run"
     fast = "--epochs 1 --num_iter 2 --ode_steps 2 --eval_per_combo 1 --grid_freq 0 --log_with none".split()
