@@ -207,6 +207,12 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     checkpoint, with the state of ``runtime.resume`` restored and the later evaluation preflighted."""
     device, out_dir, o, rt = env.device, Path(c.runtime.output_dir), c.optim, c.runtime
     dataset = open_dataset(c)  # draws nothing from the global RNG
+    sharded_later = rt.strategy == "fsdp"
+    ckpt = (  # another preset or global batch is refused here, before any weights are built
+        TrainingCheckpoint.read(rt.resume, c.model.preset, env.world_size, o.batch_size, o.accum_iter, sharded_later)
+        if rt.resume
+        else None
+    )
     torch.manual_seed(rt.seed)  # the same initial weights on every rank
     tokenizer = build_tokenizer(c.model.tokenizer, c.model.vae_path).to(device)  # a missing VAE file stops here
     captions = build_caption_store(caption_recipe_of(c), device)
@@ -222,11 +228,8 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     )
     if sharded and rt.strategy != "fsdp":
         raise UserError("runtime.checkpoint_format sharded needs runtime.strategy fsdp (DDP ranks hold whole copies)")
-    ckpt = (
-        TrainingCheckpoint.load_weights(rt.resume, model, ema, sharded_later=rt.strategy == "fsdp")
-        if rt.resume
-        else None
-    )
+    if ckpt is not None:
+        TrainingCheckpoint.load_weights(ckpt, rt.resume, model, ema)
     steps_per_epoch = order.num_batches // o.accum_iter  # optimizer steps
     if steps_per_epoch < 1:
         raise UserError(f"optim.accum_iter {o.accum_iter} exceeds the {order.num_batches} batches of an epoch")

@@ -84,8 +84,13 @@ def test_short_training_on_shapes_lowers_the_loss(tmp_path):
     assert last < 0.8 * first, (first, last)
 
 
-def test_checkpoint_of_another_preset_is_refused(tmp_path):
+def test_checkpoint_of_another_preset_is_refused(tmp_path, monkeypatch):
     run_main(tmp_path, "--epochs", "1", "--max_steps", "1")
+
+    def builds_weights(*a, **k):
+        raise AssertionError("a model was built before the checkpoint was checked")
+
+    monkeypatch.setattr(main_jepat, "make_model", builds_weights)  # both refusals come before any model
     with pytest.raises(ValueError, match="tiny.*base|base.*tiny"):
         run_main(tmp_path, "--model", "base", "--resume", str(tmp_path / "checkpoint-last.pth"))
     # another global batch would change what a step is (lr, schedules): refused, naming the fix

@@ -101,6 +101,16 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> Path:
     return path
 
 
+def check_preset(state: dict, expected: str, path: str | os.PathLike) -> None:
+    """A clear error for a checkpoint (or sharded record) of another preset than ``expected``."""
+    preset = state["model_config"].get("preset", "")
+    if preset != expected:
+        raise ValueError(
+            f"checkpoint {path} holds a '{preset}' model but '{expected}' was asked for; "
+            f"pass --model {preset} or another checkpoint"
+        )
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", expect_preset: str | None = None
 ) -> dict[str, Any]:
@@ -121,12 +131,8 @@ def load_checkpoint(
             f"{path} is not a JEPA-T checkpoint: expected a dictionary with 'model' and "
             "'model_config' entries, as main_jepat.py writes"
         )
-    preset = state["model_config"].get("preset", "")
-    if expect_preset is not None and preset != expect_preset:
-        raise ValueError(
-            f"checkpoint {path} holds a '{preset}' model but '{expect_preset}' was asked for; "
-            f"pass --model {preset} or another checkpoint"
-        )
+    if expect_preset is not None:
+        check_preset(state, expect_preset, path)
     for key in ("model", "ema"):
         if key in state:
             state[key] = clean_state_dict(state[key])
@@ -213,6 +219,19 @@ def training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
         }
     summary["train_seconds"] = ckpt.get("state", {}).get("train_seconds")
     return summary
+
+
+def check_global_batch(state: dict, world: int, batch: int, accum: int) -> tuple[int, int, int]:
+    """The (processes, batch, accumulation) a checkpoint's ``state`` was trained with; refused when
+    their product, the images per optimizer step, differs from this run's."""
+    saved = (state.get("world_size", world), state.get("batch_size", batch), state.get("accum_iter", accum))
+    if saved[0] * saved[1] * saved[2] != world * batch * accum:
+        raise UserError(
+            f"the checkpoint was trained with a global batch of {saved[0]} x {saved[1]} x {saved[2]} = "
+            f"{saved[0] * saved[1] * saved[2]} images per step, this run has {world} x {batch} x {accum}: "
+            "keep the global batch (set --accum_iter or --batch_size) so that steps, lr and schedules agree"
+        )
+    return saved
 
 
 def check_compatible(ckpt: dict, model: JEPAT, path: str) -> None:
@@ -346,20 +365,27 @@ class TrainingCheckpoint:
             )
 
     @staticmethod
-    def load_weights(path: str, model: JEPAT, ema: JEPAT, sharded_later: bool = False) -> dict[str, Any]:
-        """Read ``path``, check it against ``model`` and load the model and EMA weights (before any
-        wrapping shards them). Returns the checkpoint for :meth:`restore`. ``sharded_later`` (an FSDP
-        run): a sharded checkpoint's weights are left for :meth:`restore`, which reads each rank's
-        shards into the sharded model; here only its record is read."""
+    def read(path: str, preset: str, world: int, batch: int, accum: int, sharded_later: bool = False) -> dict:
+        """Read the checkpoint to resume and refuse one of another preset or another global batch,
+        before the model is built (building a large preset takes a while; the answer is known now).
+        ``sharded_later`` (an FSDP run): of a sharded checkpoint only the record is read here; the
+        ranks read their own shards in :meth:`restore`."""
         if sharded_later and is_sharded(path):
             ckpt = {**read_record(Path(path)), "sharded_path": str(path)}
-            check_compatible(ckpt, model, path)
-            return ckpt
-        ckpt = load_checkpoint(path, expect_preset=model.cfg.preset)
-        check_compatible(ckpt, model, path)
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
+            check_preset(ckpt, preset, path)
+        else:
+            ckpt = load_checkpoint(path, expect_preset=preset)
+        check_global_batch(ckpt["state"], world, batch, accum)
         return ckpt
+
+    @staticmethod
+    def load_weights(ckpt: dict[str, Any], path: str, model: JEPAT, ema: JEPAT) -> None:
+        """Check the checkpoint read by :meth:`read` against the built ``model`` and load the model and
+        EMA weights (before any wrapping shards them; a sharded checkpoint's wait for :meth:`restore`)."""
+        check_compatible(ckpt, model, path)
+        if "sharded_path" not in ckpt:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         """Optimizer, scaler, counters, generators: what makes the resumed run continue exactly."""
@@ -372,14 +398,8 @@ class TrainingCheckpoint:
         s, st = ckpt["state"], self.state
         st.step, st.epoch, st.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
         world, batch, accum = self.parallel.env.world_size, self.batch_size, self.accum_iter
-        saved = (s.get("world_size", world), s.get("batch_size", batch), s.get("accum_iter", accum))
+        saved = check_global_batch(s, world, batch, accum)
         if saved != (world, batch, accum):  # another node shape: continue from the same sample of the epoch
-            if saved[0] * saved[1] * saved[2] != world * batch * accum:
-                raise UserError(
-                    f"the checkpoint was trained with a global batch of {saved[0]} x {saved[1]} x {saved[2]} = "
-                    f"{saved[0] * saved[1] * saved[2]} images per step, this run has {world} x {batch} x {accum}: "
-                    "keep the global batch (set --accum_iter or --batch_size) so that steps, lr and schedules agree"
-                )
             samples = s["batch_in_epoch"] * saved[0] * saved[1]  # whole steps: a multiple of this run's batches
             st.batch_in_epoch = samples // (world * batch)
             log.info(
