@@ -81,11 +81,14 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_matches_two_agents(a
     log = tmp_path / "agent.log"
     run_argv = argv + ["--output_dir", str(out), "--save_every_steps", "2", "--resume", "auto"]
     agent = torchrun("--standalone", "--nproc_per_node", "2", "--max_restarts", "1", argv=run_argv, log=log)
-    deadline = time.time() + 180
+    deadline, seen = time.time() + 180, None
+    last = out / "checkpoint-last.pth"
     while time.time() < deadline and agent.poll() is None:
-        last = out / "checkpoint-last.pth"
-        if last.exists() and 2 <= load(last)["state"]["step"] < STEPS - 6:
-            break
+        stamp = last.stat().st_mtime_ns if last.exists() else None
+        if stamp != seen:  # read each new checkpoint once, not 20 times a second beside the ranks
+            seen = stamp
+            if stamp is not None and 2 <= load(last)["state"]["step"] < STEPS - 6:
+                break
         time.sleep(0.05)
     workers = _workers_of(agent.pid)
     assert agent.poll() is None and len(workers) == 2, log.read_text()[-3000:]
