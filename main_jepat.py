@@ -137,16 +137,18 @@ def open_dataset(c: TrainConfig) -> Dataset:
     """The training set, opened before any weights load, so a refused data setting or a missing
     folder ends the run at once."""
     data_path = c.cache_path if c.data.dataset == "cached" else c.data.data_path
-    return build_dataset(
+    dataset = build_dataset(
         c.data.dataset, data_path, c.model.img_size, c.data.num_samples, c.runtime.seed, c.data.random_flip
     )
+    if isinstance(dataset, CachedLatentDataset):
+        dataset.check(c.model.tokenizer, c.model.img_size)  # refuses a cache of another tokenizer / resolution
+    return dataset
 
 
 def build_data(c: TrainConfig, env: DistEnv, dataset: Dataset, captions: CaptionStore, tokenizer: Tokenizer):
     """Data order, loader, batch -> model inputs, and how the dataset's captions were made."""
     train_tokenizer = tokenizer
     if isinstance(dataset, CachedLatentDataset):
-        dataset.check(c.model.tokenizer, c.model.img_size)  # refuses a cache of another tokenizer / resolution
         train_tokenizer = CachedLatentInput(tokenizer)
     if isinstance(dataset, CachedLatentDataset) and captions.table is not None:
         dataset.use_caption_table(captions.table.dir)  # the loader gathers caption embeddings
@@ -203,9 +205,17 @@ def checkpoint_policy(c: TrainConfig) -> CheckpointPolicy:
 
 
 def build_run(c: TrainConfig, env: DistEnv) -> Run:
-    """Tokenizer, caption store, model, EMA, data, parallel wrapper, optimizer, schedules and the
-    checkpoint, with the state of ``runtime.resume`` restored and the later evaluation preflighted."""
+    """Dataset and resumed checkpoint (checked first), tokenizer, caption store, model, EMA, data
+    loader, parallel wrapper, optimizer, schedules and the checkpoint writer, with the state of
+    ``runtime.resume`` restored and the later evaluation preflighted."""
     device, out_dir, o, rt = env.device, Path(c.runtime.output_dir), c.optim, c.runtime
+    sharded = (
+        rt.strategy == "fsdp" and env.world_size > 1
+        if rt.checkpoint_format == "auto"
+        else rt.checkpoint_format == "sharded"
+    )
+    if sharded and rt.strategy != "fsdp":
+        raise UserError("runtime.checkpoint_format sharded needs runtime.strategy fsdp (DDP ranks hold whole copies)")
     dataset = open_dataset(c)  # draws nothing from the global RNG
     sharded_later = rt.strategy == "fsdp"
     ckpt = (  # another preset or global batch is refused here, before any weights are built
@@ -221,13 +231,6 @@ def build_run(c: TrainConfig, env: DistEnv) -> Run:
     log.info("model %s: %s", c.model.preset, json.dumps(model.num_params()))
     order, loader, inputs, origin = build_data(c, env, dataset, captions, tokenizer)
     options = plan_evaluation(c, env, origin, captions, model)
-    sharded = (
-        rt.strategy == "fsdp" and env.world_size > 1
-        if rt.checkpoint_format == "auto"
-        else rt.checkpoint_format == "sharded"
-    )
-    if sharded and rt.strategy != "fsdp":
-        raise UserError("runtime.checkpoint_format sharded needs runtime.strategy fsdp (DDP ranks hold whole copies)")
     if ckpt is not None:
         TrainingCheckpoint.load_weights(ckpt, rt.resume, model, ema)
     steps_per_epoch = order.num_batches // o.accum_iter  # optimizer steps

@@ -8,6 +8,7 @@ import torch
 
 import engine_jepat
 import main_jepat
+from models.safe_load import CheckpointFileError
 from tests.helpers import tiny_model
 from util.data import shapes
 from util.data.datasets import DataOrder
@@ -96,6 +97,11 @@ def test_checkpoint_of_another_preset_is_refused(tmp_path, monkeypatch):
     # another global batch would change what a step is (lr, schedules): refused, naming the fix
     with pytest.raises(UserError, match=r"global batch of 1 x 8 x 1 = 8 .* this run has 1 x 4 x 1.*--accum_iter"):
         run_main(tmp_path, "--batch_size", "4", "--resume", str(tmp_path / "checkpoint-last.pth"))
+    # weights without a training state (the optimizer, counters and generators) cannot be resumed
+    ckpt = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k != "state"}, tmp_path / "weights.pth")
+    with pytest.raises(CheckpointFileError, match=r"weights.pth holds weights but no training state.*main_sample"):
+        run_main(tmp_path, "--resume", str(tmp_path / "weights.pth"))
 
 
 def test_schedules_apply_what_they_log():

@@ -375,6 +375,11 @@ class TrainingCheckpoint:
             check_preset(ckpt, preset, path)
         else:
             ckpt = load_checkpoint(path, expect_preset=preset)
+        if "state" not in ckpt:
+            raise CheckpointFileError(
+                f"{path} holds weights but no training state, so training cannot resume from it; "
+                "sample from it with main_sample.py or evaluate it with --evaluate"
+            )
         check_global_batch(ckpt["state"], world, batch, accum)
         return ckpt
 
