@@ -102,6 +102,8 @@ def test_checkpoint_of_another_preset_is_refused(tmp_path, monkeypatch):
     torch.save({k: v for k, v in ckpt.items() if k != "state"}, tmp_path / "weights.pth")
     with pytest.raises(CheckpointFileError, match=r"weights.pth holds weights but no training state.*main_sample"):
         run_main(tmp_path, "--resume", str(tmp_path / "weights.pth"))
+    with pytest.raises(UserError, match="checkpoint_format sharded needs runtime.strategy fsdp"):
+        run_main(tmp_path / "sharded", "--checkpoint_format", "sharded")
 
 
 def test_schedules_apply_what_they_log():
