@@ -84,7 +84,8 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_matches_two_agents(a
     deadline, seen = time.time() + 180, None
     last = out / "checkpoint-last.pth"
     while time.time() < deadline and agent.poll() is None:
-        stamp = (last.stat().st_ino, last.stat().st_mtime_ns) if last.exists() else None  # a new file each save
+        st = last.stat() if last.exists() else None
+        stamp = st and (st.st_ino, st.st_mtime_ns)  # each save replaces the file: a new inode
         if stamp != seen:  # read each new checkpoint once, not 20 times a second beside the ranks
             seen = stamp
             if stamp is not None and 2 <= load(last)["state"]["step"] < STEPS - 6:

@@ -221,17 +221,21 @@ def training_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def check_global_batch(state: dict, world: int, batch: int, accum: int) -> tuple[int, int, int]:
-    """The (processes, batch, accumulation) a checkpoint's ``state`` was trained with; refused when
-    their product, the images per optimizer step, differs from this run's."""
-    saved = (state.get("world_size", world), state.get("batch_size", batch), state.get("accum_iter", accum))
+def trained_shape(state: dict, world: int, batch: int, accum: int) -> tuple[int, int, int]:
+    """The (processes, batch, accumulation) a checkpoint's ``state`` was trained with (this run's
+    where an older file does not say)."""
+    return state.get("world_size", world), state.get("batch_size", batch), state.get("accum_iter", accum)
+
+
+def check_global_batch(state: dict, world: int, batch: int, accum: int) -> None:
+    """Refuse a checkpoint whose global batch (images per optimizer step) differs from this run's."""
+    saved = trained_shape(state, world, batch, accum)
     if saved[0] * saved[1] * saved[2] != world * batch * accum:
         raise UserError(
             f"the checkpoint was trained with a global batch of {saved[0]} x {saved[1]} x {saved[2]} = "
             f"{saved[0] * saved[1] * saved[2]} images per step, this run has {world} x {batch} x {accum}: "
             "keep the global batch (set --accum_iter or --batch_size) so that steps, lr and schedules agree"
         )
-    return saved
 
 
 def check_compatible(ckpt: dict, model: JEPAT, path: str) -> None:
@@ -403,7 +407,7 @@ class TrainingCheckpoint:
         s, st = ckpt["state"], self.state
         st.step, st.epoch, st.batch_in_epoch = s["step"], s["epoch"], s["batch_in_epoch"]
         world, batch, accum = self.parallel.env.world_size, self.batch_size, self.accum_iter
-        saved = check_global_batch(s, world, batch, accum)
+        saved = trained_shape(s, world, batch, accum)  # its global batch was checked by read()
         if saved != (world, batch, accum):  # another node shape: continue from the same sample of the epoch
             samples = s["batch_in_epoch"] * saved[0] * saved[1]  # whole steps: a multiple of this run's batches
             st.batch_in_epoch = samples // (world * batch)
