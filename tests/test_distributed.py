@@ -18,6 +18,7 @@ import torch
 import torch.multiprocessing as mp
 
 import main_jepat
+from tests.helpers import fork_server
 
 # 16 px shapes, 8 px patches (4 tokens); 48 images = 6 steps of a global batch of 8 per epoch, read
 # from a latent cache that holds flipped images too, through 2 loader workers per process: every
@@ -57,8 +58,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
-    """One rank, with the environment torchrun sets (env:// rendezvous)."""
+def _rank_main(rank: int, world: int, port: int, argv: list[str], log: str) -> None:
+    """One rank, with the environment torchrun sets (env:// rendezvous); its stdout and stderr go
+    to ``log`` (a forked rank would otherwise write to the fork server's, not to this test's)."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -68,16 +73,24 @@ def _rank_main(rank: int, world: int, port: int, argv: list[str]) -> None:
         LOCAL_WORLD_SIZE=str(world),
     )
     torch.set_num_threads(1)
-    # a spawned child inherits "spawn" as its start method, so its loader workers would re-import
-    # everything (seconds each); a torchrun worker is a plain process whose loader workers fork
+    # the rank's loader workers fork, as those of a torchrun worker do
     mp.set_start_method("fork", force=True)
     main_jepat.main(main_jepat.get_args_parser().parse_args(argv))
 
 
+def rank_logs(argv: list[str], world: int = 2) -> list[Path]:
+    """Where the ranks of a run with ``argv`` write their output: beside its run folder."""
+    out = Path(argv[argv.index("--output_dir") + 1])
+    return [out.parent / f"{out.name}-rank{r}.log" for r in range(world)]
+
+
 def start_ranks(argv: list[str], world: int = 2) -> list[mp.Process]:
-    ctx = mp.get_context("spawn")
+    """Two ranks, forked by a fork server that imported the training code once: clean processes like
+    spawned ones, without each importing torch, dynamo (the optimizer's) and matplotlib again."""
+    ctx = fork_server()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, argv)) for r in range(world)]
+    logs = rank_logs(argv, world)
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, argv, str(logs[r]))) for r in range(world)]
     for p in procs:
         p.start()
     return procs
@@ -96,7 +109,8 @@ def join_ranks(procs: list[mp.Process], timeout: float = 240) -> list[int]:
 
 def run_ranks(argv: list[str], world: int = 2) -> None:
     codes = join_ranks(start_ranks(argv, world))
-    assert codes == [0] * world, f"ranks exited with {codes}"
+    tails = "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in rank_logs(argv, world) if f.is_file())
+    assert codes == [0] * world, f"ranks exited with {codes}\n{tails}"
 
 
 def run_single(out: Path, *extra: str) -> dict:
@@ -196,7 +210,7 @@ def test_preemption_signal_on_one_rank_saves_and_the_resumed_run_is_bitwise_iden
     assert_same(uninterrupted, one, exact=False)
 
 
-def test_one_process_resumes_on_two_fsdp_ranks_from_the_same_sample_and_matches_ddp(ddp_run, tmp_path, capfd):
+def test_one_process_resumes_on_two_fsdp_ranks_from_the_same_sample_and_matches_ddp(ddp_run, tmp_path):
     """Another world size (1 -> 2) and another strategy (one process -> FSDP2 with activation
     checkpointing) in one resume, from the middle of an epoch. The FSDP ranks write sharded
     checkpoints (each its own shards, nothing gathered), resume from one, and the offline
@@ -217,9 +231,10 @@ def test_one_process_resumes_on_two_fsdp_ranks_from_the_same_sample_and_matches_
     assert all(type(v) is torch.Tensor for v in b["model"].values())  # full tensors, not shards
     assert_same(a, b, exact=False)
     # the ranks resume from their shards (--resume auto finds the folder) for another epoch
-    capfd.readouterr()
+    log = rank_logs(argv)[0]
+    log.unlink()
     run_ranks(argv + ["--resume", "auto", "--max_steps", "12"])
-    assert f"resumed {out / 'checkpoint-last.dcp'} at epoch 1, batch 0, step 6" in capfd.readouterr().err
+    assert f"resumed {out / 'checkpoint-last.dcp'} at epoch 1, batch 0, step 6" in log.read_text()
     converted = convert(out / "checkpoint-last.dcp", tmp_path / "plain.pth")
     final = load(converted)
     assert final["state"]["step"] == 12
