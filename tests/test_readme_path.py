@@ -105,18 +105,24 @@ def test_the_readme_path_runs_as_written(dataset, tmp_path):
         "OMP_NUM_THREADS": "1",
         "JEPAT_VENV": str(Path(sys.executable).parents[1]),
     }
-    # every kind is cached and trained (training ends by evaluating on its training prompts); the
-    # separate evaluation and sampling commands read only the checkpoint, so one kind runs them
-    for command in commands if dataset == "imagenet" else commands[:2]:
+    # every kind is cached; class folders and captions are also trained (training ends by evaluating
+    # on its training prompts). A WebDataset cache is a caption cache like the manifest's, trained from
+    # in tests/test_webdataset.py. The separate evaluation and sampling commands read only the
+    # checkpoint, so one kind runs them.
+    steps = {"imagenet": commands, "captions": commands[:2], "webdataset": commands[:1]}[dataset]
+    for command in steps:
         run(command, env)
 
     meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
     c = meta["counts"]
     assert c["seen"] == c["cached"] + c["skipped"] and c["pending"] == 0 and c["skipped"] > 0
     assert meta["flipped"] is (dataset == "imagenet")  # flips for class folders only
+    vocabulary = json.loads((tmp_path / "cache" / "listing.json").read_text())["vocabulary"]
+    if dataset == "webdataset":  # the samples' captions, embedded by the cache's text encoder
+        assert vocabulary and (tmp_path / "cache" / "text" / "minilm-len16" / "tokens.npy").is_file()
+        return
     tree = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert tree["data"]["dataset"] == "cached" and tree["recipe"] == "imagenet-base"
-    vocabulary = json.loads((tmp_path / "cache" / "listing.json").read_text())["vocabulary"]
     evaluations = [(tmp_path / "run", 3)] + [(tmp_path / "run" / "eval-checkpoint-last", 6)] * (dataset == "imagenet")
     for folder, n in evaluations:
         m = json.loads((folder / "metrics.json").read_text())
