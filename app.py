@@ -19,8 +19,8 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import gradio as gr
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
@@ -30,6 +30,9 @@ from models.sampler import GUIDANCE_SCHEDULES, SamplingConfig, num_hidden_after
 from util.evaluation.generate import ImageGenerator
 from util.pretrained import Pretrained, build_generator, load_pretrained
 from util.runtime import PRECISIONS, init_runtime, resolve_precision, setup_logging, user_errors
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 log = logging.getLogger("jepat.app")
 
@@ -163,6 +166,8 @@ def describe(pre: Pretrained, gen: ImageGenerator) -> str:
 
 def build_demo(pre: Pretrained, gen: ImageGenerator, workdir: Path) -> gr.Blocks:
     """The page: inputs on the left, the grid, the animation and the iteration frames on the right."""
+    import gradio as gr  # imported for the page only: requests and generation do without it (3 s)
+
     s = gen.sampling
 
     def run(text, per_prompt, guidance, schedule, temperature, num_iter, ode_steps, solver, seed, show_steps):
