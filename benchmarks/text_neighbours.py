@@ -11,7 +11,10 @@ encoder's output alone, with no image model:
     probe      linear classifiers (color: 6 classes, shape: 3) trained on the training captions'
                pooled vectors, then applied to the held-out-word prompts
 
-and the cosine of single color words to the six training colors ("crimson" -> which color?).
+and the cosine of single color words to the six training colors ("crimson" -> which color?). For
+MiniLM it also reads each synonym from its own token states at every layer of the encoder (the
+word alone, and inside "a <word> circle" / "a red <word>"): the nearest training word at that layer.
+A model conditioned on another layer, or on several, could read no more than the best of these.
 
     python benchmarks/text_neighbours.py                      # MiniLM, the shapes recipe's encoder
     python benchmarks/text_neighbours.py --text_encoder clip --text_encoder_path ViT-B-32.pt
@@ -88,6 +91,45 @@ def main() -> None:
         k = int(row.argmax())
         mark = "" if colors[k] == truth[w] else f"   (is {truth[w]}: {row[colors.index(truth[w])]:.2f})"
         print(f"  {w:10s} -> {colors[k]:7s} {row[k]:.2f}{mark}")
+    if a.text_encoder == "minilm":
+        layer_table(enc)
+
+
+def word_states(enc, prefix: str, words: list[str], suffix: str) -> list[torch.Tensor]:
+    """Per hidden layer (embeddings first): the mean state of each word's own word pieces in
+    ``prefix + word + suffix``, unit-normalised, [len(words), D]."""
+    tok, out = enc.tokenizer, []
+    for w in words:
+        start = 1 + len(tok(prefix, add_special_tokens=False)["input_ids"]) if prefix else 1
+        n = len(tok(w, add_special_tokens=False)["input_ids"])
+        batch = tok([f"{prefix} {w} {suffix}".strip()], return_tensors="pt")
+        with torch.no_grad():
+            hidden = enc.model(**batch, output_hidden_states=True).hidden_states
+        out.append([h[0, start : start + n].mean(0) for h in hidden])
+    return [F.normalize(torch.stack([o[layer] for o in out]).float(), dim=-1) for layer in range(len(out[0]))]
+
+
+def layer_table(enc) -> None:
+    """Which training word each synonym's own token states are nearest to, at every layer."""
+    groups = (
+        ("color", list(shapes.COLORS), shapes.COLOR_SYNONYMS, (("", ""), ("a", "circle"))),
+        ("shape", list(shapes.SHAPES), shapes.SHAPE_SYNONYMS, (("", ""), ("a red", ""))),
+    )
+    print("\nsynonyms read from their own token states, nearest training word (cosine), per layer:")
+    layers = enc.model.config.num_hidden_layers + 1  # the embeddings, then each block's output
+    print("| words | context | " + " | ".join(f"layer {i}" for i in range(layers)) + " |")
+    print("|---|---|" + "---|" * layers)
+    for kind, known, synonyms, contexts in groups:
+        words = [w for syn in synonyms.values() for w in syn]
+        truth = [k for k, syn in synonyms.items() for _ in syn]
+        for prefix, suffix in contexts:
+            base, syn = word_states(enc, prefix, known, suffix), word_states(enc, prefix, words, suffix)
+            accs = [
+                sum(known[int(i)] == t for i, t in zip((s_ @ b.T).argmax(1), truth)) / len(words)
+                for b, s_ in zip(base, syn)
+            ]
+            where = f"{prefix} <word> {suffix}".strip()
+            print(f"| {len(words)} {kind} synonyms | {where} | " + " | ".join(f"{a:.2f}" for a in accs) + " |")
 
 
 if __name__ == "__main__":
