@@ -3,6 +3,8 @@ caption embeddings, so that tests exercise every path without loading a text enc
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.multiprocessing as mp
 
@@ -23,11 +25,21 @@ FORK_SERVER_PRELOAD = [
 
 def fork_server() -> mp.context.BaseContext:
     """The "forkserver" context, preloaded: each process it starts is forked from a server that holds
-    no threads and no distributed state (as clean as a spawned one), but has the training code
-    imported already. Targets must be importable functions, as with spawn."""
+    no threads and no distributed state and has the training code imported already. Unlike a spawned
+    process it inherits the server's environment and stdout/stderr (those of the moment the server
+    started in this pytest worker), not the test's: start targets through ``in_environ`` and send
+    their output to a file. Targets must be importable functions, as with spawn."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(FORK_SERVER_PRELOAD)
     return ctx
+
+
+def in_environ(rank: int, environ: dict[str, str], target, *args) -> None:
+    """Run ``target(rank, *args)`` with exactly ``environ`` as os.environ (the starting test's,
+    passed as ``dict(os.environ)``): what a spawned process would have inherited."""
+    os.environ.clear()
+    os.environ.update(environ)
+    target(rank, *args)
 
 
 def tiny_model(seed: int = 0, **overrides) -> JEPAT:

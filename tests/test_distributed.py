@@ -1,6 +1,7 @@
-"""Distributed training on the CPU: two gloo processes (spawned here, with the environment torchrun
-would give them) against one process with the same global batch; exact resume after a preemption
-signal; FSDP2; accumulation against a larger batch; compile without ``_orig_mod.`` keys."""
+"""Distributed training on the CPU: two gloo processes (forked from a preloaded fork server, with
+the environment torchrun would give them) against one process with the same global batch; exact
+resume after a preemption signal; FSDP2; accumulation against a larger batch; compile without
+``_orig_mod.`` keys."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 import main_jepat
-from tests.helpers import fork_server
+from tests.helpers import fork_server, in_environ
 
 # 16 px shapes, 8 px patches (4 tokens); 48 images = 6 steps of a global batch of 8 per epoch, read
 # from a latent cache that holds flipped images too, through 2 loader workers per process: every
@@ -61,9 +62,10 @@ def _free_port() -> int:
 def _rank_main(rank: int, world: int, port: int, argv: list[str], log: str) -> None:
     """One rank, with the environment torchrun sets (env:// rendezvous); its stdout and stderr go
     to ``log`` (a forked rank would otherwise write to the fork server's, not to this test's)."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    os.close(fd)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -90,7 +92,10 @@ def start_ranks(argv: list[str], world: int = 2) -> list[mp.Process]:
     ctx = fork_server()
     port = _free_port()
     logs = rank_logs(argv, world)
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, argv, str(logs[r]))) for r in range(world)]
+    env = dict(os.environ)
+    procs = [
+        ctx.Process(target=in_environ, args=(r, env, _rank_main, world, port, argv, str(logs[r]))) for r in range(world)
+    ]
     for p in procs:
         p.start()
     return procs
@@ -371,3 +376,23 @@ def test_ddp_and_fsdp_train_with_one_residual_dtype():
     (ddp_dtypes, ddp_loss), (fsdp_dtypes, fsdp_loss) = result["ddp"], result["fsdp"]
     assert ddp_dtypes == fsdp_dtypes == {k: torch.float32 for k in ("encoder", "predictor", "flow")}
     assert fsdp_loss == pytest.approx(ddp_loss, rel=1e-3)
+
+
+def _write_variable(rank: int, name: str, path: str) -> None:
+    Path(path).write_text(os.environ.get(name, "<unset>"))
+
+
+def test_ranks_from_the_fork_server_see_the_environment_of_the_test_that_starts_them(tmp_path, monkeypatch):
+    """The server is started before the variable is set (as by an earlier test in this worker);
+    a rank started through in_environ still sees it, as a spawned rank would."""
+    ctx = fork_server()
+    early = ctx.Process(target=_write_variable, args=(0, "JEPAT_TEST_VARIABLE", str(tmp_path / "early")))
+    early.start()
+    early.join(60)
+    monkeypatch.setenv("JEPAT_TEST_VARIABLE", "set after the server started")
+    args = (0, dict(os.environ), _write_variable, "JEPAT_TEST_VARIABLE", str(tmp_path / "rank"))
+    rank = ctx.Process(target=in_environ, args=args)
+    rank.start()
+    rank.join(60)
+    assert early.exitcode == 0 and rank.exitcode == 0
+    assert (tmp_path / "rank").read_text() == "set after the server started"

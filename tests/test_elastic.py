@@ -83,7 +83,7 @@ def test_a_killed_rank_restarts_the_group_which_resumes_and_matches_two_agents(a
     by itself and ends, bit for bit, where the uninterrupted two-agent (two-node) run ended."""
     out = tmp_path / "run"
     log = tmp_path / "agent.log"
-    run_argv = argv + ["--output_dir", str(out), "--save_every_steps", "2", "--resume", "auto"]
+    run_argv = argv + ["--output_dir", str(out), "--save_every_steps", "1", "--resume", "auto"]
     agent = torchrun("--standalone", "--nproc_per_node", "2", "--max_restarts", "1", argv=run_argv, log=log)
     deadline, seen = time.time() + 180, None
     last = out / "checkpoint-last.pth"

@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import main_cache
-from tests.helpers import fork_server
+from tests.helpers import fork_server, in_environ
 from util.data.datasets import DataOrder
 from util.data.draws import ItemKey, draw_seed
 from util.data.latent_cache import CachedLatentDataset, read_meta
@@ -171,7 +171,8 @@ def test_two_gloo_ranks_write_the_same_cache(single, folder, kl16_ckpt, tmp_path
         *"--shard_size 3 --batch_size 2 --num_workers 0 --small_images skip --no_text_cache --device cpu".split(),
     ]
     fork_server()  # preloads the server that start_method="forkserver" forks the ranks from
-    mp.start_processes(_rank, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="forkserver")
+    args = (dict(os.environ), _rank, 2, _free_port(), argv)  # the environment a spawned rank gets
+    mp.start_processes(in_environ, args=args, nprocs=2, join=True, start_method="forkserver")
     one, two = shard_arrays(single[0]), shard_arrays(cache)
     assert one.keys() == two.keys() and len([k for k in one if k.endswith(".state.npy")]) == 4
     assert_same_shards(one, two)

@@ -2,7 +2,9 @@
 marked block, with its variables set to small local data and flags appended that shrink the run
 (a tiny model, 16 px pixels, MiniLM, two CPU processes, the registered small feature extractor).
 Class folders with bad files, a caption manifest with bad entries and WebDataset shards with bad
-samples each go cache -> torchrun training -> evaluate -> sample; the test checks that the counts
+samples are each cached; class folders then go torchrun training -> evaluate -> sample, the caption
+manifest torchrun training (which ends by evaluating), and the shards' caption table is checked row
+by row (training from shards is tested in tests/test_webdataset.py). The test checks that the counts
 add up, that evaluation prompts are the training captions and that metrics.json names its sample count."""
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from PIL import Image
 from tests.test_caption_data import write_manifest
 from tests.test_latent_cache import write_class_folders
 from tests.test_webdataset import write_shards
+from util.data.caption_table import CaptionTable
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "<!-- tests/test_readme_path.py runs the commands of this block"
@@ -106,9 +109,9 @@ def test_the_readme_path_runs_as_written(dataset, tmp_path):
         "JEPAT_VENV": str(Path(sys.executable).parents[1]),
     }
     # every kind is cached; class folders and captions are also trained (training ends by evaluating
-    # on its training prompts). A WebDataset cache is a caption cache like the manifest's, trained from
-    # in tests/test_webdataset.py. The separate evaluation and sampling commands read only the
-    # checkpoint, so one kind runs them.
+    # on its training prompts). A WebDataset cache is a caption cache like the manifest's: its table is
+    # checked below, and training from shards runs in tests/test_webdataset.py. The separate
+    # evaluation and sampling commands read only the checkpoint, so one kind runs them.
     steps = {"imagenet": commands, "captions": commands[:2], "webdataset": commands[:1]}[dataset]
     for command in steps:
         run(command, env)
@@ -118,8 +121,12 @@ def test_the_readme_path_runs_as_written(dataset, tmp_path):
     assert c["seen"] == c["cached"] + c["skipped"] and c["pending"] == 0 and c["skipped"] > 0
     assert meta["flipped"] is (dataset == "imagenet")  # flips for class folders only
     vocabulary = json.loads((tmp_path / "cache" / "listing.json").read_text())["vocabulary"]
-    if dataset == "webdataset":  # the samples' captions, embedded by the cache's text encoder
-        assert vocabulary and (tmp_path / "cache" / "text" / "minilm-len16" / "tokens.npy").is_file()
+    if dataset == "webdataset":  # the samples' captions, each embedded by the cache's text encoder
+        table = CaptionTable(tmp_path / "cache" / "text" / "minilm-len16")  # refuses an unfinished table
+        assert vocabulary and len(table) == len(vocabulary)
+        assert [table.caption(r) for r in range(len(table))] == vocabulary
+        assert (table.find(vocabulary) == np.arange(len(vocabulary))).all()
+        assert (np.abs(np.asarray(table.pooled, dtype=np.float32)).sum(axis=1) > 0).all()
         return
     tree = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert tree["data"]["dataset"] == "cached" and tree["recipe"] == "imagenet-base"

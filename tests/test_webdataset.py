@@ -19,7 +19,7 @@ from PIL import Image
 import main_cache
 import main_jepat
 from engine_jepat import ModelInputs
-from tests.helpers import fork_server
+from tests.helpers import fork_server, in_environ
 from tests.test_latent_cache import _free_port, _rank, read_jsonl, shard_arrays
 from util.data.datasets import build_dataset
 from util.data.image_folders import load_image, to_tensor
@@ -217,7 +217,8 @@ def test_two_gloo_ranks_write_the_same_cache(single, shards, tmp_path):
     cache = tmp_path / "two"
     argv = cache_argv(f"{shards[0]}/{{00000..00003}}.tar", cache)
     fork_server()  # preloads the server that start_method="forkserver" forks the ranks from
-    mp.start_processes(_rank, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="forkserver")
+    args = (dict(os.environ), _rank, 2, _free_port(), argv)  # the environment a spawned rank gets
+    mp.start_processes(in_environ, args=args, nprocs=2, join=True, start_method="forkserver")
     one, two = shard_arrays(single[0]), shard_arrays(cache)
     assert len([k for k in two if k.endswith(".state.npy")]) == 3  # 7 listed entries in shards of 3
     assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
