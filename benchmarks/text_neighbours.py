@@ -1,5 +1,5 @@
 """How much the frozen text encoder itself knows about the held-out words of ``shapes``: the
-ceiling of any method that learns only from the training captions.
+what any method that learns only from the training captions has to work with.
 
 For every prompt of the evaluation's ``heldout_words`` split (seen color-shape combinations in
 synonyms and templates no training caption holds), it reads the color and shape two ways from the
@@ -13,8 +13,8 @@ encoder's output alone, with no image model:
 
 and the cosine of single color words to the six training colors ("crimson" -> which color?). For
 MiniLM it also reads each synonym from its own token states at every layer of the encoder (the
-word alone, and inside "a <word> circle" / "a red <word>"): the nearest training word at that layer.
-A model conditioned on another layer, or on several, could read no more than the best of these.
+word alone, and inside "a <word> circle" / "a red <word>"): the nearest training word at that layer,
+at any layer (an oracle) and over all layers together.
 
     python benchmarks/text_neighbours.py                      # MiniLM, the shapes recipe's encoder
     python benchmarks/text_neighbours.py --text_encoder clip --text_encoder_path ViT-B-32.pt
@@ -110,24 +110,27 @@ def word_states(enc, prefix: str, words: list[str], suffix: str) -> list[torch.T
 
 
 def layer_table(enc) -> None:
-    """Which training word each synonym's own token states are nearest to, at every layer."""
+    """Which training word each synonym's own token states are nearest to, at every layer; then two
+    readers over all layers: "any" counts a synonym right when some layer gets it right (an oracle
+    that picks the layer per word knowing the answer, so an upper bound of these readings), "all"
+    takes the nearest training word by cosine summed over the layers (their concatenation)."""
     groups = (
         ("color", list(shapes.COLORS), shapes.COLOR_SYNONYMS, (("", ""), ("a", "circle"))),
         ("shape", list(shapes.SHAPES), shapes.SHAPE_SYNONYMS, (("", ""), ("a red", ""))),
     )
     print("\nsynonyms read from their own token states, nearest training word (cosine), per layer:")
     layers = enc.model.config.num_hidden_layers + 1  # the embeddings, then each block's output
-    print("| words | context | " + " | ".join(f"layer {i}" for i in range(layers)) + " |")
-    print("|---|---|" + "---|" * layers)
+    print("| words | context | " + " | ".join(f"layer {i}" for i in range(layers)) + " | any layer | all layers |")
+    print("|---|---|" + "---|" * (layers + 2))
     for kind, known, synonyms, contexts in groups:
         words = [w for syn in synonyms.values() for w in syn]
-        truth = [k for k, syn in synonyms.items() for _ in syn]
+        truth = torch.tensor([known.index(k) for k, syn in synonyms.items() for _ in syn])
         for prefix, suffix in contexts:
             base, syn = word_states(enc, prefix, known, suffix), word_states(enc, prefix, words, suffix)
-            accs = [
-                sum(known[int(i)] == t for i, t in zip((s_ @ b.T).argmax(1), truth)) / len(words)
-                for b, s_ in zip(base, syn)
-            ]
+            sims = torch.stack([s_ @ b.T for b, s_ in zip(base, syn)])  # [layers, words, known]
+            right = sims.argmax(2) == truth  # [layers, words]
+            accs = right.float().mean(1).tolist()
+            accs += [right.any(0).float().mean().item(), (sims.sum(0).argmax(1) == truth).float().mean().item()]
             where = f"{prefix} <word> {suffix}".strip()
             print(f"| {len(words)} {kind} synonyms | {where} | " + " | ".join(f"{a:.2f}" for a in accs) + " |")
 
