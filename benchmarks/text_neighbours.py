@@ -1,4 +1,4 @@
-"""How much the frozen text encoder itself knows about the held-out words of ``shapes``: the
+"""How much the frozen text encoder itself knows about the held-out words of ``shapes``:
 what any method that learns only from the training captions has to work with.
 
 For every prompt of the evaluation's ``heldout_words`` split (seen color-shape combinations in
