@@ -109,6 +109,7 @@ def join_ranks(procs: list[mp.Process], timeout: float = 240) -> list[int]:
     for p in procs:
         if p.is_alive():
             p.kill()
+            p.join(10)
     return codes
 
 
