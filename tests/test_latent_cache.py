@@ -86,6 +86,14 @@ def _rank(rank: int, world: int, port: int, argv) -> None:
     main_cache.main(main_cache.get_args_parser().parse_args(argv))
 
 
+def run_cache_ranks(argv: list[str], world: int = 2) -> None:
+    """``main_cache.py argv`` on ``world`` gloo ranks forked from the preloaded fork server, each with
+    the environment a spawned rank would get."""
+    fork_server()  # preloads the server that start_method="forkserver" forks the ranks from
+    args = (dict(os.environ), _rank, world, _free_port(), argv)
+    mp.start_processes(in_environ, args=args, nprocs=world, join=True, start_method="forkserver")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,9 +178,7 @@ def test_two_gloo_ranks_write_the_same_cache(single, folder, kl16_ckpt, tmp_path
         str(cache),
         *"--shard_size 3 --batch_size 2 --num_workers 0 --small_images skip --no_text_cache --device cpu".split(),
     ]
-    fork_server()  # preloads the server that start_method="forkserver" forks the ranks from
-    args = (dict(os.environ), _rank, 2, _free_port(), argv)  # the environment a spawned rank gets
-    mp.start_processes(in_environ, args=args, nprocs=2, join=True, start_method="forkserver")
+    run_cache_ranks(argv)
     one, two = shard_arrays(single[0]), shard_arrays(cache)
     assert one.keys() == two.keys() and len([k for k in one if k.endswith(".state.npy")]) == 4
     assert_same_shards(one, two)

@@ -12,15 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
 
 import main_cache
 import main_jepat
 from engine_jepat import ModelInputs
-from tests.helpers import fork_server, in_environ
-from tests.test_latent_cache import _free_port, _rank, read_jsonl, shard_arrays
+from tests.test_latent_cache import read_jsonl, run_cache_ranks, shard_arrays
 from util.data.datasets import build_dataset
 from util.data.image_folders import load_image, to_tensor
 from util.data.latent_cache import CachedLatentDataset
@@ -216,9 +214,7 @@ def test_a_folder_and_a_brace_pattern_give_the_same_cache(single, shards, tmp_pa
 def test_two_gloo_ranks_write_the_same_cache(single, shards, tmp_path):
     cache = tmp_path / "two"
     argv = cache_argv(f"{shards[0]}/{{00000..00003}}.tar", cache)
-    fork_server()  # preloads the server that start_method="forkserver" forks the ranks from
-    args = (dict(os.environ), _rank, 2, _free_port(), argv)  # the environment a spawned rank gets
-    mp.start_processes(in_environ, args=args, nprocs=2, join=True, start_method="forkserver")
+    run_cache_ranks(argv)
     one, two = shard_arrays(single[0]), shard_arrays(cache)
     assert len([k for k in two if k.endswith(".state.npy")]) == 3  # 7 listed entries in shards of 3
     assert one.keys() == two.keys() and all(np.array_equal(one[k], two[k]) for k in one)
